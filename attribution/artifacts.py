@@ -1,0 +1,90 @@
+"""Costly, reusable artifacts (cached training losses, curvature factors, projected
+gradients, self-influence vectors), keyed by content hashes.
+
+The core library only needs `get`/`put` of tensors by key; the workers plug in a Redis
+store, tests use `InMemoryArtifacts`. A key is derived from everything the value depends
+on — the model's and dataset's content hashes, the task, and the fitting arguments — so
+a changed file or argument can never serve a stale artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, is_dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+class ArtifactStore(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes) -> None: ...
+
+
+class InMemoryArtifacts:
+    """A dict-backed `ArtifactStore` that also counts hits and misses."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> bytes | None:
+        value = self.data.get(key)
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put(self, key: str, value: bytes) -> None:
+        self.data[key] = value
+
+
+def artifact_key(kind: str, *parts: Any) -> str:
+    """`attr:<kind>:<sha256 of the canonical JSON of parts>`; dataclasses become dicts."""
+    canonical = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
+    return f"attr:{kind}:{hashlib.sha256(canonical.encode()).hexdigest()}"
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def tensors_to_bytes(tensors: Mapping[str, Tensor]) -> bytes:
+    """Serialise a dict of tensors (`torch.save`, loaded back with `weights_only=True`)."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buffer)
+    return buffer.getvalue()
+
+
+def tensors_from_bytes(value: bytes) -> dict[str, Tensor]:
+    loaded = torch.load(io.BytesIO(value), weights_only=True, map_location="cpu")
+    if not isinstance(loaded, dict):
+        raise ValueError("artifact is not a tensor dictionary")
+    return loaded
+
+
+def cached_tensors(
+    store: ArtifactStore | None, key: str, compute: Callable[[], dict[str, Tensor]]
+) -> dict[str, Tensor]:
+    """Return the artifact at `key`, computing and storing it on a miss."""
+    if store is not None:
+        raw = store.get(key)
+        if raw is not None:
+            return tensors_from_bytes(raw)
+    value = compute()
+    if store is not None:
+        store.put(key, tensors_to_bytes(value))
+    return value

@@ -1,0 +1,187 @@
+"""The one interface every attribution method implements.
+
+Two phases (TRAK, kronfluence): `fit` computes reusable artifacts once per
+(model, dataset, params) and stores them through the `ArtifactStore`; `score` runs per
+query and returns a `[Q, N]` score matrix (Q = number of query samples in `per_sample`
+mode, 1 in `joint` mode). `self_influence` returns `[N]`.
+
+Sign convention, for every method: a higher score means training row i supports the
+query's current prediction — removing it would raise the query loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import Tensor
+
+from attribution.artifacts import ArtifactStore
+from attribution.data import Batch, TrainingSet
+from attribution.model import ModelAdapter
+
+Progress = Callable[[float], None]
+
+
+def no_progress(_: float) -> None:
+    return None
+
+
+class MethodName(StrEnum):
+    FORWARD_INF = "forward_inf"
+    INFLUENCE = "influence"
+    TRACIN = "tracin"
+    TRAK = "trak"
+    INTEGRATED_INFLUENCE = "integrated_influence"
+    GRADIENT_SIMILARITY = "gradient_similarity"
+
+
+class Normalize(StrEnum):
+    NONE = "none"
+    RELATIVE = "relative"
+
+
+class ParamsError(ValueError):
+    """Invalid method parameters; `field` names the offending one."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"params.{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Base of every method's parameters dataclass.
+
+    Subclasses add fields with defaults and validate them in `validate()` (raising
+    `ParamsError`). `from_dict` rejects unknown keys and wrong types by name.
+    """
+
+    normalize: Normalize = Normalize.NONE
+    batch_size: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        self.validate()
+
+    def _check_common(self) -> None:
+        if self.batch_size < 1 or self.batch_size > 65536:
+            raise ParamsError("batch_size", "must be between 1 and 65536")
+
+    def validate(self) -> None:
+        """Subclass hook: raise `ParamsError` for out-of-range values."""
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> Self:
+        raw = dict(raw or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise ParamsError(unknown[0], f"unknown parameter; valid: {', '.join(sorted(fields))}")
+        hints = typing.get_type_hints(cls)
+        values = {name: _coerce(name, value, hints[name]) for name, value in raw.items()}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.value if isinstance(v, StrEnum) else list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check and convert one JSON value to the field's annotated type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except ParamsError as exc:
+                errors.append(str(exc))
+        raise ParamsError(name, f"invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ParamsError(name, "must be a list")
+        item = args[0] if args else Any
+        return tuple(_coerce(name, v, item) for v in value)
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ParamsError(name, f"must be one of {', '.join(m.value for m in hint)}") from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(name, "must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(name, "must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamsError(name, "must be a number")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ParamsError(name, "must be finite")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(name, "must be a string")
+        return value
+    return value
+
+
+@dataclass
+class FitContext:
+    """What a method needs besides model and params to find and store its artifacts.
+
+    `fingerprint` identifies (model content, dataset content, task); the worker passes
+    the registered sha256 values, tests any unique string.
+    """
+
+    fingerprint: str
+    store: ArtifactStore | None = None
+    progress: Progress = no_progress
+    timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # values reported with the result
+
+
+class AttributionMethod(ABC):
+    """Base class: construct with a model, params and a fit context; then `score`."""
+
+    name: ClassVar[MethodName]
+    params_type: ClassVar[type[MethodParams]]
+    supports_self_influence: ClassVar[bool] = True
+
+    def __init__(self, model: ModelAdapter, params: MethodParams, context: FitContext) -> None:
+        if not isinstance(params, self.params_type):
+            raise TypeError(f"{self.name} takes {self.params_type.__name__}")
+        self.model = model
+        self.params = params
+        self.context = context
+
+    def fit(self, train: TrainingSet) -> None:  # noqa: B027 - optional hook
+        """Compute (or load from the store) artifacts reused across queries."""
+
+    @abstractmethod
+    def score(self, queries: Batch, train: TrainingSet, *, per_sample: bool = False) -> Tensor:
+        """`[Q, N]` (per_sample) or `[1, N]` (joint) scores of every training row."""
+
+    def self_influence(self, train: TrainingSet) -> Tensor:
+        """`[N]` score of each training row against itself."""
+        raise NotImplementedError(f"{self.name} does not define self-influence")
+
+    # helpers
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(self.params.seed)

@@ -1,0 +1,53 @@
+"""Method lookup by name: `MethodName` → implementation class and params dataclass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from attribution.methods.base import AttributionMethod, MethodName, MethodParams, ParamsError
+
+_REGISTRY: dict[MethodName, type[AttributionMethod]] = {}
+
+
+def register(cls: type[AttributionMethod]) -> type[AttributionMethod]:
+    """Class decorator adding a method to the registry under `cls.name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+class UnknownMethodError(ValueError):
+    pass
+
+
+def method_class(name: str) -> type[AttributionMethod]:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[MethodName(name)]
+    except (ValueError, KeyError):
+        raise UnknownMethodError(f"unknown method {name!r}; valid methods: {', '.join(available_methods())}") from None
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(m.value for m in _REGISTRY)
+
+
+def parse_params(name: str, raw: Mapping[str, Any] | None) -> MethodParams:
+    """Validated params dataclass for method `name`; raises `UnknownMethodError` / `ParamsError`."""
+    return method_class(name).params_type.from_dict(raw)
+
+
+def _load_builtin_methods() -> None:
+    # Importing the modules runs their @register decorators.
+    from attribution.methods import (  # noqa: F401
+        forward_inf,
+        gradient_similarity,
+        influence,
+        integrated_influence,
+        tracin,
+        trak,
+    )
+
+
+__all__ = ["ParamsError", "UnknownMethodError", "available_methods", "method_class", "parse_params", "register"]

@@ -1,0 +1,120 @@
+"""Tasks: what "the loss of one sample" means for a model.
+
+A `Task` turns a model's raw output into a per-sample loss vector, the quantity every
+attribution method differentiates or compares (kronfluence's `Task`, reduced to what
+the methods here need). The task is fixed at model registration and never guessed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Inputs = Tensor | Mapping[str, Tensor]
+
+
+class TaskName(StrEnum):
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+    CAUSAL_LM = "causal_lm"
+
+
+def _logits(output: Any) -> Tensor:
+    """Raw model output → a tensor: plain tensors pass, HF outputs give `.logits`."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    raise TypeError(f"model output of type {type(output).__name__} has no logits tensor")
+
+
+class Task(ABC):
+    """Per-sample loss of a model on a batch.
+
+    Subclasses implement `per_sample_loss(output, targets) -> [B]`. `forward` calls the
+    model the way its inputs require (a tensor positionally, a mapping as keywords).
+    """
+
+    name: TaskName
+
+    def forward(self, model: torch.nn.Module, inputs: Inputs) -> Tensor:
+        """Model outputs for a batch: `[B, ...]` logits or predictions."""
+        if isinstance(inputs, Mapping):
+            return _logits(model(**inputs))
+        return _logits(model(inputs))
+
+    @abstractmethod
+    def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """`[B]` loss of each sample, no reduction."""
+
+    def loss(self, model: torch.nn.Module, inputs: Inputs, targets: Tensor) -> Tensor:
+        """`[B]` per-sample loss `L(θ, z_b)` of `model` on a batch."""
+        return self.per_sample_loss(self.forward(model, inputs), targets)
+
+
+class ClassificationTask(Task):
+    """Cross-entropy on logits `[B, C]` with integer labels `[B]`."""
+
+    name = TaskName.CLASSIFICATION
+
+    def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        logits = outputs.reshape(outputs.shape[0], -1).float()
+        return F.cross_entropy(logits, targets.long().reshape(-1), reduction="none")
+
+
+class RegressionTask(Task):
+    """Squared error summed over output dimensions: `Σ_j (f(x)_j − y_j)²` per sample."""
+
+    name = TaskName.REGRESSION
+
+    def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        pred = outputs.reshape(outputs.shape[0], -1).float()
+        target = targets.reshape(targets.shape[0], -1).to(pred.dtype)
+        return ((pred - target) ** 2).sum(dim=1)
+
+
+class CausalLMTask(Task):
+    """Mean next-token cross-entropy per sequence.
+
+    `outputs` are logits `[B, T, V]`; `targets` are token ids `[B, T]` aligned with the
+    inputs, with `-100` at positions to ignore (padding). Position t predicts t+1.
+    """
+
+    name = TaskName.CAUSAL_LM
+
+    def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        logits = outputs[:, :-1, :].float()
+        labels = targets[:, 1:].long()
+        token_loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=-100, reduction="none",
+        ).reshape(labels.shape)
+        counted = (labels != -100).sum(dim=1).clamp(min=1)
+        return token_loss.sum(dim=1) / counted
+
+
+_TASKS: dict[TaskName, type[Task]] = {
+    TaskName.CLASSIFICATION: ClassificationTask,
+    TaskName.REGRESSION: RegressionTask,
+    TaskName.CAUSAL_LM: CausalLMTask,
+}
+
+
+def task_for(name: str | TaskName) -> Task:
+    """The task object for a registered task name; `ValueError` lists valid names."""
+    try:
+        return _TASKS[TaskName(name)]()
+    except ValueError:
+        valid = ", ".join(t.value for t in TaskName)
+        raise ValueError(f"unknown task {name!r}; valid tasks: {valid}") from None

@@ -1,0 +1,103 @@
+"""The one place that knows RQ. Jobs are named by import path ("workers.jobs.run_query").
+
+With `REDIS_URL` set, jobs go to the RQ queue for `python -m workers` processes; unset
+(embedded mode), they run on a small thread pool inside the API process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Any
+
+from redis import Redis
+
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class QueueUnavailable(RuntimeError):
+    """The queue backend (Redis) cannot be reached."""
+
+
+@lru_cache(maxsize=4)
+def redis_connection(url: str) -> Redis:
+    return Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+
+
+def _resolve(path: str) -> Callable[..., Any]:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+class _InProcessRunner:
+    """Embedded-mode executor: a thread pool that runs job functions by import path."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attribution-job")
+        self.pending = 0
+        self.lock = threading.Lock()
+
+    def submit(self, path: str, args: tuple[Any, ...]) -> None:
+        with self.lock:
+            self.pending += 1
+        self.pool.submit(self._run, path, args)
+
+    def _run(self, path: str, args: tuple[Any, ...]) -> None:
+        try:
+            _resolve(path)(*args)
+        except Exception:  # the job function records its own failure; never kill the pool
+            log.exception("in-process job %s%r failed", path, args)
+        finally:
+            with self.lock:
+                self.pending -= 1
+
+
+@lru_cache(maxsize=1)
+def _inprocess_runner(workers: int) -> _InProcessRunner:
+    return _InProcessRunner(workers)
+
+
+def enqueue(path: str, *args: Any, job_id: str, settings: Settings | None = None) -> None:
+    """Enqueue the job function at `path` with `args`; `job_id` makes re-enqueueing idempotent."""
+    settings = settings or get_settings()
+    if settings.embedded:
+        _inprocess_runner(settings.inprocess_workers).submit(path, args)
+        return
+    from redis.exceptions import RedisError
+    from rq import Queue, Retry
+
+    try:
+        queue = Queue(settings.queue_name, connection=redis_connection(settings.redis_url or ""))
+        queue.enqueue(
+            path, *args, job_id=job_id, job_timeout=settings.job_timeout_s,
+            retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
+            result_ttl=3600, failure_ttl=7 * 24 * 3600,
+        )
+    except RedisError as exc:
+        raise QueueUnavailable(f"queue unreachable: {exc.__class__.__name__}") from exc
+
+
+def queue_depth(settings: Settings | None = None) -> int:
+    """Jobs waiting: RQ queue length, or pending in-process jobs."""
+    settings = settings or get_settings()
+    if settings.embedded:
+        return _inprocess_runner(settings.inprocess_workers).pending
+    from rq import Queue
+
+    return len(Queue(settings.queue_name, connection=redis_connection(settings.redis_url or "")))
+
+
+def ping(settings: Settings | None = None) -> bool:
+    settings = settings or get_settings()
+    if settings.embedded:
+        return True
+    try:
+        return bool(redis_connection(settings.redis_url or "").ping())
+    except Exception:
+        return False

@@ -1,0 +1,92 @@
+"""One `Settings` object for the API and the workers, read from the environment.
+
+Names in API.md's "Running" section (`DATABASE_URL`, `REDIS_URL`, `DATA_ROOT`,
+`API_KEYS`) are part of the public contract; the rest are additions with safe defaults.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICE_DIR_NAME = ".service"  # under DATA_ROOT: embedded DB, score files; never user-addressable
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    database_url: str | None = Field(default=None, description="unset: SQLite under DATA_ROOT")
+    redis_url: str | None = Field(default=None, description="unset: in-process worker")
+    data_root: Path = Field(default=Path("./data"), description="the only directory file:// URIs may point into")
+    api_keys: str | None = Field(default=None, description="key1:tenant1,key2:tenant2; unset: auth off (loopback only)")
+
+    queue_name: str = "attribution"
+    job_timeout_s: int = 3600
+    job_retries: int = 1
+    fanout_rows: int = Field(default=200_000, description="datasets with more rows are split into parts, one RQ job each")
+    artifact_ttl_s: int = Field(default=7 * 24 * 3600, description="TTL of cached losses and fit artifacts in Redis")
+    inprocess_workers: int = 1
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["none", "bf16", "fp16"] = "none"
+    sweep_batch_size: int = 1024
+
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_query_samples: int = 4096
+    max_top_k: int = 10_000
+    max_model_bytes: int = 4 * 1024**3
+    # Entry points "package.module:callable" allowed to build architectures for
+    # `format: safetensors` models; empty means that format is refused.
+    allowed_architectures: str = ""
+
+    @field_validator("data_root")
+    @classmethod
+    def _absolute_root(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    # --------------------------------------------------------------- derived
+    @property
+    def service_dir(self) -> Path:
+        return self.data_root / SERVICE_DIR_NAME
+
+    @property
+    def scores_dir(self) -> Path:
+        return self.service_dir / "scores"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.service_dir / 'attribution.db'}"
+
+    @property
+    def embedded(self) -> bool:
+        """True when jobs run inside the API process (no Redis configured)."""
+        return not self.redis_url
+
+    @property
+    def tenants_by_key(self) -> dict[str, str]:
+        """`{api_key: tenant}` parsed from `API_KEYS`; empty means auth is off."""
+        out: dict[str, str] = {}
+        for pair in (self.api_keys or "").split(","):
+            pair = pair.strip()
+            if not pair:
+                continue
+            key, sep, tenant = pair.partition(":")
+            if not sep or not key.strip() or not tenant.strip():
+                raise ValueError("API_KEYS must look like key1:tenant1,key2:tenant2")
+            out[key.strip()] = tenant.strip()
+        return out
+
+    @property
+    def architecture_allowlist(self) -> list[str]:
+        return [a.strip() for a in self.allowed_architectures.split(",") if a.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
