@@ -155,6 +155,12 @@ class FitContext:
     progress: Progress = no_progress
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # values reported with the result
+    # Earlier checkpoints θ_c of the same architecture for multi-checkpoint methods
+    # (TracIn, TRAK ensembles), with their learning rates η_c; empty: the final model only.
+    checkpoints: list[ModelAdapter] = field(default_factory=list)
+    checkpoint_lrs: list[float] = field(default_factory=list)
+    # Autocast dtype for forward sweeps on CUDA (bf16/fp16); None: full precision.
+    amp_dtype: torch.dtype | None = None
 
 
 class AttributionMethod(ABC):
