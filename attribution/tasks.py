@@ -39,6 +39,11 @@ def _logits(output: Any) -> Tensor:
     raise TypeError(f"model output of type {type(output).__name__} has no logits tensor")
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Losses are computed in fp32, or in fp64 when the model already runs in fp64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class Task(ABC):
     """Per-sample loss of a model on a batch.
 
@@ -69,7 +74,7 @@ class ClassificationTask(Task):
     name = TaskName.CLASSIFICATION
 
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        logits = outputs.reshape(outputs.shape[0], -1).float()
+        logits = _at_least_fp32(outputs.reshape(outputs.shape[0], -1))
         return F.cross_entropy(logits, targets.long().reshape(-1), reduction="none")
 
 
@@ -79,7 +84,7 @@ class RegressionTask(Task):
     name = TaskName.REGRESSION
 
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        pred = outputs.reshape(outputs.shape[0], -1).float()
+        pred = _at_least_fp32(outputs.reshape(outputs.shape[0], -1))
         target = targets.reshape(targets.shape[0], -1).to(pred.dtype)
         return ((pred - target) ** 2).sum(dim=1)
 
@@ -94,7 +99,7 @@ class CausalLMTask(Task):
     name = TaskName.CAUSAL_LM
 
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        logits = outputs[:, :-1, :].float()
+        logits = _at_least_fp32(outputs[:, :-1, :])
         labels = targets[:, 1:].long()
         token_loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -32,7 +32,7 @@ def redis_connection(url: str) -> Redis:
 
 def _resolve(path: str) -> Callable[..., Any]:
     module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), name)
 
 
 class _InProcessRunner:
@@ -63,6 +63,11 @@ def _inprocess_runner(workers: int) -> _InProcessRunner:
     return _InProcessRunner(workers)
 
 
+# Called by RQ when a job fails outside the job's own error handling (worker lost, timeout):
+# marks the query failed once RQ has no retries left.
+FAILURE_CALLBACK = "workers.jobs.on_job_failure"
+
+
 def enqueue(path: str, *args: Any, job_id: str, settings: Settings | None = None) -> None:
     """Enqueue the job function at `path` with `args`; `job_id` makes re-enqueueing idempotent."""
     settings = settings or get_settings()
@@ -70,7 +75,7 @@ def enqueue(path: str, *args: Any, job_id: str, settings: Settings | None = None
         _inprocess_runner(settings.inprocess_workers).submit(path, args)
         return
     from redis.exceptions import RedisError
-    from rq import Queue, Retry
+    from rq import Callback, Queue, Retry
 
     try:
         queue = Queue(settings.queue_name, connection=redis_connection(settings.redis_url or ""))
@@ -78,9 +83,41 @@ def enqueue(path: str, *args: Any, job_id: str, settings: Settings | None = None
             path, *args, job_id=job_id, job_timeout=settings.job_timeout_s,
             retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
             result_ttl=3600, failure_ttl=7 * 24 * 3600,
+            on_failure=Callback(FAILURE_CALLBACK),
         )
     except RedisError as exc:
         raise QueueUnavailable(f"queue unreachable: {exc.__class__.__name__}") from exc
+
+
+def cancel(job_id: str, settings: Settings | None = None) -> bool:
+    """Stop the RQ job `job_id`: cancel it if waiting, send a stop command if running.
+
+    Returns True if a job was found and canceled or stopped. Embedded mode has no handle on
+    in-process jobs: they see the query's `canceled` status and stop on their own.
+    """
+    settings = settings or get_settings()
+    if settings.embedded:
+        return False
+    from redis.exceptions import RedisError
+    from rq.command import send_stop_job_command
+    from rq.exceptions import InvalidJobOperation, NoSuchJobError
+    from rq.job import Job, JobStatus
+
+    connection = redis_connection(settings.redis_url or "")
+    try:
+        job = Job.fetch(job_id, connection=connection)
+        status = job.get_status()
+        if status == JobStatus.STARTED:
+            send_stop_job_command(connection, job_id)
+            return True
+        if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            job.cancel()
+            return True
+    except (NoSuchJobError, InvalidJobOperation):
+        return False
+    except RedisError as exc:
+        raise QueueUnavailable(f"queue unreachable: {exc.__class__.__name__}") from exc
+    return False
 
 
 def queue_depth(settings: Settings | None = None) -> int:

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     fanout_rows: int = Field(default=200_000, description="datasets with more rows are split into parts, one RQ job each")
     artifact_ttl_s: int = Field(default=7 * 24 * 3600, description="TTL of cached losses and fit artifacts in Redis")
     inprocess_workers: int = 1
+    # A running job renews its lease every third of this; a `running` query whose lease
+    # expired belongs to a dead worker and is re-enqueued or failed by the reaper.
+    worker_lease_ttl_s: int = Field(default=30, ge=2)
+    reaper_interval_s: int = Field(default=30, ge=1, description="how often `python -m workers` looks for lost jobs")
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["none", "bf16", "fp16"] = "none"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,16 +39,15 @@ def parse_params(name: str, raw: Mapping[str, Any] | None) -> MethodParams:
     return method_class(name).params_type.from_dict(raw)
 
 
+_BUILTIN_MODULES = (
+    "forward_inf", "gradient_similarity", "influence", "integrated_influence", "tracin", "trak",
+)
+
+
 def _load_builtin_methods() -> None:
-    # Importing the modules runs their @register decorators.
-    from attribution.methods import (  # noqa: F401
-        forward_inf,
-        gradient_similarity,
-        influence,
-        integrated_influence,
-        tracin,
-        trak,
-    )
+    """Import the built-in method modules; importing runs their `@register` decorators."""
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(f"attribution.methods.{module}")
 
 
 __all__ = ["ParamsError", "UnknownMethodError", "available_methods", "method_class", "parse_params", "register"]

@@ -1,0 +1,217 @@
+"""Curvature of the training objective, as matrix-free products and as a dense matrix.
+
+For a training set of N rows, model outputs `f_i = f(x_i; θ) ∈ ℝ^K` (flattened) and
+per-sample losses `ℓ_i = ℓ(f_i, y_i)`, two positive semi-definite curvatures are offered:
+
+- Gauss-Newton (GGN): `G = (1/N) Σ_i J_iᵀ H_i J_i`, `J_i = ∂f_i/∂θ ∈ ℝ^{K×P}`,
+  `H_i = ∂²ℓ_i/∂f_i²` (cross-entropy: `diag(p) − ppᵀ`; squared error: `2I`). For
+  cross-entropy it equals the true Fisher `E_{ŷ∼p(·|x)}[∇ℓ(x,ŷ)∇ℓ(x,ŷ)ᵀ]`.
+- Empirical Fisher: `F = (1/N) Σ_i g_i g_iᵀ`, `g_i = ∇_θ ℓ_i` at the observed labels.
+
+Everything is plain autograd on the model's forward pass, so it works for eager modules
+and TorchScript modules alike (`torch.func.functional_call` rejects the latter):
+
+- `J v` by the double-vjp trick: `Jᵀu` is linear in a dummy output cotangent `u`, so
+  `J v = ∂(vᵀ Jᵀu)/∂u`;
+- `H w` by double backward of the loss w.r.t. the (detached) outputs;
+- `Jᵀ w` by one more vjp; all three batched over M vectors with `is_grads_batched`.
+
+Dense matrices and traces use output-Hessian square roots `H_i = A_i A_iᵀ` (`A_i ∈
+ℝ^{K×K}` from an eigendecomposition of `H_i`), giving "pseudo-gradients" `r_ik = J_iᵀ A_i e_k`
+with `G = (1/N) Σ_{i,k} r_ik r_ikᵀ` — the exact expectation over the predictive
+distribution that a sampled true Fisher only estimates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import StrEnum
+
+import torch
+from torch import Tensor
+
+from attribution.data import Batch, TrainingSet
+from attribution.model import ModelAdapter
+
+MAX_FACTOR_OUTPUTS = 512
+"""Largest output dimension K for which output-Hessian square roots are formed."""
+
+
+class CurvatureName(StrEnum):
+    GAUSS_NEWTON = "gauss_newton"
+    FISHER = "fisher"
+
+
+def curvature_batches(train: TrainingSet, batch_size: int, max_rows: int | None = None) -> Iterator[Batch]:
+    """Batches of the first `max_rows` rows of `train` (all rows when `None`)."""
+    seen = 0
+    for _, batch in train.batches(batch_size):
+        if max_rows is not None and seen + len(batch) > max_rows:
+            batch = batch.slice(0, max_rows - seen)
+        if len(batch) == 0:
+            return
+        seen += len(batch)
+        yield batch
+        if max_rows is not None and seen >= max_rows:
+            return
+
+
+def flat_outputs(model: ModelAdapter, batch: Batch) -> Tensor:
+    """`[B, K]` model outputs with autograd, flattened per row."""
+    batch = batch.to(model.device)
+    out = model.task.forward(model.module, batch.inputs)
+    return out.reshape(out.shape[0], -1)
+
+
+def output_loss_hessian(model: ModelAdapter, outputs: Tensor, targets: Tensor) -> Tensor:
+    """`[B, K, K]` Hessians `H_b = ∂²ℓ_b/∂f_b²` of each row's loss w.r.t. its outputs."""
+    outputs = outputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = model.task.per_sample_loss(outputs, targets.to(outputs.device)).sum()
+        (grad_out,) = torch.autograd.grad(loss, outputs, create_graph=True)
+        b, k = outputs.shape
+        eye = torch.eye(k, device=outputs.device, dtype=outputs.dtype).unsqueeze(1).expand(k, b, k)
+        if not grad_out.requires_grad:  # loss linear in the outputs
+            return torch.zeros(b, k, k, device=outputs.device, dtype=outputs.dtype)
+        (rows,) = torch.autograd.grad(grad_out, outputs, grad_outputs=eye, is_grads_batched=True)
+    return rows.permute(1, 0, 2).detach()  # [B, K(row), K(col)]
+
+
+def output_hessian_sqrt(model: ModelAdapter, outputs: Tensor, targets: Tensor) -> Tensor:
+    """`[B, K, K]` factors `A_b` with `A_b A_bᵀ = H_b` (negative eigenvalues clipped to 0)."""
+    k = outputs.shape[1]
+    if k > MAX_FACTOR_OUTPUTS:
+        raise ValueError(
+            f"model output has {k} values per row; exact Gauss-Newton factors are formed only up to "
+            f"{MAX_FACTOR_OUTPUTS} — use curvature 'fisher' or a matrix-free estimator (cg, lissa, arnoldi)"
+        )
+    hess = output_loss_hessian(model, outputs, targets).double()
+    hess = 0.5 * (hess + hess.transpose(1, 2))
+    values, vectors = torch.linalg.eigh(hess)
+    return (vectors * values.clamp(min=0).sqrt().unsqueeze(1)).to(outputs.dtype)
+
+
+def per_sample_output_vjp(model: ModelAdapter, outputs: Tensor, weights: Tensor) -> Tensor:
+    """`[B, P]` rows `J_bᵀ w_b` for output cotangents `weights` `[B, K]` (`outputs` from `flat_outputs`)."""
+    b = outputs.shape[0]
+    params = model.live_params()
+    cotangents = torch.zeros(b, b, outputs.shape[1], device=outputs.device, dtype=outputs.dtype)
+    index = torch.arange(b, device=outputs.device)
+    cotangents[index, index] = weights.to(outputs.dtype)
+    grads = torch.autograd.grad(outputs, params, grad_outputs=cotangents, is_grads_batched=True,
+                                retain_graph=True, allow_unused=True)
+    return _flat_batched(grads, params, b)
+
+
+def _flat_batched(grads: tuple[Tensor | None, ...], params: list[torch.nn.Parameter], m: int) -> Tensor:
+    return torch.cat([
+        (g if g is not None else torch.zeros(m, *p.shape, device=p.device, dtype=p.dtype)).reshape(m, -1)
+        for g, p in zip(grads, params, strict=True)
+    ], dim=1).detach()
+
+
+class CurvatureOperator:
+    """Products with the curvature `G` of a model's training objective over `train`.
+
+    `max_rows` caps the rows used (the first ones; shuffle the set if that matters);
+    `batch_size` bounds the rows per forward pass.
+    """
+
+    def __init__(self, model: ModelAdapter, kind: CurvatureName = CurvatureName.GAUSS_NEWTON,
+                 *, batch_size: int = 128, max_rows: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError("max_rows must be positive")
+        self.model = model
+        self.kind = CurvatureName(kind)
+        self.batch_size = batch_size
+        self.max_rows = max_rows
+
+    @property
+    def num_params(self) -> int:
+        return self.model.num_params
+
+    def batches(self, train: TrainingSet) -> Iterator[Batch]:
+        return curvature_batches(train, self.batch_size, self.max_rows)
+
+    # ------------------------------------------------------------ products
+    def matvec(self, train: TrainingSet, vectors: Tensor) -> Tensor:
+        """`[M, P] → [M, P]`: rows of `G V` (one pass over the rows)."""
+        vectors = vectors.to(self.model.device, torch.float32)
+        total = torch.zeros_like(vectors)
+        rows = 0
+        for batch in self.batches(train):
+            total += self.batch_matvec(batch, vectors)
+            rows += len(batch)
+        if rows == 0:
+            raise ValueError("the training set is empty")
+        return total / rows
+
+    def batch_matvec(self, batch: Batch, vectors: Tensor) -> Tensor:
+        """`[M, P]`: `Σ_{i∈batch} C_i V` summed (not averaged) over the batch's rows."""
+        if self.kind is CurvatureName.FISHER:
+            grads = self.model.per_sample_grads(batch)
+            return (vectors @ grads.T) @ grads
+        return self._ggn_batch_matvec(batch, vectors)
+
+    def _ggn_batch_matvec(self, batch: Batch, vectors: Tensor) -> Tensor:
+        params = self.model.live_params()
+        m = vectors.shape[0]
+        with torch.enable_grad():
+            outputs = flat_outputs(self.model, batch)
+            dummy = torch.zeros_like(outputs, requires_grad=True)
+            jt_u = torch.autograd.grad(outputs, params, grad_outputs=dummy, create_graph=True)
+            tangents = [v.reshape(m, *p.shape) for v, p in zip(self._split(vectors), params, strict=True)]
+            (jv,) = torch.autograd.grad(jt_u, dummy, grad_outputs=tangents, is_grads_batched=True)  # [M, B, K]
+            hjv = self._loss_hessian_products(outputs, batch.targets, jv)
+            grads = torch.autograd.grad(outputs, params, grad_outputs=hjv, is_grads_batched=True,
+                                        allow_unused=True)
+        return _flat_batched(grads, params, m)
+
+    def _loss_hessian_products(self, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor:
+        detached = outputs.detach().requires_grad_(True)
+        loss = self.model.task.per_sample_loss(detached, targets.to(detached.device)).sum()
+        (grad_out,) = torch.autograd.grad(loss, detached, create_graph=True)
+        if not grad_out.requires_grad:
+            return torch.zeros_like(jv)
+        (hjv,) = torch.autograd.grad(grad_out, detached, grad_outputs=jv.to(detached.dtype), is_grads_batched=True)
+        return hjv
+
+    def _split(self, vectors: Tensor) -> list[Tensor]:
+        sizes = [p.numel() for p in self.model.live_params()]
+        return list(vectors.split(sizes, dim=1))
+
+    # ------------------------------------------------------------ factors
+    def pseudo_gradients(self, batch: Batch) -> Tensor:
+        """`[B·R, P]` rows `r` with `Σ_{i∈batch} C_i = Σ r rᵀ` (R = K for GGN, 1 for Fisher)."""
+        if self.kind is CurvatureName.FISHER:
+            return self.model.per_sample_grads(batch)
+        with torch.enable_grad():
+            outputs = flat_outputs(self.model, batch)
+            factors = output_hessian_sqrt(self.model, outputs, batch.targets)  # [B, K, K]
+            rows = [per_sample_output_vjp(self.model, outputs, factors[:, :, k]) for k in range(factors.shape[2])]
+        return torch.cat(rows)
+
+    def dense(self, train: TrainingSet, dtype: torch.dtype = torch.float64) -> Tensor:
+        """`[P, P]` matrix `G` (memory `P²` entries of `dtype`)."""
+        p = self.num_params
+        total = torch.zeros(p, p, dtype=dtype, device=self.model.device)
+        rows = 0
+        for batch in self.batches(train):
+            r = self.pseudo_gradients(batch).to(dtype)
+            total.addmm_(r.T, r)
+            rows += len(batch)
+        if rows == 0:
+            raise ValueError("the training set is empty")
+        return total / rows
+
+    def trace(self, train: TrainingSet) -> float:
+        """`tr(G) = (1/N) Σ ‖r‖²` over the pseudo-gradients (exact, one pass)."""
+        total, rows = 0.0, 0
+        for batch in self.batches(train):
+            total += float(self.pseudo_gradients(batch).double().pow(2).sum())
+            rows += len(batch)
+        if rows == 0:
+            raise ValueError("the training set is empty")
+        return total / rows

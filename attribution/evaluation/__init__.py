@@ -1,0 +1,48 @@
+"""Evaluation toolkit for attribution methods on a proxy model.
+
+Leave-one-out ground truth (`loo`), the Linear Datamodeling Score (`lds`), the mirrored
+influence correlation (`mirrored`), duplicate/leakage detection (`leakage`) and mislabel
+detection from self-influence (`mislabel`); `stats` holds the shared correlations.
+"""
+
+from attribution.evaluation.lds import (
+    LdsResult,
+    linear_datamodeling_score,
+    retrained_losses,
+    sample_subsets,
+)
+from attribution.evaluation.leakage import LeakageResult, copy_ranks, leakage_detection
+from attribution.evaluation.loo import LooResult, leave_one_out, loo_correlation, query_losses
+from attribution.evaluation.mirrored import Correlation, mirrored_correlation
+from attribution.evaluation.mislabel import (
+    MislabelReport,
+    detection_curve,
+    mislabel_report,
+    recall_at_fraction,
+    roc_auc,
+)
+from attribution.evaluation.stats import average_ranks, pearson, spearman
+
+__all__ = [
+    "Correlation",
+    "LdsResult",
+    "LeakageResult",
+    "LooResult",
+    "MislabelReport",
+    "average_ranks",
+    "copy_ranks",
+    "detection_curve",
+    "leakage_detection",
+    "leave_one_out",
+    "linear_datamodeling_score",
+    "loo_correlation",
+    "mirrored_correlation",
+    "mislabel_report",
+    "pearson",
+    "query_losses",
+    "recall_at_fraction",
+    "retrained_losses",
+    "roc_auc",
+    "sample_subsets",
+    "spearman",
+]

@@ -1,0 +1,87 @@
+"""Common interface of the inverse-Hessian-vector-product (iHVP) estimators.
+
+Every estimator approximates `(G + λI)⁻¹ V` for a batch of vectors `V ∈ ℝ^{M×P}`, with `G`
+the curvature of the training objective (`attribution.curvature`) and `λ > 0` the damping.
+Two phases, as in kronfluence: `fit(train)` computes the reusable state once (a dense
+eigendecomposition, Kronecker factors, a low-rank basis, a step size) and `solve(V)` runs
+per query. The state is a plain `{name: tensor}` dict so callers can cache it in an
+`ArtifactStore` and `load_state` it later without refitting; damping is applied at solve
+time, so one fitted state serves every damping value.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from attribution.curvature import CurvatureOperator
+from attribution.data import TrainingSet
+
+
+class IHVPEstimator(ABC):
+    """Approximates `V ↦ (G + λI)⁻¹ V` row-wise for `V` `[M, P]`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, curvature: CurvatureOperator, damping: float) -> None:
+        if not damping > 0:
+            raise ValueError(f"damping must be positive, got {damping}")
+        self.curvature = curvature
+        self.damping = float(damping)
+        self._train: TrainingSet | None = None
+        self._state: dict[str, Tensor] | None = None
+
+    @property
+    def num_params(self) -> int:
+        return self.curvature.num_params
+
+    # ----------------------------------------------------------------- phases
+    def bind(self, train: TrainingSet) -> None:
+        """Remember the rows the curvature is taken over (matrix-free estimators need them)."""
+        self._train = train
+
+    def fit(self, train: TrainingSet) -> None:
+        """`bind(train)` then compute and load the state."""
+        self.bind(train)
+        self.load_state(self.compute_state())
+
+    @abstractmethod
+    def compute_state(self) -> dict[str, Tensor]:
+        """The fitted state (tensors on the CPU or the model's device) from the bound rows."""
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Adopt a state returned by `compute_state` (possibly after a round trip through a store)."""
+        device = self.curvature.model.device
+        self._state = {k: v.to(device) for k, v in state.items()}
+
+    def solve(self, vectors: Tensor) -> Tensor:
+        """`[M, P] → [M, P]` float32 rows `≈ (G + λI)⁻¹ v`."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.num_params:
+            raise ValueError(f"expected vectors of shape [M, {self.num_params}], got {tuple(vectors.shape)}")
+        if self._state is None:
+            raise RuntimeError(f"{self.name} estimator used before fit() or load_state()")
+        vectors = vectors.to(self.curvature.model.device)
+        return self._solve(vectors).to(torch.float32)
+
+    @abstractmethod
+    def _solve(self, vectors: Tensor) -> Tensor: ...
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def state(self) -> dict[str, Tensor]:
+        if self._state is None:
+            raise RuntimeError(f"{self.name} estimator used before fit() or load_state()")
+        return self._state
+
+    @property
+    def train(self) -> TrainingSet:
+        if self._train is None:
+            raise RuntimeError(f"{self.name} estimator needs bind(train) before use")
+        return self._train
+
+    def damped_matvec(self, vectors: Tensor) -> Tensor:
+        """`[M, P]`: `(G + λI) V` over the bound rows."""
+        return self.curvature.matvec(self.train, vectors) + self.damping * vectors

@@ -1,0 +1,216 @@
+"""K-FAC: per-layer Kronecker-factored curvature (Martens & Grosse 2015; Grosse & Martens
+2016 for convolutions), the block-diagonal approximation
+
+    G ≈ blockdiag_l (S_l ⊗ A_l),   A_l = E[ã ãᵀ],   S_l = E[Σ_ŷ g gᵀ],
+
+for every `nn.Linear` and `nn.Conv2d` layer l, with `ã = [a, 1]` the layer input (bias
+column when the bias is tracked; convolution inputs unfolded into patches) and `g` the
+gradient of the loss w.r.t. the layer's output (pre-activation). The expectation over the
+model's predictive distribution ŷ (true Fisher) is taken in closed form: `g` is
+back-propagated from each column of the output-Hessian square root `A_i` (`H_i = A_i A_iᵀ`,
+`attribution.curvature.output_hessian_sqrt`), which is the exact mean of the sampled
+`∇ℓ(x, ŷ)` outer products and removes the sampling noise. Positions (convolution patches,
+sequence tokens) are averaged in `A` and summed in `S` (the KFC convention), so for one
+row `G_i ≈ (Σ_t g gᵀ) ⊗ mean_t(ã ãᵀ)`.
+
+The flat parameter block of layer l is the row-major `[out, in(+1)]` matrix `W̃ = [W | b]`,
+for which `(S ⊗ A) vec(X) = vec(S X Aᵀ)`. With `S = Q_S Λ_S Q_Sᵀ`, `A = Q_A Λ_A Q_Aᵀ`:
+
+    (S ⊗ A + λI)⁻¹ vec(X) = vec(Q_S [(Q_Sᵀ X Q_A) ⊘ (Λ_S Λ_Aᵀ + λ)] Q_Aᵀ).
+
+K-FAC is exact for a single linear layer under squared error (`H_i = 2I`, so
+`G = 2I ⊗ A = S ⊗ A`). Limitations: the factors are captured with forward hooks, which
+TorchScript modules do not support (a `ValueError` says so); every tracked parameter must
+belong to a supported layer (`ValueError` naming the others — restrict `layers`); grouped
+convolutions, non-zero padding modes and `padding="same"` are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attribution.curvature import CurvatureOperator, flat_outputs, output_hessian_sqrt
+from attribution.data import TrainingSet
+from attribution.ihvp.base import IHVPEstimator
+from attribution.model import ModelAdapter
+
+
+@dataclass
+class KroneckerLayer:
+    """A supported layer and where its parameters sit in the flat `[P]` vector."""
+
+    module: nn.Module
+    weight: slice
+    bias: slice | None
+    out_features: int
+    in_features: int  # without the bias column
+
+    @property
+    def width(self) -> int:
+        return self.in_features + (1 if self.bias is not None else 0)
+
+    def activations(self, inputs: Tensor) -> Tensor:
+        """Layer input → `[B, T, in(+1)]` (patches for convolutions, bias column appended)."""
+        if isinstance(self.module, nn.Conv2d):
+            conv = self.module
+            padding = 0 if conv.padding == "valid" else conv.padding
+            patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, padding=padding,  # type: ignore[arg-type]
+                               stride=conv.stride)
+            acts = patches.transpose(1, 2)
+        else:
+            acts = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+        if self.bias is not None:
+            acts = torch.cat([acts, torch.ones_like(acts[..., :1])], dim=-1)
+        return acts
+
+    def output_grads(self, grads: Tensor) -> Tensor:
+        """Gradient w.r.t. the layer output → `[B, T, out]`."""
+        if isinstance(self.module, nn.Conv2d):
+            return grads.flatten(2).transpose(1, 2)
+        return grads.reshape(grads.shape[0], -1, grads.shape[-1])
+
+    def to_matrix(self, vectors: Tensor) -> Tensor:
+        """`[M, P]` → `[M, out, in(+1)]` block of this layer."""
+        m = vectors.shape[0]
+        mat = vectors[:, self.weight].reshape(m, self.out_features, self.in_features)
+        if self.bias is not None:
+            mat = torch.cat([mat, vectors[:, self.bias].unsqueeze(2)], dim=2)
+        return mat
+
+    def write(self, out: Tensor, matrix: Tensor) -> None:
+        """Inverse of `to_matrix`: write `[M, out, in(+1)]` into `out` `[M, P]`."""
+        m = out.shape[0]
+        out[:, self.weight] = matrix[:, :, : self.in_features].reshape(m, -1)
+        if self.bias is not None:
+            out[:, self.bias] = matrix[:, :, self.in_features]
+
+
+def kronecker_layers(model: ModelAdapter) -> list[KroneckerLayer]:
+    """Supported layers covering every tracked parameter; `ValueError` otherwise."""
+    if model.is_scripted:
+        raise ValueError("K-FAC/EK-FAC capture layer inputs with forward hooks, which TorchScript modules "
+                         "do not support; use ihvp exact, cg, lissa or arnoldi for TorchScript models")
+    offsets: dict[str, slice] = {}
+    start = 0
+    for name, p in model.params().items():
+        offsets[name] = slice(start, start + p.numel())
+        start += p.numel()
+    layers: list[KroneckerLayer] = []
+    covered: set[str] = set()
+    for prefix, module in model.module.named_modules():
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        w_name = f"{prefix}.weight" if prefix else "weight"
+        b_name = f"{prefix}.bias" if prefix else "bias"
+        if w_name not in offsets:
+            continue
+        _check_supported(prefix, module)
+        weight = module.weight
+        layers.append(KroneckerLayer(module, offsets[w_name], offsets.get(b_name), weight.shape[0],
+                                     weight[0].numel()))
+        covered.update({w_name, b_name})
+    missing = [n for n in model.param_names if n not in covered]
+    if missing:
+        raise ValueError(f"K-FAC/EK-FAC support nn.Linear and nn.Conv2d weights only; parameters {missing} "
+                         "are outside such layers — restrict `layers` or use another ihvp estimator")
+    return layers
+
+
+def _check_supported(name: str, module: nn.Module) -> None:
+    if isinstance(module, nn.Conv2d) and (
+        module.groups != 1 or module.padding_mode != "zeros" or module.padding == "same"
+    ):
+        raise ValueError(f"layer {name!r}: K-FAC supports Conv2d with groups=1, zero padding and numeric padding")
+
+
+def layer_statistics(curvature: CurvatureOperator, layers: list[KroneckerLayer],
+                     train: TrainingSet) -> Iterator[tuple[int, list[Tensor], list[Tensor]]]:
+    """Per batch: `(rows, acts, grads)` with `acts[l]` `[B, T, in(+1)]` layer inputs `ã` and
+    `grads[l]` `[R, B, T, out]` output gradients back-propagated from each column of the
+    output-Hessian square root (`Σ_r g_r g_rᵀ = E_ŷ[g gᵀ]` per row)."""
+    model = curvature.model
+    for batch in curvature.batches(train):
+        slots: dict[int, tuple[Tensor, Tensor]] = {}
+        handles = [layer.module.register_forward_hook(_recorder(slots, i)) for i, layer in enumerate(layers)]
+        try:
+            with torch.enable_grad():
+                outputs = flat_outputs(model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(slots) != len(layers):
+            raise ValueError("K-FAC: some tracked layers were not called in the forward pass")
+        layer_outputs = [slots[i][1] for i in range(len(layers))]
+        with torch.enable_grad():
+            factors = output_hessian_sqrt(model, outputs, batch.targets)
+            columns = [torch.autograd.grad(outputs, layer_outputs, grad_outputs=factors[:, :, k], retain_graph=True)
+                       for k in range(factors.shape[2])]
+        acts = [layer.activations(slots[i][0]) for i, layer in enumerate(layers)]
+        grads = [torch.stack([layer.output_grads(col[i]) for col in columns]) for i, layer in enumerate(layers)]
+        yield len(batch), acts, grads
+
+
+def _recorder(slots: dict[int, tuple[Tensor, Tensor]], index: int) -> Callable[..., None]:
+    def record(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if index in slots:
+            raise ValueError("K-FAC: a layer called twice per forward pass (weight sharing) is not supported")
+        slots[index] = (inputs[0].detach(), output)
+    return record
+
+
+def eigh_factor(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (clipped at 0) and eigenvectors of a symmetric factor, in float64."""
+    matrix = matrix.double()
+    values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
+    return values.clamp(min=0), vectors
+
+
+class KFACIHVP(IHVPEstimator):
+    """State per layer l: `l{l}.qa`, `l{l}.la`, `l{l}.qs`, `l{l}.ls` (eigenvectors/-values of A and S)."""
+
+    name = "kfac"
+
+    def __init__(self, curvature: CurvatureOperator, damping: float) -> None:
+        super().__init__(curvature, damping)
+        self.layers = kronecker_layers(curvature.model)
+
+    def kronecker_factors(self) -> dict[str, Tensor]:
+        """One pass: `A_l` `[in(+1), in(+1)]` and `S_l` `[out, out]` for every layer, as eigendecompositions."""
+        a_sums = [torch.zeros(lay.width, lay.width, dtype=torch.float64) for lay in self.layers]
+        s_sums = [torch.zeros(lay.out_features, lay.out_features, dtype=torch.float64) for lay in self.layers]
+        rows = 0
+        for count, acts, grads in layer_statistics(self.curvature, self.layers, self.train):
+            rows += count
+            for i in range(len(self.layers)):
+                a = acts[i].double().cpu()
+                g = grads[i].double().cpu()
+                a_sums[i] += torch.einsum("bti,btj->ij", a, a) / a.shape[1]
+                s_sums[i] += torch.einsum("rbto,rbtp->op", g, g)
+        if rows == 0:
+            raise ValueError("the training set is empty")
+        state: dict[str, Tensor] = {}
+        for i in range(len(self.layers)):
+            state[f"l{i}.la"], state[f"l{i}.qa"] = eigh_factor(a_sums[i] / rows)
+            state[f"l{i}.ls"], state[f"l{i}.qs"] = eigh_factor(s_sums[i] / rows)
+        return state
+
+    def compute_state(self) -> dict[str, Tensor]:
+        return self.kronecker_factors()
+
+    def eigenvalues(self, index: int) -> Tensor:
+        """`[out, in(+1)]` curvature eigenvalues in the Kronecker eigenbasis: `Λ_S Λ_Aᵀ`."""
+        return self.state[f"l{index}.ls"][:, None] * self.state[f"l{index}.la"][None, :]
+
+    def _solve(self, vectors: Tensor) -> Tensor:
+        out = torch.zeros_like(vectors, dtype=torch.float64)
+        for i, layer in enumerate(self.layers):
+            qa, qs = self.state[f"l{i}.qa"], self.state[f"l{i}.qs"]
+            block = layer.to_matrix(vectors).double()
+            rotated = qs.T @ block @ qa
+            layer.write(out, qs @ (rotated / (self.eigenvalues(i) + self.damping)) @ qa.T)
+        return out

@@ -1,0 +1,152 @@
+"""Label-free choice of Forward-INF's optimizer, K and α by self-retrieval.
+
+No query labels or planted duplicates are needed: a training row used as a query has an
+exact copy in the training set — itself — so a good setting ranks it first. We sample
+`num_queries` (m) training rows, take a random subset S of at most `max_rows` training rows
+that contains them, score the m queries against S with the batched per-sample path for
+every candidate (optimizer, K, α), and keep the candidate with the highest self-retrieval
+rate
+
+    rate(c) = (1/m) Σ_q 1[argmax_{i∈S} score_c(q, i) = q].
+
+Every candidate is tried raw and with relative normalisation (score / sqrt(self-influence),
+the self-influence of the subset rows under the same candidate), so `normalize` is chosen
+too. Ties go to the cheaper candidate: fewer steps, raw before relative (no self-influence
+pass), then the order of the search space. The
+choice is cached per (model, dataset) fingerprint and search settings under
+`artifact_key("forward_inf_auto", ...)`, so only the first query of a model pays for it
+(one search costs about |space| per-sample scorings of m queries over |S| ≤ 3000 rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attribution.artifacts import artifact_key, cached_tensors
+from attribution.data import Batch, TensorTrainingSet, TrainingSet, concat_batches
+from attribution.methods.base import FitContext, MethodParams
+from attribution.pipeline import relative_scores
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search space."""
+
+    optimizer: str
+    steps: int
+    lr: float
+
+
+# SGD needs a large α to leave the first-order regime (α∇L_iᵀ∇L_q, dominated by large
+# gradients); Adam's first steps are sign-like, so its α is a per-parameter step size.
+DEFAULT_SPACE: tuple[Candidate, ...] = tuple(
+    [Candidate("sgd", k, lr) for k in (1, 5, 10) for lr in (0.01, 1.0, 100.0)]
+    + [Candidate("adam", k, lr) for k in (1, 5) for lr in (0.01, 0.1)]
+)
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """The selected setting and its self-retrieval rate on the sampled queries."""
+
+    optimizer: str
+    steps: int
+    lr: float
+    normalize: str
+    self_retrieval: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# (candidate, queries [m], subset training set, subset base losses [n]) → per-sample scores [m, n]
+ScoreRows = Callable[[Candidate, Batch, TrainingSet, Tensor], Tensor]
+# (candidate, subset training set, subset base losses [n]) → self-influence [n]
+SelfRows = Callable[[Candidate, TrainingSet, Tensor], Tensor]
+NORMALIZE = ("none", "relative")
+
+
+def select_hyperparameters(
+    params: MethodParams,
+    train: TrainingSet,
+    base_losses: Tensor,
+    context: FitContext,
+    score_rows: ScoreRows,
+    self_rows: SelfRows,
+    *,
+    precision: str = "fp32",
+    space: Sequence[Candidate] = DEFAULT_SPACE,
+    num_queries: int = 32,
+    max_rows: int = 3000,
+) -> AutoChoice:
+    """Best candidate by self-retrieval (cached per fingerprint); see the module docstring."""
+    if not space:
+        raise ValueError("the search space is empty")
+    searched = {"optimizer", "steps", "lr", "auto", "normalize"}
+    fixed = {k: v for k, v in params.to_dict().items() if k not in searched}
+    key = artifact_key(
+        "forward_inf_auto", context.fingerprint, [dataclasses.asdict(c) for c in space],
+        num_queries, max_rows, fixed, precision,
+    )
+
+    def compute() -> dict[str, Tensor]:
+        choice = _search(params, train, base_losses, score_rows, self_rows, space, num_queries, max_rows)
+        encoded = [OPTIMIZERS.index(choice.optimizer), choice.steps, choice.lr,
+                   NORMALIZE.index(choice.normalize), choice.self_retrieval]
+        return {"choice": torch.tensor(encoded, dtype=torch.float64)}
+
+    raw = cached_tensors(context.store, key, compute)["choice"].tolist()
+    return AutoChoice(OPTIMIZERS[int(raw[0])], int(raw[1]), float(raw[2]), NORMALIZE[int(raw[3])], float(raw[4]))
+
+
+def _search(
+    params: MethodParams, train: TrainingSet, base_losses: Tensor, score_rows: ScoreRows,
+    self_rows: SelfRows, space: Sequence[Candidate], num_queries: int, max_rows: int,
+) -> AutoChoice:
+    generator = torch.Generator().manual_seed(params.seed)
+    order = torch.randperm(len(train), generator=generator)
+    subset_rows, _ = torch.sort(order[: min(len(train), max_rows)])
+    query_rows = order[: min(num_queries, len(subset_rows))]
+    subset = _gather(train, subset_rows, params.batch_size)
+    own_position = torch.searchsorted(subset_rows, query_rows)
+    queries = subset.rows(own_position)
+    subset_base = base_losses[subset_rows]
+
+    best: tuple[float, int, int, int] | None = None
+    choice = AutoChoice(space[0].optimizer, space[0].steps, space[0].lr, NORMALIZE[0], 0.0)
+    for rank, candidate in enumerate(space):
+        scores = score_rows(candidate, queries, subset, subset_base)
+        relative = relative_scores(scores, self_rows(candidate, subset, subset_base))
+        for normalized, trial in enumerate((scores, relative)):
+            rate = self_retrieval_rate(trial, own_position)
+            key = (-rate, candidate.steps, normalized, rank)
+            if best is None or key < best:
+                best = key
+                choice = AutoChoice(candidate.optimizer, candidate.steps, candidate.lr, NORMALIZE[normalized], rate)
+    return choice
+
+
+def self_retrieval_rate(scores: Tensor, own_position: Tensor) -> float:
+    """Fraction of rows q of `scores` `[m, n]` whose maximum (NaN never wins) is at `own_position[q]`."""
+    clean = torch.nan_to_num(scores, nan=float("-inf"))
+    return float((clean.argmax(dim=1) == own_position).float().mean())
+
+
+def _gather(train: TrainingSet, rows: Tensor, batch_size: int) -> TensorTrainingSet:
+    """The rows `rows` (sorted `[n]`) of a streamed training set, in memory."""
+    parts: list[Batch] = []
+    for start, batch in train.batches(batch_size):
+        lo = int(torch.searchsorted(rows, start))
+        hi = int(torch.searchsorted(rows, start + len(batch)))
+        if hi > lo:
+            parts.append(batch.select(rows[lo:hi] - start))
+    gathered = concat_batches(parts)
+    return TensorTrainingSet(gathered.inputs, gathered.targets)

@@ -1,0 +1,195 @@
+"""The two halves of Forward-INF: unlearning the queries, then sweeping the training set.
+
+Unlearning (Algorithm 1, lines 1–4) runs K optimizer steps on the query loss:
+- `unlearn_copy`: one independent model copy, the mean loss of all queries (joint mode);
+  works for eager and TorchScript modules.
+- `StackedModel.unlearn`: Q parameter sets `{name: [Q, *shape]}`, set q trained on query q
+  alone, all updated together through `vmap(functional_call)` (eager modules only; the
+  stateless API rejects TorchScript).
+The optimizers are `torch.optim.SGD` (plain: no momentum, no weight decay) and
+`torch.optim.Adam`, with `maximize=True` for ascent, so the updates are torch's own.
+
+The sweep (Algorithm 1, line 5) evaluates every unlearned model on every training row in
+one inference pass: each batch is read once and all Q models are evaluated on it
+(`[Q, B]` losses per batch), under `torch.inference_mode()` and the optional CUDA autocast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from attribution.data import Batch, TrainingSet
+from attribution.device import autocast
+from attribution.model import ModelAdapter, Params
+from attribution.tasks import Inputs, _logits
+
+# Losses of Q models on one batch: Batch → [Q, B].
+BatchLosses = Callable[[Batch], Tensor]
+
+
+@dataclass(frozen=True)
+class Unlearning:
+    """K steps of `optimizer` ("sgd" | "adam") with learning rate α; ascent or descent."""
+
+    optimizer: str
+    steps: int
+    lr: float
+    ascent: bool = True
+
+    def make(self, tensors: list[Tensor]) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(tensors, lr=self.lr, maximize=self.ascent)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(tensors, lr=self.lr, maximize=self.ascent)
+        raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: sgd, adam")
+
+
+def unlearn_copy(model: ModelAdapter, queries: Batch, how: Unlearning) -> ModelAdapter:
+    """θ_K: a copy of `model` after K steps on the mean loss of `queries` (eager or TorchScript)."""
+    copy = model.clone()
+    tracked = set(copy.param_names)
+    for name, param in copy.module.named_parameters():
+        # A deep-copied TorchScript module's parameters are non-leaf: make them leaves again.
+        param.detach_().requires_grad_(name in tracked)
+    opt = how.make(list(copy.live_params()))
+    for _ in range(how.steps):
+        opt.zero_grad(set_to_none=True)
+        copy.loss(queries).mean().backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return copy
+
+
+class StackedModel:
+    """An eager module evaluated with Q parameter sets at once (`functional_call` + `vmap`).
+
+    Stacked parameters are `{name: [Q, *shape]}` for every tracked parameter; untracked
+    parameters and buffers are shared by all Q sets.
+    """
+
+    def __init__(self, model: ModelAdapter) -> None:
+        if model.is_scripted:
+            raise ValueError("TorchScript modules cannot be evaluated with torch.func; use model copies")
+        self.model = model
+        tracked = set(model.param_names)
+        self.fixed = {n: t.detach() for n, t in model.module.named_parameters() if n not in tracked}
+        self.fixed.update(dict(model.module.named_buffers()))
+
+    def losses(self, params: Params, inputs: Inputs, targets: Tensor) -> Tensor:
+        """`[B]` per-sample losses with one (unstacked) parameter set."""
+        state = {**self.fixed, **params}
+        if isinstance(inputs, Mapping):
+            out = functional_call(self.model.module, state, args=(), kwargs=dict(inputs))
+        else:
+            out = functional_call(self.model.module, state, (inputs,))
+        return self.model.task.per_sample_loss(_logits(out), targets)
+
+    def own_losses(self, stacked: Params, rows: Batch) -> Tensor:
+        """`[Q]`: loss of parameter set q on row q of `rows` (Q rows)."""
+
+        def one(params: Params, inputs: Inputs, target: Tensor) -> Tensor:
+            return self.losses(params, _unsqueeze(inputs), target.unsqueeze(0)).sum()
+
+        rows = rows.to(self.model.device)
+        inputs = dict(rows.inputs) if isinstance(rows.inputs, Mapping) else rows.inputs
+        return vmap(one, in_dims=(0, 0, 0))(stacked, inputs, rows.targets)
+
+    def batch_losses(self, stacked: Params) -> BatchLosses:
+        """Batch → `[Q, B]` losses of every parameter set on every row of the batch."""
+
+        def evaluate(batch: Batch) -> Tensor:
+            batch = batch.to(self.model.device)
+            return vmap(lambda params: self.losses(params, batch.inputs, batch.targets))(stacked)
+
+        return evaluate
+
+    def unlearn(self, queries: Batch, how: Unlearning) -> Params:
+        """`{name: [Q, ...]}`: θ_K of each query unlearned on its own (query q → set q).
+
+        The summed loss Σ_q L(θ_q, z_q) has gradient ∇L(θ_q, z_q) in slice q, and SGD/Adam
+        act elementwise, so one optimizer over the stacked tensors equals Q separate runs.
+        """
+        count = len(queries)
+        stacked = {
+            n: t.unsqueeze(0).repeat(count, *([1] * t.dim())).requires_grad_(True)
+            for n, t in self.model.params().items()
+        }
+        opt = how.make(list(stacked.values()))
+        for _ in range(how.steps):
+            opt.zero_grad(set_to_none=True)
+            self.own_losses(stacked, queries).sum().backward()
+            opt.step()
+        return {n: t.detach() for n, t in stacked.items()}
+
+
+def _unsqueeze(inputs: Inputs) -> Inputs:
+    if isinstance(inputs, Mapping):
+        return {k: v.unsqueeze(0) for k, v in inputs.items()}
+    return inputs.unsqueeze(0)
+
+
+def copies_losses(copies: list[ModelAdapter]) -> BatchLosses:
+    """Batch → `[Q, B]`: every copy evaluated on a batch read once (TorchScript fallback)."""
+
+    def evaluate(batch: Batch) -> Tensor:
+        batch = batch.to(copies[0].device)
+        return torch.stack([c.loss(batch) for c in copies])
+
+    return evaluate
+
+
+def sweep(
+    evaluate: BatchLosses,
+    train: TrainingSet,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    progress: Callable[[float], None] | None = None,
+) -> Tensor:
+    """`[Q, N]` CPU losses (float64 if the models run in fp64, else float32), one pass."""
+    total = len(train)
+    out: Tensor | None = None
+    with torch.inference_mode(), autocast(device, amp_dtype):
+        for start, batch in train.batches(batch_size):
+            losses = evaluate(batch)
+            losses = (losses if losses.dtype == torch.float64 else losses.float()).cpu()
+            if out is None:
+                out = torch.empty(losses.shape[0], total, dtype=losses.dtype)
+            out[:, start: start + losses.shape[1]] = losses
+            if progress is not None:
+                progress((start + losses.shape[1]) / total)
+    if out is None:
+        raise ValueError("the training set is empty")
+    return out
+
+
+class CastTrainingSet:
+    """A `TrainingSet` view whose floating-point inputs are cast to `dtype` (fp64 sweeps)."""
+
+    def __init__(self, train: TrainingSet, dtype: torch.dtype) -> None:
+        self.train = train
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[int, Batch]]:
+        for start, batch in self.train.batches(batch_size):
+            yield start, cast_batch(batch, self.dtype)
+
+
+def cast_batch(batch: Batch, dtype: torch.dtype) -> Batch:
+    """Floating-point inputs → `dtype`; integer inputs (token ids) and targets unchanged."""
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    if isinstance(batch.inputs, Mapping):
+        return Batch({k: cast(v) for k, v in batch.inputs.items()}, batch.targets)
+    return Batch(cast(batch.inputs), batch.targets)

@@ -1,0 +1,261 @@
+"""Influence functions (Koh & Liang 2017) with Gauss-Newton / Fisher curvature and
+pluggable iHVP estimators.
+
+    score(z_i, q) = ∇_θ L(q, θ̂)ᵀ (G + λI)⁻¹ ∇_θ ℓ(z_i, θ̂)
+
+is minus the classic upweighting influence `I_up,loss(z_i, q)`, i.e. ≈ N × the rise of the
+query loss when row i is removed (positive = the row supports the query's prediction).
+`L(q, ·)` is the query set's mean loss (`joint`, one row) or each query's loss
+(`per_sample`, Q rows). The inverse is applied to the few query gradients only; the
+training rows are then streamed once (`ModelAdapter.iter_per_sample_grads`) for dot
+products. Self-influence is `g_iᵀ (G + λI)⁻¹ g_i`, solved block by block.
+
+The estimator's fitted state (eigendecomposition, Kronecker factors, low-rank basis, step
+size) is cached under `artifact_key("ihvp", fingerprint, <fit arguments>)`; damping is
+applied at solve time, so neither a second query nor another damping refits. `damping=None`
+uses `λ = 0.01 · tr(G)/P` (1% of the mean curvature eigenvalue; the trace is cached too).
+
+`ihvp="auto"` (default) picks `exact` when P ≤ `exact_max_params` (no approximation, the
+dense eigendecomposition makes self-influence cheap), else `ekfac` for eager models whose
+tracked parameters all sit in Linear/Conv2d layers, else `cg` (any model, TorchScript
+included, converges to the exact damped inverse).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attribution.artifacts import artifact_key, cached_tensors
+from attribution.curvature import CurvatureName, CurvatureOperator
+from attribution.data import Batch, TrainingSet
+from attribution.ihvp import IHVPEstimator, IHVPName, build_estimator
+from attribution.ihvp.exact import DEFAULT_MAX_PARAMS
+from attribution.ihvp.kfac import kronecker_layers
+from attribution.methods.base import (
+    AttributionMethod,
+    FitContext,
+    MethodName,
+    MethodParams,
+    ParamsError,
+    Progress,
+)
+from attribution.methods.registry import register
+from attribution.model import ModelAdapter
+
+DEFAULT_RELATIVE_DAMPING = 0.01
+
+
+class IHVPChoice(StrEnum):
+    AUTO = "auto"
+    EXACT = "exact"
+    CG = "cg"
+    LISSA = "lissa"
+    ARNOLDI = "arnoldi"
+    KFAC = "kfac"
+    EKFAC = "ekfac"
+
+
+@dataclass(frozen=True)
+class InfluenceParams(MethodParams):
+    """Influence-function arguments; `layers` restricts the tracked parameters (prefixes)."""
+
+    ihvp: IHVPChoice = IHVPChoice.AUTO
+    curvature: CurvatureName = CurvatureName.GAUSS_NEWTON
+    damping: float | None = None
+    cg_max_iter: int = 100
+    cg_tol: float = 1e-5
+    lissa_depth: int = 1000
+    lissa_scale: float | None = None
+    lissa_repeats: int = 1
+    arnoldi_rank: int = 64
+    arnoldi_iterations: int = 128
+    exact_max_params: int = DEFAULT_MAX_PARAMS
+    fit_batch_size: int = 512
+    fit_rows: int | None = None
+    layers: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        _enum("ihvp", IHVPChoice, self.ihvp)
+        _enum("curvature", CurvatureName, self.curvature)
+        _positive("damping", self.damping)
+        _positive("cg_tol", self.cg_tol)
+        _positive("lissa_scale", self.lissa_scale)
+        for name in ("cg_max_iter", "lissa_depth", "lissa_repeats", "arnoldi_rank", "arnoldi_iterations",
+                     "exact_max_params", "fit_batch_size", "fit_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ParamsError(name, "must be at least 1")
+        if self.arnoldi_iterations < self.arnoldi_rank:
+            raise ParamsError("arnoldi_iterations", "must be at least arnoldi_rank")
+        if any(not isinstance(layer, str) or not layer for layer in self.layers):
+            raise ParamsError("layers", "must be non-empty parameter-name prefixes")
+
+
+def _enum(name: str, enum: type[StrEnum], value: Any) -> None:
+    try:
+        enum(value)
+    except ValueError:
+        raise ParamsError(name, f"must be one of {', '.join(m.value for m in enum)}") from None
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ParamsError(name, "must be positive")
+
+
+# --------------------------------------------------------------------------- fitting
+def tracked_model(model: ModelAdapter, params: InfluenceParams) -> ModelAdapter:
+    """The model with `params.layers` as its tracked parameters (the same module)."""
+    if not params.layers:
+        return model
+    return ModelAdapter(model.module, model.task, device=model.device, layers=params.layers)
+
+
+def resolve_ihvp(model: ModelAdapter, params: InfluenceParams) -> IHVPName:
+    """The estimator `params.ihvp` names; `auto` → exact, else ekfac if supported, else cg."""
+    choice = IHVPChoice(params.ihvp)
+    if choice is not IHVPChoice.AUTO:
+        return IHVPName(choice.value)
+    if model.num_params <= params.exact_max_params:
+        return IHVPName.EXACT
+    try:
+        kronecker_layers(model)
+    except ValueError:
+        return IHVPName.CG
+    return IHVPName.EKFAC
+
+
+def fit_key_parts(model: ModelAdapter, params: InfluenceParams, ihvp: IHVPName) -> dict[str, Any]:
+    """Everything an estimator's fitted state depends on besides model and data."""
+    parts: dict[str, Any] = {
+        "ihvp": ihvp.value, "curvature": CurvatureName(params.curvature).value,
+        "params": model.param_names, "fit_rows": params.fit_rows, "fit_batch_size": params.fit_batch_size,
+    }
+    if ihvp is IHVPName.ARNOLDI:
+        parts.update(rank=params.arnoldi_rank, iterations=params.arnoldi_iterations, seed=params.seed)
+    if ihvp is IHVPName.LISSA:
+        parts.update(seed=params.seed, auto_scale=params.lissa_scale is None)
+    return parts
+
+
+def fitted_estimator(model: ModelAdapter, params: InfluenceParams, context: FitContext,
+                     train: TrainingSet, *, cache: bool = True) -> IHVPEstimator:
+    """Build the estimator and load its state from the store (fitting once on a miss).
+
+    Records `ihvp_fit` in `context.timings` and the resolved estimator, damping and
+    whether the fit was served from the store in `context.extras`.
+    """
+    started = time.perf_counter()
+    ihvp = resolve_ihvp(model, params)
+    curvature = CurvatureOperator(model, CurvatureName(params.curvature), batch_size=params.fit_batch_size,
+                                  max_rows=params.fit_rows)
+    damping = params.damping if params.damping is not None else _relative_damping(curvature, params, context,
+                                                                                  train, cache=cache)
+    estimator = build_estimator(
+        ihvp, curvature, damping, exact_max_params=params.exact_max_params, cg_max_iter=params.cg_max_iter,
+        cg_tol=params.cg_tol, lissa_depth=params.lissa_depth, lissa_scale=params.lissa_scale,
+        lissa_repeats=params.lissa_repeats, arnoldi_rank=params.arnoldi_rank,
+        arnoldi_iterations=params.arnoldi_iterations, seed=params.seed,
+    )
+    estimator.bind(train)
+    computed = False
+
+    def compute() -> dict[str, Tensor]:
+        nonlocal computed
+        computed = True
+        return estimator.compute_state()
+
+    store = context.store if cache else None
+    key = artifact_key("ihvp", context.fingerprint, fit_key_parts(model, params, ihvp))
+    estimator.load_state(cached_tensors(store, key, compute))
+    context.timings["ihvp_fit"] = context.timings.get("ihvp_fit", 0.0) + time.perf_counter() - started
+    context.extras.update(ihvp=ihvp.value, damping=damping, ihvp_fit_cached=not computed)
+    return estimator
+
+
+def _relative_damping(curvature: CurvatureOperator, params: InfluenceParams, context: FitContext,
+                      train: TrainingSet, *, cache: bool) -> float:
+    key = artifact_key("curvature-trace", context.fingerprint, CurvatureName(params.curvature).value,
+                       curvature.model.param_names, params.fit_rows)
+    store = context.store if cache else None
+    trace = cached_tensors(store, key, lambda: {"trace": torch.tensor([curvature.trace(train)],
+                                                                      dtype=torch.float64)})["trace"]
+    damping = DEFAULT_RELATIVE_DAMPING * float(trace[0]) / curvature.num_params
+    if not damping > 0:
+        raise ValueError("the curvature has zero trace (the loss is flat here); give an explicit damping")
+    return damping
+
+
+# --------------------------------------------------------------------------- scoring
+def query_gradients(model: ModelAdapter, queries: Batch, *, per_sample: bool) -> Tensor:
+    """`[Q, P]` per-query loss gradients, or `[1, P]` of the mean query loss."""
+    if len(queries) == 0:
+        raise ValueError("no query samples")
+    if per_sample:
+        return model.per_sample_grads(queries)
+    return model.grad(queries)[None]
+
+
+def stream_scores(model: ModelAdapter, solved: Tensor, train: TrainingSet, batch_size: int,
+                  progress: Progress) -> Tensor:
+    """`[Q, N]` dot products `solvedᵀ ∇ℓ(z_i)` over the training rows, in one gradient sweep."""
+    scores = torch.empty(solved.shape[0], len(train), dtype=torch.float32)
+    total = max(len(train), 1)
+    for start, grads in model.iter_per_sample_grads(train, batch_size):
+        scores[:, start: start + grads.shape[0]] = (solved @ grads.T).float().cpu()
+        progress((start + grads.shape[0]) / total)
+    return scores
+
+
+def self_influences(model: ModelAdapter, estimator: IHVPEstimator, train: TrainingSet, batch_size: int,
+                    progress: Progress) -> Tensor:
+    """`[N]` values `g_iᵀ (G + λI)⁻¹ g_i`, one batched solve per block of rows."""
+    out = torch.empty(len(train), dtype=torch.float32)
+    total = max(len(train), 1)
+    for start, grads in model.iter_per_sample_grads(train, batch_size):
+        out[start: start + grads.shape[0]] = (estimator.solve(grads) * grads).sum(1).float().cpu()
+        progress((start + grads.shape[0]) / total)
+    return out
+
+
+@register
+class InfluenceFunction(AttributionMethod):
+    """`score_i = ∇L_qᵀ (G + λI)⁻¹ ∇ℓ_i`; see the module docstring."""
+
+    name = MethodName.INFLUENCE
+    params_type = InfluenceParams
+    params: InfluenceParams
+
+    def __init__(self, model: ModelAdapter, params: MethodParams, context: FitContext) -> None:
+        super().__init__(model, params, context)
+        self.tracked = tracked_model(model, self.params)
+        self._estimator: IHVPEstimator | None = None
+
+    def fit(self, train: TrainingSet) -> None:
+        self._estimator = fitted_estimator(self.tracked, self.params, self.context, train)
+
+    def estimator(self, train: TrainingSet) -> IHVPEstimator:
+        """The fitted estimator (fitted, or loaded from the store, on first use)."""
+        if self._estimator is None:
+            self._estimator = fitted_estimator(self.tracked, self.params, self.context, train)
+        return self._estimator
+
+    def score(self, queries: Batch, train: TrainingSet, *, per_sample: bool = False) -> Tensor:
+        estimator = self.estimator(train)
+        started = time.perf_counter()
+        solved = estimator.solve(query_gradients(self.tracked, queries, per_sample=per_sample))
+        self.context.timings["ihvp_solve"] = time.perf_counter() - started
+        started = time.perf_counter()
+        scores = stream_scores(self.tracked, solved, train, self.params.batch_size, self.context.progress)
+        self.context.timings["score_sweep"] = time.perf_counter() - started
+        return scores
+
+    def self_influence(self, train: TrainingSet) -> Tensor:
+        estimator = self.estimator(train)
+        return self_influences(self.tracked, estimator, train, self.params.batch_size, self.context.progress)

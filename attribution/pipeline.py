@@ -1,0 +1,116 @@
+"""One entry point for every method: construct, fit, score, normalise.
+
+    attribute(model, "forward_inf", {"steps": 5, "lr": 0.01}, train, context, queries=batch)
+        → [1, N] scores (joint), [Q, N] with per_sample=True, [1, N] self-influence with
+          self_influence=True (no queries).
+
+Relative normalisation (RelatIF, Barshan et al. 2020, eq. 5 with the self-influence
+normaliser): when `params.normalize == "relative"`,
+
+    score_rel(q, i) = score(q, i) / sqrt(max(s_i, ε)),    s_i = self-influence of row i,
+
+which removes the dominance of rows with large gradients (for gradient-dot-product scores
+gᵢᵀg_q / ‖gᵢ‖ ≤ ‖g_q‖ by Cauchy–Schwarz, with equality for an exact copy). The floor
+ε = max(1e-12, 1e-6 · median|s|) keeps rows whose self-influence is at rounding level from
+being amplified without bound. The vector s `[N]` depends on (model, dataset, method,
+params except `normalize`): it is computed once and cached in the artifact store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attribution.artifacts import artifact_key, cached_tensors
+from attribution.data import Batch, TrainingSet
+from attribution.methods.base import (
+    AttributionMethod,
+    FitContext,
+    MethodName,
+    MethodParams,
+    Normalize,
+)
+from attribution.methods.registry import method_class
+from attribution.model import ModelAdapter
+
+RELATIVE_FLOOR = 1e-6  # ε as a fraction of the median |self-influence|
+ABSOLUTE_FLOOR = 1e-12
+
+
+def attribute(
+    model: ModelAdapter,
+    method: str | MethodName | type[AttributionMethod],
+    params: MethodParams | Mapping[str, Any] | None,
+    train: TrainingSet,
+    context: FitContext,
+    *,
+    queries: Batch | None,
+    per_sample: bool = False,
+    self_influence: bool = False,
+) -> Tensor:
+    """Scores of every training row: `[1, N]` (joint), `[Q, N]` (per_sample), `[1, N]` (self-influence).
+
+    `method` is a registered name or an `AttributionMethod` subclass; `params` its params
+    dataclass or a raw mapping (validated with the method's `from_dict`). Raises
+    `ValueError` (incl. `ParamsError`, `UnknownMethodError`) for invalid requests.
+    """
+    cls = method if isinstance(method, type) else method_class(str(method))
+    if params is None or isinstance(params, Mapping):
+        params = cls.params_type.from_dict(params)
+    if not isinstance(params, cls.params_type):
+        raise ValueError(f"{cls.name} takes {cls.params_type.__name__}, got {type(params).__name__}")
+    _check_request(cls, train, queries, per_sample, self_influence)
+
+    instance = cls(model, params, context)
+    instance.fit(train)
+    effective = instance.params  # a method may resolve settings in fit (Forward-INF auto)
+    relative = effective.normalize == Normalize.RELATIVE
+    if relative and not cls.supports_self_influence:
+        raise ValueError(f"normalize='relative' needs self-influence, which {cls.name} does not define")
+
+    if self_influence:
+        return cached_self_influence(instance, train).unsqueeze(0)
+    if queries is None:  # checked above; narrows the type
+        raise ValueError("queries are required unless self_influence=True")
+    scores = instance.score(queries, train, per_sample=per_sample)
+    if relative:
+        scores = relative_scores(scores, cached_self_influence(instance, train))
+    return scores
+
+
+def _check_request(cls: type[AttributionMethod], train: TrainingSet, queries: Batch | None,
+                   per_sample: bool, self_influence: bool) -> None:
+    if len(train) == 0:
+        raise ValueError("the training set is empty")
+    if self_influence:
+        if queries is not None:
+            raise ValueError("self_influence=True scores rows against themselves: pass queries=None")
+        if per_sample:
+            raise ValueError("per_sample does not apply to self_influence")
+        if not cls.supports_self_influence:
+            raise ValueError(f"{cls.name} does not define self-influence")
+        return
+    if queries is None:
+        raise ValueError("queries are required unless self_influence=True")
+    if len(queries) == 0:
+        raise ValueError("queries must contain at least one sample")
+
+
+def cached_self_influence(instance: AttributionMethod, train: TrainingSet) -> Tensor:
+    """`[N]` self-influence of a fitted method, cached per (model, dataset, method, params ∖ normalize)."""
+    params = {k: v for k, v in instance.params.to_dict().items() if k != "normalize"}
+    key = artifact_key("self_influence", instance.context.fingerprint, str(instance.name), params)
+    values = cached_tensors(instance.context.store, key, lambda: {"self_influence": instance.self_influence(train)})
+    return values["self_influence"]
+
+
+def relative_scores(scores: Tensor, self_influence: Tensor) -> Tensor:
+    """RelatIF: `scores` `[Q, N]` / sqrt(max(s `[N]`, ε)), ε = max(1e-12, 1e-6·median|s|)."""
+    if self_influence.shape[-1] != scores.shape[-1]:
+        raise ValueError(f"self-influence has {self_influence.shape[-1]} rows, scores {scores.shape[-1]}")
+    s = self_influence.to(scores.dtype)
+    floor = max(ABSOLUTE_FLOOR, RELATIVE_FLOOR * float(s.abs().median()))
+    return scores / torch.sqrt(s.clamp(min=floor))

@@ -1,0 +1,48 @@
+"""Run one attribution method through the core library's `attribute` pipeline and time it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from attribution.data import Batch, TrainingSet
+from attribution.methods.base import FitContext
+from attribution.methods.registry import parse_params
+from attribution.model import ModelAdapter
+from attribution.pipeline import attribute
+from benchmarks.cli import Stopwatch
+
+
+@dataclass(frozen=True)
+class Run:
+    """Scores `[Q, N]` (per-sample queries) or `[N]` (self-influence) and the wall time."""
+
+    scores: Tensor
+    seconds: float
+    extras: dict[str, Any]
+
+
+def scores(model: ModelAdapter, method: str, params: dict[str, Any], train: TrainingSet, context: FitContext,
+           queries: Batch) -> Run:
+    """Per-sample scores `[Q, N]` of every query against every training row."""
+    parsed = parse_params(method, params)
+    with Stopwatch() as watch:
+        out = attribute(model, method, parsed, train, context, queries=queries, per_sample=True)
+    return Run(out, watch.seconds, dict(context.extras))
+
+
+def self_influence(model: ModelAdapter, method: str, params: dict[str, Any], train: TrainingSet,
+                   context: FitContext) -> Run:
+    """Self-influence `[N]` of every training row."""
+    parsed = parse_params(method, params)
+    with Stopwatch() as watch:
+        out = attribute(model, method, parsed, train, context, queries=None, self_influence=True)
+    return Run(out.reshape(-1), watch.seconds, dict(context.extras))
+
+
+def describe(method: str, params: dict[str, Any]) -> str:
+    """`method(k=v, ...)` for tables."""
+    inner = ", ".join(f"{k}={v}" for k, v in params.items() if k != "batch_size")
+    return f"{method}({inner})" if inner else method

@@ -1,0 +1,111 @@
+"""`/v1/queries`: submit attribution jobs, poll them, read scores, list, cancel."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi import Query as QueryParam
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from sqlalchemy.orm import Session
+
+from service import queue
+from service.api import scores as score_files
+from service.api.deps import PageDep, SessionDep, SettingsDep, TenantDep
+from service.api.errors import Conflict, NotFound
+from service.api.metrics import ServiceMetrics
+from service.api.schemas import Page, QueryCreate, QueryOut, page_of, query_out
+from service.api.submission import Outcome, submit_query
+from service.db.models import Query, QueryStatus
+from service.db.repositories import queries as query_repo
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/queries", tags=["queries"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=256, pattern=r"^[!-~]+$",
+           description="a retried POST with the same key returns the same query"),
+]
+
+
+def _owned(session: Session, tenant: str, query_id: str, *, with_results: bool = True) -> Query:
+    query = query_repo.get_query(session, tenant, query_id, with_results=with_results)
+    if query is None:
+        raise NotFound(f"query {query_id} not found", code="query_not_found")
+    return query
+
+
+@router.post("", status_code=202, response_model=QueryOut)
+def create_query(
+    body: QueryCreate, request: Request, response: Response, settings: SettingsDep, session: SessionDep,
+    tenant: TenantDep, idempotency_key: IdempotencyKey = None,
+) -> QueryOut:
+    """Submit a query: 202 with `Location`. An identical earlier succeeded query answers at once
+    (a new id, already `succeeded`, `cached: true`); an Idempotency-Key retry returns the same id."""
+    submitted = submit_query(session, settings, tenant, body, idempotency_key)
+    metrics: ServiceMetrics = request.app.state.metrics
+    if submitted.outcome is Outcome.CACHED:
+        metrics.result_cache_hits.inc()
+    elif submitted.outcome is Outcome.ENQUEUED:
+        metrics.result_cache_misses.inc()
+    response.headers["Location"] = f"/v1/queries/{submitted.query.id}"
+    session.expire_all()  # re-read the row with its ranked rows (a cached answer copied them in SQL)
+    query = _owned(session, tenant, submitted.query.id)
+    return query_out(query)
+
+
+@router.get("", response_model=Page[QueryOut])
+def list_queries(
+    page: PageDep, session: SessionDep, tenant: TenantDep,
+    status: Annotated[QueryStatus | None, QueryParam(description="only queries in this status")] = None,
+    model_id: Annotated[str | None, QueryParam(max_length=64, description="only queries of this model")] = None,
+) -> Page[QueryOut]:
+    """The tenant's queries, newest first; items carry `result: null` (GET one for the ranking)."""
+    rows = query_repo.list_queries(session, tenant, limit=page.limit + 1, offset=page.offset,
+                                   status=status.value if status else None, model_id=model_id)
+    return page_of([query_out(q, with_result=False) for q in rows], limit=page.limit, offset=page.offset)
+
+
+@router.get("/{query_id}", response_model=QueryOut)
+def get_query(query_id: str, session: SessionDep, tenant: TenantDep) -> QueryOut:
+    return query_out(_owned(session, tenant, query_id))
+
+
+@router.get("/{query_id}/scores", response_model=None, responses={
+    200: {"description": "json: {query_id, shape, scores}; csv: index,score or index,sample_0,...; npy: float32 array"},
+})
+def get_scores(
+    query_id: str, settings: SettingsDep, session: SessionDep, tenant: TenantDep,
+    format: Annotated[Literal["json", "csv", "npy"], QueryParam(description="response format")] = "json",
+) -> Response:
+    """The full score vector `[N]` (or `[Q, N]` in per_sample mode) in global row order; 409 until succeeded."""
+    path = score_files.score_file(settings, _owned(session, tenant, query_id, with_results=False))
+    if format == "npy":
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{query_id}.npy")
+    scores = score_files.load_scores(path)
+    if format == "csv":
+        return StreamingResponse(score_files.scores_csv(scores), media_type="text/csv",
+                                 headers={"Content-Disposition": f'attachment; filename="{query_id}.csv"'})
+    return JSONResponse(score_files.scores_json(query_id, scores))
+
+
+@router.delete("/{query_id}", response_model=QueryOut)
+def cancel_query(query_id: str, settings: SettingsDep, session: SessionDep, tenant: TenantDep) -> QueryOut:
+    """Cancel a queued or running query (200 with its body; repeating it is harmless).
+    A succeeded or failed query cannot be canceled: 409."""
+    query = _owned(session, tenant, query_id)
+    if query_repo.cancel_open(session, query):
+        session.commit()
+        try:
+            queue.cancel(query.id, settings)
+        except queue.QueueUnavailable as exc:  # the worker re-reads the row and skips it
+            log.warning("could not cancel job %s in the queue: %s", query.id, exc)
+    session.expire_all()
+    query = _owned(session, tenant, query_id)
+    if query.status != QueryStatus.CANCELED.value:
+        raise Conflict(f"query {query_id} already {query.status}; only queued or running queries can be canceled",
+                       code="query_finished")
+    return query_out(query)

@@ -1,0 +1,111 @@
+"""JSON-level checks of a query's `samples` object before it reaches the model.
+
+`samples` is one of `{"x": [...], "y": [...]}` (numbers nested to the model's input
+shape; `y` optional), `{"text": ["..."]}` (`y` optional) or `{"refs": [{"dataset_id": "...", "index": 17}]}`.
+These checks need no model: finite numbers only (Python's JSON parser accepts `NaN` and
+`Infinity`; they are refused here), rectangular (non-ragged) arrays, storable text, sample
+counts within the server's limit. Whether the samples fit the model is checked afterwards
+by `workers.loading.parse_samples`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.api.errors import InvalidInput
+
+_FORMS = ({"x"}, {"x", "y"}, {"text"}, {"text", "y"}, {"refs"})
+_MAX_DEPTH = 8
+_MAX_ABS = 1.0e308
+
+
+def _invalid(field: str, message: str) -> InvalidInput:
+    return InvalidInput(f"{field}: {message}", code="invalid_samples")
+
+
+def check_samples(samples: dict[str, Any], *, max_samples: int) -> int:
+    """Validate the samples object's structure; returns the number of query samples."""
+    keys = set(samples)
+    if keys not in _FORMS:
+        unknown = sorted(keys - {"x", "y", "text", "refs"})
+        if unknown:
+            raise _invalid(f"samples.{unknown[0]}", "unknown field; use x or text (each with optional y), or refs")
+        raise _invalid("samples", "give exactly one of x or text (each with optional y), or refs")
+    if "refs" in keys:
+        return _check_refs(samples["refs"], max_samples)
+    inputs = "x" if "x" in keys else "text"
+    count = _check_rows(samples["x"], "samples.x", max_samples) if inputs == "x" else _check_text(samples["text"], max_samples)
+    if "y" in samples:
+        labels = _check_rows(samples["y"], "samples.y", max_samples)
+        if labels != count:
+            raise _invalid("samples.y", f"has {labels} entries but samples.{inputs} has {count}")
+    return count
+
+
+def _check_rows(value: Any, field: str, max_samples: int) -> int:
+    if not isinstance(value, list) or not value:
+        raise _invalid(field, "must be a non-empty list with one entry per query sample")
+    if len(value) > max_samples:
+        raise _invalid(field, f"at most {max_samples} query samples are allowed, got {len(value)}")
+    _array_shape(value, field, 1)
+    return len(value)
+
+
+def _array_shape(value: Any, field: str, depth: int) -> tuple[int, ...]:
+    """Shape of a nested list of finite numbers; raises naming the first offending entry."""
+    if depth > _MAX_DEPTH:
+        raise _invalid(field, f"nested deeper than {_MAX_DEPTH} levels")
+    if not any(isinstance(v, list) for v in value):  # innermost level: numbers only
+        for i, v in enumerate(value):
+            if type(v) is not float and type(v) is not int:  # bools are not numbers
+                raise _invalid(f"{field}[{i}]", "must be a number")
+            if not -_MAX_ABS <= v <= _MAX_ABS:  # False for NaN
+                raise _invalid(f"{field}[{i}]", "must be a finite number (NaN and Infinity are refused)")
+        return (len(value),)
+    inner: tuple[int, ...] | None = None
+    for i, item in enumerate(value):
+        if not isinstance(item, list):
+            if isinstance(item, bool) or not isinstance(item, int | float):
+                raise _invalid(f"{field}[{i}]", "must be a number or a list of numbers")
+            raise _invalid(f"{field}[{i}]", "ragged array: mixes numbers and lists")
+        shape = _array_shape(item, f"{field}[{i}]", depth + 1)
+        if inner is None:
+            inner = shape
+        elif shape != inner:
+            raise _invalid(f"{field}[{i}]", f"ragged array: shape {list(shape)} differs from {list(inner)}")
+    return (len(value), *(inner or ()))
+
+
+def _check_text(value: Any, max_samples: int) -> int:
+    if not isinstance(value, list) or not value:
+        raise _invalid("samples.text", "must be a non-empty list of strings")
+    if len(value) > max_samples:
+        raise _invalid("samples.text", f"at most {max_samples} query samples are allowed, got {len(value)}")
+    for i, text in enumerate(value):
+        if not isinstance(text, str):
+            raise _invalid(f"samples.text[{i}]", "must be a string")
+        if "\x00" in text:
+            raise _invalid(f"samples.text[{i}]", "must not contain NUL characters")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _invalid(f"samples.text[{i}]", "must be valid Unicode text") from None
+    return len(value)
+
+
+def _check_refs(value: Any, max_samples: int) -> int:
+    if not isinstance(value, list) or not value:
+        raise _invalid("samples.refs", "must be a non-empty list of {dataset_id, index}")
+    if len(value) > max_samples:
+        raise _invalid("samples.refs", f"at most {max_samples} query samples are allowed, got {len(value)}")
+    for i, ref in enumerate(value):
+        field = f"samples.refs[{i}]"
+        if not isinstance(ref, dict) or set(ref) != {"dataset_id", "index"}:
+            raise _invalid(field, "must be an object with exactly dataset_id and index")
+        if not isinstance(ref["dataset_id"], str) or not ref["dataset_id"].isascii() or "\x00" in ref["dataset_id"]:
+            raise _invalid(f"{field}.dataset_id", "must be a dataset id string")
+        index = ref["index"]
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**62:
+            raise _invalid(f"{field}.index", "must be a non-negative integer row index")
+    return len(value)
+

@@ -1,0 +1,206 @@
+"""`POST /v1/queries`: validate, answer from an identical earlier query, or insert and enqueue.
+
+Order of work, cheapest first:
+1. model and dataset of the tenant (404 otherwise), method and params (registry), samples
+   structure, `top_k`, `callback_url`;
+2. the request hash over (model sha, architecture, dataset sha, task, canonical samples,
+   method, params with defaults filled, mode, self_influence, top_k);
+3. `Idempotency-Key`: a retry with the same key and the same request returns the same query
+   (a different request under that key is a 409);
+4. an identical succeeded query of the tenant: a new `succeeded`, `cached: true` query
+   sharing its result (no model load: two indexed selects and one INSERT ... SELECT);
+5. otherwise the samples are checked against the model (`parse_samples`), the row is
+   inserted `queued` and committed, then `workers.jobs.run_query(id)` is enqueued with
+   `job_id = id`; if the queue is down the row is marked failed and the answer is 503.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from attribution.methods.base import MethodParams, ParamsError
+from attribution.methods.registry import UnknownMethodError, method_class, parse_params
+from service import queue
+from service.api.errors import (
+    Conflict,
+    DependencyDown,
+    InvalidInput,
+    NotFound,
+    invalid_from_load_error,
+)
+from service.api.samples import check_samples
+from service.api.schemas import QueryCreate
+from service.db.models import Dataset, Model, Query
+from service.db.repositories import datasets as dataset_repo
+from service.db.repositories import models as model_repo
+from service.db.repositories import queries as query_repo
+from service.settings import Settings
+from workers.loading import parse_samples
+from workers.loading.errors import LoadError
+
+RUN_QUERY_JOB = "workers.jobs.run_query"
+
+
+class Outcome(StrEnum):
+    ENQUEUED = "enqueued"  # a new job was queued
+    CACHED = "cached"  # answered from an identical succeeded query
+    REPLAYED = "replayed"  # Idempotency-Key retry: the earlier query is returned
+
+
+@dataclass(frozen=True)
+class Submitted:
+    query: Query
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class _Validated:
+    model: Model
+    dataset: Dataset
+    params: MethodParams
+    samples: dict[str, Any] | None
+    request_hash: str
+
+
+def submit_query(
+    session: Session, settings: Settings, tenant: str, body: QueryCreate, idempotency_key: str | None
+) -> Submitted:
+    checked = _validate(session, settings, tenant, body)
+    if idempotency_key is not None:
+        earlier = query_repo.find_by_idempotency_key(session, tenant, idempotency_key)
+        if earlier is not None:
+            return Submitted(_same_request(earlier, checked, body), Outcome.REPLAYED)
+
+    source = query_repo.find_succeeded(session, tenant, checked.request_hash)
+    if source is not None:
+        def cached_copy() -> Query:
+            return query_repo.add_cached_copy(
+                session, source, tenant=tenant, model_id=checked.model.id, dataset_id=checked.dataset.id,
+                idempotency_key=idempotency_key, callback_url=body.callback_url,
+            )
+        return _insert(session, tenant, idempotency_key, checked, body, Outcome.CACHED, cached_copy)
+
+    num_samples = _samples_against_model(session, settings, checked)
+
+    def queued() -> Query:
+        return query_repo.add_query(
+            session, tenant=tenant, model_id=checked.model.id, dataset_id=checked.dataset.id,
+            method=body.method, params=checked.params.to_dict(), mode=body.mode,
+            self_influence=body.self_influence, top_k=body.top_k, samples=checked.samples,
+            num_query_samples=num_samples, request_hash=checked.request_hash,
+            idempotency_key=idempotency_key, callback_url=body.callback_url,
+        )
+    submitted = _insert(session, tenant, idempotency_key, checked, body, Outcome.ENQUEUED, queued)
+    if submitted.outcome is Outcome.ENQUEUED:
+        _enqueue(session, settings, submitted.query)
+    return submitted
+
+
+def _validate(session: Session, settings: Settings, tenant: str, body: QueryCreate) -> _Validated:
+    model = model_repo.get_model(session, tenant, body.model_id)
+    if model is None:
+        raise NotFound(f"model {body.model_id} not found", code="model_not_found")
+    dataset = dataset_repo.get_dataset(session, tenant, body.dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {body.dataset_id} not found", code="dataset_not_found")
+    params = _method_params(body)
+    if body.top_k > settings.max_top_k:
+        raise InvalidInput(f"top_k: must be at most {settings.max_top_k}")
+    if body.callback_url is not None:
+        url = urlsplit(body.callback_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise InvalidInput("callback_url: must be an http:// or https:// URL")
+    _check_samples_given(settings, body)
+    request = {
+        "model_sha256": model.sha256, "architecture": model.architecture, "task": model.task,
+        "dataset_sha256": dataset.sha256, "samples": body.samples, "method": body.method,
+        "params": params.to_dict(), "mode": body.mode, "self_influence": body.self_influence,
+        "top_k": body.top_k,
+    }
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _Validated(model, dataset, params, body.samples,
+                      hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def _method_params(body: QueryCreate) -> MethodParams:
+    try:
+        params = parse_params(body.method, body.params)
+        supports_self_influence = method_class(body.method).supports_self_influence
+    except UnknownMethodError as exc:
+        raise InvalidInput(f"method: {exc}", code="unknown_method") from exc
+    except ParamsError as exc:
+        raise InvalidInput(str(exc), code="invalid_params") from exc
+    if body.self_influence and not supports_self_influence:
+        raise InvalidInput(f"self_influence: method {body.method} does not define self-influence")
+    return params
+
+
+def _check_samples_given(settings: Settings, body: QueryCreate) -> None:
+    """Samples xor self_influence, and the samples object well-formed (see `service.api.samples`)."""
+    if body.self_influence:
+        if body.samples is not None:
+            raise InvalidInput("samples: must be omitted when self_influence is true")
+        if body.mode == "per_sample":
+            raise InvalidInput("mode: per_sample does not apply to self_influence")
+        return
+    if body.samples is None:
+        raise InvalidInput("samples: required unless self_influence is true", code="invalid_samples")
+    check_samples(body.samples, max_samples=settings.max_query_samples)
+
+
+def _samples_against_model(session: Session, settings: Settings, checked: _Validated) -> int:
+    """Forward pass of the model on the samples (`parse_samples`); 422 naming the field otherwise."""
+    if checked.samples is None:
+        return 0
+    try:
+        count = parse_samples(checked.samples, model_row=checked.model, dataset_row=checked.dataset,
+                              settings=settings, session=session)
+    except LoadError as exc:
+        raise invalid_from_load_error(exc) from exc
+    if count > settings.max_query_samples:
+        raise InvalidInput(f"samples: at most {settings.max_query_samples} query samples are allowed, got {count}",
+                           code="invalid_samples")
+    return count
+
+
+def _same_request(earlier: Query, checked: _Validated, body: QueryCreate) -> Query:
+    if earlier.request_hash != checked.request_hash or earlier.callback_url != body.callback_url:
+        raise Conflict("Idempotency-Key was already used with a different request body",
+                       code="idempotency_key_reused")
+    return earlier
+
+
+def _insert(
+    session: Session, tenant: str, idempotency_key: str | None, checked: _Validated, body: QueryCreate,
+    outcome: Outcome, create: Callable[[], Query],
+) -> Submitted:
+    """Insert and commit a new query; if a concurrent request won the same Idempotency-Key,
+    return that request's query instead (or 409 if its body differs)."""
+    try:
+        query = create()
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        earlier = query_repo.find_by_idempotency_key(session, tenant, idempotency_key) if idempotency_key else None
+        if earlier is None:
+            raise
+        return Submitted(_same_request(earlier, checked, body), Outcome.REPLAYED)
+    return Submitted(query, outcome)
+
+
+def _enqueue(session: Session, settings: Settings, query: Query) -> None:
+    try:
+        queue.enqueue(RUN_QUERY_JOB, query.id, job_id=query.id, settings=settings)
+    except queue.QueueUnavailable as exc:
+        query_repo.fail_unstarted(session, query, f"not started: the job queue is unreachable ({exc})")
+        session.commit()
+        raise DependencyDown("the job queue is unreachable; retry later", code="queue_unavailable") from exc

@@ -1,0 +1,158 @@
+"""SQL for attribution queries and their ranked results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, String, case, func, insert, literal, select, update
+from sqlalchemy.orm import Session, noload
+
+from service.db.models import Query, QueryResult, QueryStatus, utcnow
+from service.db.repositories import is_resource_id
+
+_FINAL = [s.value for s in QueryStatus if s.is_final]
+_OPEN = [QueryStatus.QUEUED.value, QueryStatus.RUNNING.value]
+
+
+def get_query(session: Session, tenant: str, query_id: str, *, with_results: bool = True) -> Query | None:
+    """The tenant's query (with its ranked rows unless `with_results` is False), or None."""
+    if not is_resource_id(query_id):
+        return None
+    stmt = select(Query).where(Query.id == query_id, Query.tenant == tenant)
+    if not with_results:
+        stmt = stmt.options(noload(Query.results), noload(Query.parts))
+    return session.scalars(stmt).one_or_none()
+
+
+def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Query | None:
+    return session.scalars(
+        select(Query).where(Query.tenant == tenant, Query.idempotency_key == key)
+        .options(noload(Query.results), noload(Query.parts))
+    ).one_or_none()
+
+
+def find_succeeded(session: Session, tenant: str, request_hash: str) -> Query | None:
+    """The tenant's most recent succeeded query with this request hash (index `ix_queries_request_hash`)."""
+    return session.scalars(
+        select(Query).where(Query.tenant == tenant, Query.request_hash == request_hash,
+                            Query.status == QueryStatus.SUCCEEDED.value)
+        .order_by(Query.finished_at.desc()).limit(1)
+        .options(noload(Query.results), noload(Query.parts))
+    ).first()
+
+
+def add_query(session: Session, **fields: Any) -> Query:
+    """Insert a new query row (status `queued` unless given)."""
+    query = Query(**fields)
+    session.add(query)
+    session.flush()
+    return query
+
+
+def add_cached_copy(
+    session: Session, source: Query, *, tenant: str, model_id: str, dataset_id: str,
+    idempotency_key: str | None, callback_url: str | None,
+) -> Query:
+    """A new, already `succeeded` query answering from `source`'s stored result.
+
+    The ranked rows are copied with one `INSERT ... SELECT`; the score file is shared
+    (same `scores_path`), and `source_query_id` names the query that computed it.
+    """
+    now = utcnow()
+    copy = Query(
+        tenant=tenant, model_id=model_id, dataset_id=dataset_id, method=source.method,
+        params=source.params, mode=source.mode, self_influence=source.self_influence, top_k=source.top_k,
+        samples=source.samples, num_query_samples=source.num_query_samples, request_hash=source.request_hash,
+        idempotency_key=idempotency_key, callback_url=callback_url,
+        status=QueryStatus.SUCCEEDED.value, progress=1.0, cached=True, created_at=now, started_at=now,
+        finished_at=now, num_scored=source.num_scored, timings=source.timings, extras=source.extras,
+        scores_path=source.scores_path, scores_shape=source.scores_shape, num_parts=source.num_parts,
+        source_query_id=source.source_query_id or source.id,
+    )
+    session.add(copy)
+    session.flush()
+    columns = ["kind", "sample", "rank", "index", "sample_id", "shard", "score"]
+    session.execute(insert(QueryResult).from_select(
+        ["query_id", *columns],
+        select(literal(copy.id, String(32)), *(getattr(QueryResult, c) for c in columns))
+        .where(QueryResult.query_id == source.id),
+    ))
+    return copy
+
+
+def list_queries(
+    session: Session, tenant: str, *, limit: int, offset: int,
+    status: str | None = None, model_id: str | None = None,
+) -> list[Query]:
+    """Newest first, without their ranked rows; optional filters by status and model."""
+    if model_id is not None and not is_resource_id(model_id):
+        return []
+    stmt = select(Query).where(Query.tenant == tenant).options(noload(Query.results), noload(Query.parts))
+    if status is not None:
+        stmt = stmt.where(Query.status == status)
+    if model_id is not None:
+        stmt = stmt.where(Query.model_id == model_id)
+    stmt = stmt.order_by(Query.created_at.desc(), Query.id.desc()).limit(limit).offset(offset)
+    return list(session.scalars(stmt))
+
+
+def fail_unstarted(session: Session, query: Query, error: str) -> bool:
+    """`queued` → `failed` (the job could not be enqueued), freeing its Idempotency-Key so the
+    client's retry makes a fresh attempt; False if the query already moved on."""
+    result = session.execute(
+        update(Query).where(Query.id == query.id, Query.status == QueryStatus.QUEUED.value)
+        .values(status=QueryStatus.FAILED.value, error=error, finished_at=utcnow(), idempotency_key=None)
+    )
+    return _changed(result)
+
+
+def cancel_open(session: Session, query: Query) -> bool:
+    """`queued`/`running` → `canceled` in one conditional UPDATE, so a job finishing at the
+    same moment is never overwritten; False (nothing changed) if the query is already final."""
+    result = session.execute(
+        update(Query).where(Query.id == query.id, Query.status.in_(_OPEN))
+        .values(status=QueryStatus.CANCELED.value, error="canceled by the client", finished_at=utcnow())
+    )
+    return _changed(result)
+
+
+def _changed(result: Any) -> bool:
+    return bool(getattr(result, "rowcount", 0))
+
+
+# ------------------------------------------------------------------ operations metrics
+def count_by_status(session: Session) -> dict[str, int]:
+    """Number of queries per status, over every tenant."""
+    rows = session.execute(select(Query.status, func.count()).group_by(Query.status))
+    return {status: int(count) for status, count in rows}
+
+
+@dataclass(frozen=True)
+class DurationHistogram:
+    """Cumulative counts of computed (non-cached) finished jobs with duration <= each bound."""
+
+    bounds: tuple[float, ...]
+    cumulative: tuple[int, ...]
+    count: int
+    total_seconds: float
+
+
+def job_durations(session: Session, bounds: Sequence[float]) -> DurationHistogram:
+    """Histogram of `finished_at - started_at` of computed jobs, in one aggregate statement."""
+    duration = _duration_seconds(session)
+    stmt = select(
+        func.count(), func.coalesce(func.sum(duration), 0.0),
+        *(func.coalesce(func.sum(case((duration <= bound, 1), else_=0)), 0) for bound in bounds),
+    ).where(Query.cached.is_(False), Query.status.in_(_FINAL),
+            Query.started_at.is_not(None), Query.finished_at.is_not(None))
+    row = session.execute(stmt).one()
+    return DurationHistogram(bounds=tuple(bounds), cumulative=tuple(int(v) for v in row[2:]),
+                             count=int(row[0]), total_seconds=float(row[1]))
+
+
+def _duration_seconds(session: Session) -> ColumnElement[Any]:
+    if session.get_bind().dialect.name == "postgresql":
+        return func.extract("epoch", Query.finished_at - Query.started_at)
+    return (func.julianday(Query.finished_at) - func.julianday(Query.started_at)) * 86400.0

@@ -1,0 +1,132 @@
+"""Integrated Influence: Lemma 2.5 (K = 1 + prediction baseline = influence functions),
+baselines, unlearning, validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from attribution.artifacts import InMemoryArtifacts
+from attribution.data import Batch, TensorTrainingSet
+from attribution.methods.base import FitContext, ParamsError
+from attribution.methods.influence import IHVPChoice, InfluenceFunction, InfluenceParams
+from attribution.methods.integrated_influence import (
+    IntegratedInfluence,
+    IntegratedInfluenceParams,
+    unlearn,
+)
+from attribution.methods.registry import parse_params
+from attribution.model import ModelAdapter
+from attribution.tasks import RegressionTask
+from tests.attribution.fixtures import Trained
+
+
+def _iif(model: ModelAdapter, store: InMemoryArtifacts | None = None, **params: object) -> IntegratedInfluence:
+    return IntegratedInfluence(model, IntegratedInfluenceParams(**params), FitContext("m", store))  # type: ignore[arg-type]
+
+
+def _regression() -> tuple[ModelAdapter, TensorTrainingSet, Batch]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 5, generator=gen)
+    y = (x @ torch.randn(5, 2, generator=gen)).tanh() + 0.1 * torch.randn(120, 2, generator=gen)
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(module.parameters(), lr=0.02)
+    for _ in range(200):
+        opt.zero_grad()
+        ((module(x) - y) ** 2).sum(1).mean().backward()
+        opt.step()
+    return ModelAdapter(module.eval(), RegressionTask()), TensorTrainingSet(x[:100], y[:100]), Batch(x[100:], y[100:])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_one_step_with_prediction_baseline_is_the_influence_function(wine_mlp: Trained, per_sample: bool) -> None:
+    """Lemma 2.5: J_iᵀ(p_i − e_{y_i}) = ∇ℓ_i, so the K = 1 path term is the IF score."""
+    store = InMemoryArtifacts()
+    queries = wine_mlp.test_batch([0, 1, 2])
+    influence = InfluenceFunction(wine_mlp.adapter, InfluenceParams(ihvp=IHVPChoice.EXACT, damping=0.01),
+                                  FitContext("m", store)).score(queries, wine_mlp.train, per_sample=per_sample)
+    iif = _iif(wine_mlp.adapter, store, ihvp="exact", damping=0.01, steps=1, baseline="prediction")
+    integrated = iif.score(queries, wine_mlp.train, per_sample=per_sample)
+    assert iif.context.extras["ihvp_fit_cached"] is True  # the IF fit is reused at θ̂
+    assert _relative(integrated, influence) <= 1e-5
+
+
+def test_lemma_holds_for_regression_too() -> None:
+    model, train, queries = _regression()
+    influence = InfluenceFunction(model, InfluenceParams(ihvp=IHVPChoice.EXACT, damping=0.01),
+                                  FitContext("r")).score(queries, train, per_sample=True)
+    integrated = _iif(model, ihvp="exact", damping=0.01, steps=1, baseline="prediction").score(
+        queries, train, per_sample=True)
+    assert _relative(integrated, influence) <= 1e-5
+
+
+def test_prediction_baseline_does_not_depend_on_steps(digits_lr: Trained) -> None:
+    queries, store = digits_lr.test_batch([5]), InMemoryArtifacts()
+    one = _iif(digits_lr.adapter, store, ihvp="exact", steps=1, baseline="prediction").score(queries, digits_lr.train)
+    many = _iif(digits_lr.adapter, store, ihvp="exact", steps=4, baseline="prediction").score(queries, digits_lr.train)
+    assert _relative(many, one) <= 1e-5
+
+
+def test_unlearning_raises_the_query_loss_and_leaves_the_model_untouched(digits_lr: Trained) -> None:
+    queries = digits_lr.test_batch([5, 6])
+    before = digits_lr.adapter.flat_params().clone()
+    params = IntegratedInfluenceParams(unlearn_steps=5, unlearn_lr=0.5, reg=1.0)
+    unlearned = unlearn(digits_lr.adapter, queries, digits_lr.train, params)
+    with torch.no_grad():
+        assert float(unlearned.loss(queries).mean()) > float(digits_lr.adapter.loss(queries).mean())
+    torch.testing.assert_close(digits_lr.adapter.flat_params(), before)
+
+
+def test_unlearned_baseline_scores_are_deterministic_and_track_influence(wine_mlp: Trained) -> None:
+    queries = wine_mlp.test_batch([5, 6])
+    kwargs: dict[str, Any] = dict(ihvp="exact", steps=3, unlearn_steps=3, unlearn_lr=0.1)
+    first = _iif(wine_mlp.adapter, **kwargs).score(queries, wine_mlp.train, per_sample=True)
+    second = _iif(wine_mlp.adapter, **kwargs).score(queries, wine_mlp.train, per_sample=True)
+    assert first.shape == (2, len(wine_mlp.y_train)) and bool(torch.isfinite(first).all())
+    torch.testing.assert_close(first, second)
+    influence = InfluenceFunction(wine_mlp.adapter, InfluenceParams(ihvp=IHVPChoice.EXACT),
+                                  FitContext("wine")).score(queries, wine_mlp.train, per_sample=True)
+    for row in range(2):
+        assert float(torch.corrcoef(torch.stack([first[row], influence[row]]))[0, 1]) > 0.5
+
+
+def test_uniform_baseline_and_regression_unlearning_run() -> None:
+    model, train, queries = _regression()
+    for baseline in ("uniform", "unlearned"):
+        scores = _iif(model, ihvp="cg", damping=0.01, steps=2, baseline=baseline).score(queries, train)
+        assert scores.shape == (1, len(train)) and bool(torch.isfinite(scores).all())
+
+
+def test_self_influence_equals_influence_self_influence(digits_lr: Trained) -> None:
+    subset = TensorTrainingSet(digits_lr.x_train[:60], digits_lr.y_train[:60])
+    influence = InfluenceFunction(digits_lr.adapter, InfluenceParams(ihvp=IHVPChoice.EXACT, damping=0.01),
+                                  FitContext("lr")).self_influence(subset)
+    integrated = _iif(digits_lr.adapter, ihvp="exact", damping=0.01).self_influence(subset)
+    assert _relative(integrated, influence) <= 1e-5
+
+
+def test_low_rank_compression_uses_arnoldi(digits_lr: Trained) -> None:
+    method = _iif(digits_lr.adapter, rank=8, arnoldi_rank=8, arnoldi_iterations=16, baseline="prediction", steps=1)
+    scores = method.score(digits_lr.test_batch([0]), digits_lr.train)
+    assert method.context.extras["ihvp"] == "arnoldi" and bool(torch.isfinite(scores).all())
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    ({"baseline": "zeros"}, "baseline"),
+    ({"steps": 0}, "steps"),
+    ({"unlearn_lr": 0.0}, "unlearn_lr"),
+    ({"rank": 8, "ihvp": "cg"}, "rank"),
+    ({"ihvp": "newton"}, "ihvp"),
+])
+def test_invalid_params_name_the_field(raw: dict[str, object], field: str) -> None:
+    with pytest.raises(ParamsError) as error:
+        parse_params("integrated_influence", raw)
+    assert error.value.field == field

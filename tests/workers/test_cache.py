@@ -1,0 +1,77 @@
+"""Artifact stores: Redis (with hit/miss counters) and the embedded file store."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from redis import Redis
+
+from attribution.artifacts import artifact_key, cached_tensors
+from service.settings import Settings
+from workers.cache import FileArtifactStore, RedisArtifactStore, artifact_store, cache_stats
+from workers.leases import FileLeases, RedisLeases, holding
+
+
+def test_redis_store_round_trip_ttl_and_counters(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    store = RedisArtifactStore(redis, ttl=60)
+    key = artifact_key("losses", "model-sha:data-sha:classification", {"batch_size": 4})
+    assert store.get(key) is None
+    store.put(key, b"\x00payload")
+    assert store.get(key) == b"\x00payload"
+    assert 0 < redis.ttl(key) <= 60
+    assert store.stats() == {"hits": 1, "misses": 1}
+    settings = Settings(redis_url=redis_url)
+    assert isinstance(artifact_store(settings), RedisArtifactStore)
+    assert cache_stats(settings) == {"hits": 1, "misses": 1}
+
+
+def test_cached_tensors_computes_once_across_store_instances(redis_url: str) -> None:
+    calls = []
+
+    def compute() -> dict[str, torch.Tensor]:
+        calls.append(1)
+        return {"losses": torch.arange(5, dtype=torch.float32)}
+
+    for _ in range(3):
+        store = RedisArtifactStore(Redis.from_url(redis_url), ttl=60)  # a fresh "worker" each time
+        values = cached_tensors(store, "attr:losses:abc", compute)
+        torch.testing.assert_close(values["losses"], torch.arange(5, dtype=torch.float32))
+    assert len(calls) == 1
+    assert cache_stats(Settings(redis_url=redis_url)) == {"hits": 2, "misses": 1}
+
+
+def test_file_store_is_atomic_counts_and_expires(tmp_path: Path) -> None:
+    settings = Settings(data_root=tmp_path / "data")
+    store = artifact_store(settings)
+    assert isinstance(store, FileArtifactStore)
+    before = cache_stats(settings)
+    assert store.get("attr:x:1") is None
+    store.put("attr:x:1", b"abc")
+    store.put("attr:x:1", b"abcd")
+    assert store.get("attr:x:1") == b"abcd"
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    after = cache_stats(settings)
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 1)
+    expiring = FileArtifactStore(store.root, ttl=10)
+    path = expiring._path("attr:x:1")
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    assert expiring.get("attr:x:1") is None and not path.exists()
+
+
+def test_leases_are_exclusive_and_expire(redis_url: str, tmp_path: Path) -> None:
+    for store in (RedisLeases(Redis.from_url(redis_url), ttl=2), FileLeases(tmp_path / "leases", ttl=2)):
+        with holding(store, "query:abc") as held:
+            assert held is not None and store.alive("query:abc")
+            assert not store.acquire("query:abc", "someone-else")
+            with holding(store, "query:abc") as second:
+                assert second is None
+        assert not store.alive("query:abc")
+        assert store.acquire("query:abc", "crashed-worker")  # never released: must expire by itself
+        assert not store.acquire("query:abc", "other")
+        time.sleep(2.1)
+        assert not store.alive("query:abc") and store.acquire("query:abc", "other")

@@ -1,0 +1,110 @@
+"""RQ job functions (importable paths, called with the query id; see DESIGN.md "One query").
+
+`run_query(query_id)`: re-fetch the row; nothing to do if it is final (duplicate deliveries
+and RQ retries are harmless) or if another live worker holds its lease; else mark it
+`running` (attempts + 1), load model, rows and samples, run the method with a throttled
+progress writer that also notices a cancel, write the score file and, in one
+transaction, the ranked rows and `succeeded`. Any error marks the query `failed` with a
+one-line `Class: message` (the traceback goes to the log); nothing partial is written.
+Large datasets fan out (`workers.fanout`): `run_query_part` / `merge_query`.
+
+`on_job_failure` is RQ's failure callback (see `service.queue.enqueue`): when RQ gives up
+on a job that died outside this code (worker lost, hard timeout), it fails the query.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from service.db.models import QueryStatus
+from service.db.repositories import jobs as repo
+from service.db.session import session_scope
+from service.settings import Settings, get_settings
+from workers.fanout import dispatch_parts, merge_query, run_query_part, should_fan_out
+from workers.leases import HeldLease, holding, leases
+from workers.scoring import Canceled, ProgressWriter, compute_scores, notify, one_line, store_result
+
+log = logging.getLogger(__name__)
+
+__all__ = ["merge_query", "on_job_failure", "run_query", "run_query_part"]
+
+
+def run_query(query_id: str) -> None:
+    """Compute (or fan out) one query; idempotent."""
+    settings = get_settings()
+    with session_scope(settings) as session:
+        query = repo.get_query(session, query_id)
+        if query is None or QueryStatus(query.status).is_final:
+            log.info("query %s: nothing to do (%s)", query_id, "unknown" if query is None else query.status)
+            return
+    with holding(leases(settings), f"query:{query_id}") as lease:
+        if lease is None:
+            log.info("query %s is already running on another worker", query_id)
+            return
+        _run(query_id, settings, lease)
+    notify(query_id, settings)
+
+
+def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:
+    with session_scope(settings) as session:
+        if not repo.start_attempt(session, query_id):
+            return
+        query = repo.get_query(session, query_id)
+        model_row, dataset_row = repo.model_and_dataset(session, query) if query else (None, None)
+    if query is None:
+        return
+    if model_row is None or dataset_row is None:
+        _fail(query_id, "the query's model or dataset no longer exists", settings)
+        return
+    try:
+        if should_fan_out(query, int(dataset_row.num_samples), settings):
+            dispatch_parts(query_id, [int(s.num_samples) for s in dataset_row.shards], settings)
+            return
+
+        def write(fraction: float) -> str | None:
+            with session_scope(settings) as s:
+                return repo.set_progress(s, query_id, fraction)
+
+        computed = compute_scores(query, model_row, dataset_row, settings, row_start=0,
+                                  row_stop=int(dataset_row.num_samples), progress=ProgressWriter(write, lease))
+        if lease.lost:
+            raise Canceled("the job's lease was taken over by another worker")
+        stored = store_result(query, computed.scores.numpy(), computed.train, settings,
+                              timings=computed.timings, extras=computed.extras)
+        log.info("query %s: %s", query_id, "succeeded" if stored else "no longer running; result dropped")
+    except Canceled as exc:
+        log.info("query %s stopped: %s", query_id, exc)
+    except Exception as exc:
+        log.exception("query %s failed", query_id)
+        _fail(query_id, one_line(exc), settings)
+
+
+def _fail(query_id: str, error: str, settings: Settings) -> None:
+    with session_scope(settings) as session:
+        repo.mark_failed(session, query_id, error)
+
+
+def on_job_failure(job: Any, connection: Any, exc_type: Any = None, exc_value: Any = None, tb: Any = None) -> None:
+    """RQ failure callback: once RQ will not retry, fail the job's query (unless it is alive elsewhere)."""
+    if job.retries_left:
+        return  # RQ re-enqueues the job; the next attempt resumes the query
+    args = list(job.args or ())
+    if not args or not isinstance(args[0], str):
+        return
+    query_id = args[0]
+    part = args[1] if len(args) > 1 and isinstance(args[1], int) else None
+    settings = get_settings()
+    store = leases(settings)
+    lease_name = f"query:{query_id}" if part is None else f"part:{query_id}:{part}"
+    if store.alive(lease_name):
+        return
+    reason = getattr(exc_type, "__name__", None) or "unknown error"
+    detail = f": {exc_value}" if exc_value is not None and str(exc_value) else ""
+    error = f"worker lost: the job died outside the worker's control ({reason}{detail})"
+    with session_scope(settings) as session:
+        if part is not None:
+            repo.fail_part(session, query_id, part, error)
+        failed = repo.mark_failed(session, query_id, error)
+    if failed:
+        notify(query_id, settings)

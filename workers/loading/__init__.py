@@ -1,0 +1,37 @@
+"""Loading user files safely: URIs under the data root, models, shards, query samples.
+
+Public surface (used by the API at registration/submission and by the jobs):
+`resolve_uri`, `inspect_model`, `load_model`, `load_tokenizer`, `inspect_shard`,
+`ShardedTrainingSet`, `parse_samples`, `samples_to_batch`, `dataset_sha256`, and the
+`LoadError` family in `workers.loading.errors`.
+"""
+
+from workers.loading.batches import InputSpec, input_spec
+from workers.loading.errors import LoadError, ModelLoadError, SamplesError, ShardError, UriError
+from workers.loading.hashing import dataset_sha256
+from workers.loading.models import ModelInfo, inspect_model, load_model, load_tokenizer
+from workers.loading.samples import parse_samples, samples_to_batch
+from workers.loading.shards import ShardedTrainingSet, ShardInfo, ShardSpec, inspect_shard
+from workers.loading.uris import resolve_uri
+
+__all__ = [
+    "InputSpec",
+    "LoadError",
+    "ModelInfo",
+    "ModelLoadError",
+    "SamplesError",
+    "ShardError",
+    "ShardInfo",
+    "ShardSpec",
+    "ShardedTrainingSet",
+    "UriError",
+    "dataset_sha256",
+    "input_spec",
+    "inspect_model",
+    "inspect_shard",
+    "load_model",
+    "load_tokenizer",
+    "parse_samples",
+    "resolve_uri",
+    "samples_to_batch",
+]

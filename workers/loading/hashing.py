@@ -1,0 +1,93 @@
+"""Content hashes of model files, model folders, shards and datasets.
+
+`file_sha256` streams a file; `folder_sha256` hashes the sorted `(relative path, file
+sha256)` pairs of every regular file under a folder, so renaming or editing any file
+changes it. `cached_sha256` remembers the hash per `(path, size, mtime_ns)` signature so a
+worker re-verifies a registered model on every load without re-reading an unchanged file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over the sorted `relative/path\\0<file sha256>\\n` lines of the folder's files."""
+    digest = hashlib.sha256()
+    for file in _folder_files(folder):
+        relative = file.relative_to(folder).as_posix()
+        digest.update(f"{relative}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def path_sha256(path: Path) -> str:
+    """`folder_sha256` for a directory, `file_sha256` for a file."""
+    return folder_sha256(path) if path.is_dir() else file_sha256(path)
+
+
+def dataset_sha256(shard_hashes: list[str]) -> str:
+    """A dataset's identity: sha256 of its shards' hashes in order (order matters: it fixes row indices)."""
+    return hashlib.sha256("\n".join(shard_hashes).encode()).hexdigest()
+
+
+def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Cheap change detector: `(relative path, size, mtime_ns)` of the file or every file in the folder."""
+    if path.is_dir():
+        out = []
+        for file in _folder_files(path):
+            stat = file.stat()
+            out.append((file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
+        return tuple(out)
+    stat = os.stat(path)
+    return (("", stat.st_size, stat.st_mtime_ns),)
+
+
+class _HashCache:
+    """Per-process LRU of `path → (signature, sha256)`."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[str, tuple[tuple[tuple[str, int, int], ...], str]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def sha256(self, path: Path) -> str:
+        key = str(path)
+        signature = _signature(path)
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is not None and hit[0] == signature:
+                self.entries.move_to_end(key)
+                return hit[1]
+        sha = path_sha256(path)
+        with self.lock:
+            self.entries[key] = (signature, sha)
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.capacity:
+                self.entries.popitem(last=False)
+        return sha
+
+
+_CACHE = _HashCache()
+
+
+def cached_sha256(path: Path) -> str:
+    """`path_sha256(path)`, re-computed only when the file's size or mtime changed."""
+    return _CACHE.sha256(path)

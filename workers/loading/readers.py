@@ -1,0 +1,466 @@
+"""Row readers for the shard formats: `.npz`, `.parquet`, `.pt` (safetensors or tensor dict), `.jsonl`.
+
+Each reader opens one shard, checks its structure, and streams rows `[start, stop)` as
+`Rows` chunks of at most `chunk` rows, so a training sweep holds one chunk per shard in
+memory, never a whole shard:
+- `.npz`: every array is a `.npy` member of a zip. `np.load(mmap_mode=...)` cannot map
+  them, so the reader parses each member's `.npy` header and reads raw row bytes from the
+  member's stream (stored or deflated alike) chunk by chunk. No copy is written to disk,
+  nothing is unpickled (object dtypes are refused), and compressed archives work too.
+  Fortran-ordered multi-dimensional arrays cannot be read row by row; they are read whole.
+- `.parquet`: `pyarrow` `iter_batches` over the row groups that overlap the range.
+- `.pt`: a safetensors file (lazy slices through `safe_open`) or a `torch.save` tensor dict
+  read with `weights_only=True` and `mmap=True` (tensors only; Python objects are refused).
+- `.jsonl`: one JSON object per non-empty line with a `text` field (optional `y`, `id`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from workers.loading.errors import ShardError
+
+SHARD_FORMATS = {".npz": "npz", ".parquet": "parquet", ".pt": "pt", ".safetensors": "pt", ".jsonl": "jsonl"}
+COLUMNS = ("x", "y", "ids", "group", "text")
+
+
+@dataclass
+class Rows:
+    """A chunk of consecutive rows: numeric `x` `[n, ...]` / `y` `[n, ...]` and/or `text` (n strings)."""
+
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    text: list[str] | None = None
+
+    def __len__(self) -> int:
+        if self.text is not None:
+            return len(self.text)
+        return 0 if self.y is None else int(self.y.shape[0])
+
+    def slice(self, start: int, stop: int) -> Rows:
+        return Rows(
+            None if self.x is None else self.x[start:stop],
+            None if self.y is None else self.y[start:stop],
+            None if self.text is None else self.text[start:stop],
+        )
+
+    @staticmethod
+    def concat(parts: list[Rows]) -> Rows:
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        for part in parts[1:]:
+            if (part.x is None) != (first.x is None) or (part.text is None) != (first.text is None) \
+                    or (part.y is None) != (first.y is None):
+                raise ShardError("shards", "shards of one dataset must have the same columns")
+            if part.x is not None and first.x is not None and part.x.shape[1:] != first.x.shape[1:]:
+                raise ShardError("shards", f"shards disagree on the row shape of x: {first.x.shape[1:]} vs {part.x.shape[1:]}")
+        return Rows(
+            None if first.x is None else np.concatenate([p.x for p in parts]),
+            None if first.y is None else np.concatenate([p.y for p in parts]),
+            None if first.text is None else [t for p in parts for t in p.text],  # type: ignore[union-attr]
+        )
+
+
+class ShardReader:
+    """Base: `num_rows`, `columns`, `iter_rows(start, stop, chunk)`, `column(name)`."""
+
+    format: str
+    num_rows: int
+    columns: set[str]
+
+    def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[Rows]:
+        raise NotImplementedError
+
+    def column(self, name: str) -> list[Any] | None:
+        """A small per-row column (`ids`, `group`) as a Python list, or `None` if absent."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+    def _check_lengths(self, lengths: dict[str, int]) -> None:
+        if "y" not in lengths and "text" not in lengths:
+            raise ShardError("uri", f"{self.format} shard needs arrays x and y (or a text column)")
+        if "text" not in lengths and "x" not in lengths:
+            raise ShardError("uri", f"{self.format} shard has y but no x")
+        values = set(lengths.values())
+        if len(values) > 1:
+            detail = ", ".join(f"len({k})={v}" for k, v in sorted(lengths.items()))
+            raise ShardError("uri", f"columns have different lengths: {detail}")
+        self.num_rows = values.pop() if values else 0
+
+
+def open_reader(path: Path, format: str | None = None, *, num_rows: int | None = None) -> ShardReader:
+    """The reader for a shard file; the format comes from the extension unless given.
+
+    `num_rows` (the registered row count) lets the `.jsonl` reader skip its counting pass.
+    """
+    fmt = format or SHARD_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ShardError("uri", f"unsupported shard extension {path.suffix or '(none)'!r}; "
+                                f"use one of {', '.join(sorted(SHARD_FORMATS))}")
+    if not path.is_file():
+        raise ShardError("uri", "a shard must be a regular file")
+    if fmt == "jsonl":
+        return JsonlReader(path, num_rows=num_rows)
+    readers: dict[str, type[NpzReader | ParquetReader | PtReader]] = {"npz": NpzReader, "parquet": ParquetReader, "pt": PtReader}
+    return readers[fmt](path)
+
+
+def _check_dtype(name: str, dtype: np.dtype) -> None:
+    if dtype.hasobject:
+        raise ShardError("uri", f"array {name} holds Python objects (pickles are refused); store numbers or fixed-width strings")
+    if name in ("x", "y") and dtype.kind not in "biuf":
+        raise ShardError("uri", f"array {name} must be numeric, not {dtype}")
+    if name in ("ids", "group") and dtype.kind not in "biuSU":
+        raise ShardError("uri", f"array {name} must hold integers or strings, not {dtype}")
+
+
+# --------------------------------------------------------------------------- npz
+@dataclass
+class _NpyMember:
+    name: str
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return int(self.dtype.itemsize * math.prod(self.shape[1:]))
+
+
+def _read_npy_header(stream: IO[bytes], name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(stream)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(stream)
+    except ValueError as exc:
+        raise ShardError("uri", f"member {name} is not a valid .npy array: {exc}") from None
+    raise ShardError("uri", f"member {name} uses unsupported .npy format version {version}")
+
+
+class NpzReader(ShardReader):
+    format = "npz"
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError):
+            raise ShardError("uri", "not a valid .npz file (expected the zip written by numpy.savez)") from None
+        self.members: dict[str, _NpyMember] = {}
+        for info in self.archive.infolist():
+            key = info.filename.removesuffix(".npy")
+            if key not in COLUMNS or key == "text":
+                continue
+            with self.archive.open(info) as stream:
+                shape, fortran, dtype = _read_npy_header(stream, info.filename)
+            _check_dtype(key, dtype)
+            if len(shape) == 0:
+                raise ShardError("uri", f"array {key} is a scalar; it needs one entry per row")
+            self.members[key] = _NpyMember(info.filename, tuple(shape), bool(fortran), dtype)
+        self.columns = set(self.members)
+        if "x" not in self.members or "y" not in self.members:
+            found = ", ".join(sorted(self.members)) or "none"
+            raise ShardError("uri", f".npz shard needs arrays x and y (found: {found})")
+        self._check_lengths({k: m.shape[0] for k, m in self.members.items()})
+
+    def _stream(self, key: str, start: int, stop: int, chunk: int) -> Iterator[np.ndarray]:
+        member = self.members[key]
+        if member.fortran and len(member.shape) > 1:
+            whole = self._whole(key)
+            for s in range(start, stop, chunk):
+                yield whole[s:min(s + chunk, stop)]
+            return
+        with self.archive.open(member.name) as stream:
+            _read_npy_header(stream, member.name)
+            _skip(stream, start * member.row_bytes)
+            for s in range(start, stop, chunk):
+                count = min(chunk, stop - s)
+                raw = stream.read(count * member.row_bytes)
+                if len(raw) != count * member.row_bytes:
+                    raise ShardError("uri", f"array {key} is truncated")
+                yield np.frombuffer(raw, dtype=member.dtype).reshape((count, *member.shape[1:]))
+
+    def _whole(self, key: str) -> np.ndarray:
+        with self.archive.open(self.members[key].name) as stream:
+            return np.lib.format.read_array(stream, allow_pickle=False)
+
+    def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[Rows]:
+        for x, y in zip(self._stream("x", start, stop, chunk), self._stream("y", start, stop, chunk), strict=True):
+            yield Rows(x=x, y=y)
+
+    def column(self, name: str) -> list[Any] | None:
+        if name not in self.members:
+            return None
+        return self._whole(name).tolist()
+
+    def close(self) -> None:
+        self.archive.close()
+
+
+def _skip(stream: IO[bytes], nbytes: int) -> None:
+    while nbytes > 0:
+        got = len(stream.read(min(nbytes, 1 << 22)))
+        if got == 0:
+            raise ShardError("uri", "array data ends early")
+        nbytes -= got
+
+
+# --------------------------------------------------------------------------- parquet
+class ParquetReader(ShardReader):
+    format = "parquet"
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        try:
+            self.file = pq.ParquetFile(path)
+        except Exception as exc:
+            raise ShardError("uri", f"not a valid parquet file: {exc.__class__.__name__}") from None
+        names = set(self.file.schema_arrow.names)
+        self.columns = names & set(COLUMNS)
+        if not ({"x", "y"} <= names or "text" in names):
+            raise ShardError("uri", f"parquet shard needs columns x and y, or text (found: {', '.join(sorted(names)) or 'none'})")
+        self.num_rows = int(self.file.metadata.num_rows)
+        self.data_columns = [c for c in ("x", "y", "text") if c in self.columns]
+        if "text" in self.columns and "x" in self.columns:
+            self.data_columns.remove("x")
+
+    def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[Rows]:
+        groups: list[int] = []
+        first_row = 0
+        offset = 0
+        for index in range(self.file.num_row_groups):
+            rows = self.file.metadata.row_group(index).num_rows
+            if offset + rows > start and offset < stop:
+                if not groups:
+                    first_row = offset
+                groups.append(index)
+            offset += rows
+        if not groups:
+            return
+        position = first_row
+        for record_batch in self.file.iter_batches(batch_size=chunk, row_groups=groups, columns=self.data_columns):
+            n = record_batch.num_rows
+            lo, hi = max(start - position, 0), min(stop - position, n)
+            position += n
+            if hi <= lo:
+                if position >= stop:
+                    return
+                continue
+            part = record_batch.slice(lo, hi - lo)
+            yield Rows(
+                x=_arrow_numeric(part.column("x"), "x") if "x" in self.data_columns else None,
+                y=_arrow_numeric(part.column("y"), "y") if "y" in self.data_columns else None,
+                text=_arrow_text(part.column("text")) if "text" in self.data_columns else None,
+            )
+            if position >= stop:
+                return
+
+    def column(self, name: str) -> list[Any] | None:
+        if name not in self.columns:
+            return None
+        values = self.file.read(columns=[name]).column(name)
+        if values.null_count:
+            raise ShardError("uri", f"column {name} has missing values")
+        return values.to_pylist()
+
+
+def _arrow_numeric(array: Any, name: str) -> np.ndarray:
+    """A (possibly nested) list or scalar numeric arrow column → `[n, ...]` numpy array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    shape = [len(array)]
+    while pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        if array.null_count:
+            raise ShardError("uri", f"column {name} has missing values")
+        if pa.types.is_fixed_size_list(array.type):
+            width = array.type.list_size
+        else:
+            lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+            if len(lengths) and (lengths != lengths[0]).any():
+                raise ShardError("uri", f"column {name} is ragged: every row needs the same number of values")
+            width = int(lengths[0]) if len(lengths) else 0
+        shape.append(width)
+        array = array.flatten()
+    if array.null_count:
+        raise ShardError("uri", f"column {name} has missing values")
+    if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_boolean(array.type)):
+        raise ShardError("uri", f"column {name} must hold numbers, not {array.type}")
+    return np.asarray(array.to_numpy(zero_copy_only=False)).reshape(shape)
+
+
+def _arrow_text(array: Any) -> list[str]:
+    import pyarrow as pa
+
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        raise ShardError("uri", f"column text must hold strings, not {array.type}")
+    if array.null_count:
+        raise ShardError("uri", "column text has missing values")
+    return array.to_pylist()
+
+
+# --------------------------------------------------------------------------- pt
+def is_safetensors_file(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    (size,) = struct.unpack("<Q", head[:8])
+    return 0 < size <= path.stat().st_size - 8 and head[8:9] == b"{"
+
+
+class PtReader(ShardReader):
+    format = "pt"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.safe = is_safetensors_file(path)
+        if self.safe:
+            from safetensors import safe_open
+
+            try:
+                self.handle: Any = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:
+                raise ShardError("uri", f"not a valid safetensors file: {exc.__class__.__name__}") from None
+            keys = set(self.handle.keys())
+            lengths = {k: int(self.handle.get_slice(k).get_shape()[0]) for k in keys & set(COLUMNS) if self.handle.get_slice(k).get_shape()}
+        else:
+            self.tensors = _torch_load_tensors(path)
+            keys = set(self.tensors)
+            lengths = {k: int(v.shape[0]) for k, v in self.tensors.items() if k in COLUMNS and v.dim() > 0}
+        if "text" in keys:
+            raise ShardError("uri", ".pt shards hold tensors only; put text in .jsonl or .parquet")
+        self.columns = keys & set(COLUMNS)
+        if not {"x", "y"} <= self.columns:
+            raise ShardError("uri", f".pt shard needs tensors x and y (found: {', '.join(sorted(keys)) or 'none'})")
+        for key in self.columns:
+            if key not in lengths:
+                raise ShardError("uri", f"tensor {key} is a scalar; it needs one entry per row")
+            _check_tensor_dtype(key, self._slice(key, 0, 0).dtype)
+        self._check_lengths(lengths)
+
+    def _slice(self, key: str, start: int, stop: int) -> Any:
+        if self.safe:
+            return self.handle.get_slice(key)[start:stop]
+        return self.tensors[key][start:stop]
+
+    def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[Rows]:
+        for s in range(start, stop, chunk):
+            e = min(s + chunk, stop)
+            yield Rows(x=self._numpy("x", s, e), y=self._numpy("y", s, e))
+
+    def _numpy(self, key: str, start: int, stop: int) -> np.ndarray:
+        value = self._slice(key, start, stop)
+        if value.dtype.is_floating_point and value.dtype not in (_torch().float32, _torch().float64):
+            value = value.float()  # bf16/fp16 have no exact numpy twin
+        return value.contiguous().numpy()
+
+    def column(self, name: str) -> list[Any] | None:
+        if name not in self.columns:
+            return None
+        return self._slice(name, 0, self.num_rows).tolist()
+
+
+def _check_tensor_dtype(name: str, dtype: Any) -> None:
+    if dtype.is_complex:
+        raise ShardError("uri", f"tensor {name} must be real-valued, not {dtype}")
+    if name in ("ids", "group") and dtype.is_floating_point:
+        raise ShardError("uri", f"tensor {name} must hold integers, not {dtype}")
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _torch_load_tensors(path: Path) -> dict[str, Any]:
+    torch = _torch()
+    if not zipfile.is_zipfile(path):
+        raise ShardError("uri", ".pt shard must be a safetensors file or a torch.save tensor dict (zip format)")
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ShardError("uri", f".pt shard does not load as plain tensors (Python objects are refused): "
+                                f"{exc.__class__.__name__}") from None
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        raise ShardError("uri", ".pt shard must be a dict of named tensors (x, y, optional ids)")
+    return loaded
+
+
+# --------------------------------------------------------------------------- jsonl
+class JsonlReader(ShardReader):
+    format = "jsonl"
+
+    def __init__(self, path: Path, *, num_rows: int | None = None) -> None:
+        self.path = path
+        count, has_y, has_id = 0, None, None
+        for number, record in self._records():
+            if num_rows is not None and count == 1:
+                count = num_rows
+                break
+            keys = ("y" in record, "id" in record)
+            if has_y is None:
+                has_y, has_id = keys
+            elif keys != (has_y, has_id):
+                raise ShardError("uri", f"line {number}: every line needs the same fields (y / id present on some lines only)")
+            count += 1
+        self.num_rows = count
+        self.columns = {"text"} | ({"y"} if has_y else set()) | ({"ids"} if has_id else set())
+
+    def _records(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        with open(self.path, encoding="utf-8") as handle:
+            try:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        raise ShardError("uri", f"line {number} is not valid JSON") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise ShardError("uri", f"line {number} needs a string field 'text'")
+                    if "y" in record and (isinstance(record["y"], bool) or not isinstance(record["y"], int | float)):
+                        raise ShardError("uri", f"line {number}: y must be a number")
+                    if "id" in record and (isinstance(record["id"], bool) or not isinstance(record["id"], str | int)):
+                        raise ShardError("uri", f"line {number}: id must be a string or an integer")
+                    yield number, record
+            except UnicodeDecodeError:
+                raise ShardError("uri", "the file is not UTF-8 text") from None
+
+    def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[Rows]:
+        texts: list[str] = []
+        labels: list[float] = []
+        with_y = "y" in self.columns
+        for row, (_, record) in enumerate(self._records()):
+            if row < start:
+                continue
+            if row >= stop:
+                break
+            texts.append(record["text"])
+            if with_y:
+                labels.append(record["y"])
+            if len(texts) == chunk:
+                yield Rows(text=texts, y=np.asarray(labels) if with_y else None)
+                texts, labels = [], []
+        if texts:
+            yield Rows(text=texts, y=np.asarray(labels) if with_y else None)
+
+    def column(self, name: str) -> list[Any] | None:
+        if name != "ids" or "ids" not in self.columns:
+            return None
+        return [record["id"] for _, record in self._records()]

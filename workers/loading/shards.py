@@ -1,0 +1,280 @@
+"""Training-data shards: validation at registration and a streaming `TrainingSet` over them.
+
+`inspect_shard` checks a shard end to end (structure, equal lengths, finite numbers, no
+pickles) and hashes it. `ShardedTrainingSet` is the `attribution.data.TrainingSet` the
+methods sweep: global row `i` is position `i` across the shards in registration order;
+it reads shard by shard through the format readers (see `readers.py` for how each format
+streams), assembles exact `batch_size` batches across shard boundaries, and prepares the
+next batch on a background thread while the model works on the current one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attribution.data import Batch
+from attribution.tasks import TaskName
+from service.settings import Settings
+from workers.loading.batches import InputSpec, rows_to_batch
+from workers.loading.errors import ShardError
+from workers.loading.hashing import cached_sha256, file_sha256
+from workers.loading.readers import SHARD_FORMATS, Rows, open_reader
+from workers.loading.uris import resolve_uri
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    format: str
+    num_samples: int
+    sha256: str
+
+
+def inspect_shard(path: Path) -> ShardInfo:
+    """Validate a shard by reading it once; `ShardError` (field `uri`) for every malformed case."""
+    fmt = SHARD_FORMATS.get(path.suffix.lower())
+    reader = open_reader(path, fmt)
+    try:
+        seen = 0
+        for rows in reader.iter_rows(0, reader.num_rows, 4096):
+            for name, values in (("x", rows.x), ("y", rows.y)):
+                if values is not None and values.dtype.kind == "f" and not np.isfinite(values).all():
+                    raise ShardError("uri", f"{name} has non-finite values (NaN or inf) near row {seen}")
+            seen += len(rows)
+        if seen != reader.num_rows:
+            raise ShardError("uri", f"the shard declares {reader.num_rows} rows but holds {seen}")
+        for name in ("ids", "group"):
+            labels = reader.column(name)
+            if labels is not None and len(labels) != reader.num_rows:
+                raise ShardError("uri", f"{name} has {len(labels)} entries for {reader.num_rows} rows")
+    finally:
+        reader.close()
+    return ShardInfo(format=reader.format, num_samples=reader.num_rows, sha256=file_sha256(path))
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    path: Path
+    format: str
+    num_samples: int
+
+
+class ShardedTrainingSet:
+    """Rows `[row_start, row_stop)` of the concatenated shards, streamed (a `TrainingSet`).
+
+    `batches(b)` yields `(local_start, Batch)` with exactly `b` rows per batch except the last,
+    in global row order; local row `j` is global row `row_start + j`.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[ShardSpec | tuple[Path, str, int]],
+        *,
+        row_start: int = 0,
+        row_stop: int | None = None,
+        task: TaskName | str,
+        tokenizer: Any = None,
+        token_inputs: bool | None = None,
+        max_length: int | None = None,
+        prefetch: bool = True,
+    ) -> None:
+        self.shards = [s if isinstance(s, ShardSpec) else ShardSpec(Path(s[0]), s[1], int(s[2])) for s in shards]
+        self.offsets = [0]
+        for shard in self.shards:
+            self.offsets.append(self.offsets[-1] + shard.num_samples)
+        total = self.offsets[-1]
+        stop = total if row_stop is None else row_stop
+        if not 0 <= row_start <= stop <= total:
+            raise ValueError(f"row range [{row_start}, {stop}) is outside the dataset's {total} rows")
+        self.row_start, self.row_stop = row_start, stop
+        task_name = TaskName(task)
+        self.spec = InputSpec(
+            task=task_name,
+            token_inputs=task_name == TaskName.CAUSAL_LM if token_inputs is None else token_inputs,
+            tokenizer=tokenizer, max_length=max_length,
+        )
+        self.prefetch = prefetch
+        self._columns: dict[tuple[int, str], list[Any] | None] = {}
+
+    @classmethod
+    def for_dataset(
+        cls, dataset_row: Any, spec: InputSpec, settings: Settings, *,
+        row_start: int = 0, row_stop: int | None = None, verify: bool = True, prefetch: bool = True,
+    ) -> ShardedTrainingSet:
+        """The training set of a registered dataset; shard files are checked against their registered sha256."""
+        specs = []
+        for shard in dataset_row.shards:
+            field = f"shards[{shard.position}].uri"
+            try:
+                path = resolve_uri(shard.uri, settings.data_root, field=field)
+            except ShardError as exc:
+                raise exc.at(field) from None
+            if verify and cached_sha256(path) != shard.sha256:
+                raise ShardError(field, "shard file changed since the dataset was registered; register it again")
+            specs.append(ShardSpec(path, shard.format, int(shard.num_samples)))
+        return cls(specs, row_start=row_start, row_stop=row_stop, task=spec.task, tokenizer=spec.tokenizer,
+                   token_inputs=spec.token_inputs, max_length=spec.max_length, prefetch=prefetch)
+
+    def __len__(self) -> int:
+        return self.row_stop - self.row_start
+
+    # ------------------------------------------------------------------ streaming
+    def batches(self, batch_size: int) -> Iterator[tuple[int, Batch]]:
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        stream = self._batches(batch_size)
+        return _prefetched(stream) if self.prefetch else stream
+
+    def _batches(self, batch_size: int) -> Iterator[tuple[int, Batch]]:
+        pending: list[Rows] = []
+        count = emitted = 0
+        for rows in self._rows(batch_size):
+            pending.append(rows)
+            count += len(rows)
+            while count >= batch_size:
+                merged = Rows.concat(pending)
+                yield emitted, rows_to_batch(merged.slice(0, batch_size), self.spec)
+                emitted += batch_size
+                count -= batch_size
+                pending = [merged.slice(batch_size, batch_size + count)] if count else []
+        if count:
+            yield emitted, rows_to_batch(Rows.concat(pending), self.spec)
+
+    def _rows(self, chunk: int) -> Iterator[Rows]:
+        """Raw row chunks of the range, shard by shard."""
+        for position, shard in enumerate(self.shards):
+            lo = max(self.row_start, self.offsets[position]) - self.offsets[position]
+            hi = min(self.row_stop, self.offsets[position + 1]) - self.offsets[position]
+            if hi <= lo:
+                continue
+            reader = open_reader(shard.path, shard.format, num_rows=shard.num_samples)
+            try:
+                if reader.num_rows != shard.num_samples:
+                    raise ShardError(f"shards[{position}].uri", f"the shard now has {reader.num_rows} rows, "
+                                     f"{shard.num_samples} were registered")
+                yield from reader.iter_rows(lo, hi, chunk)
+            finally:
+                reader.close()
+
+    def rows_at(self, rows: Sequence[int]) -> Rows:
+        """Raw rows at the given global indices, in that order (few rows: query refs)."""
+        parts: list[Rows] = []
+        for row, position in zip(rows, self.shard_of_row(rows), strict=True):
+            shard = self.shards[position]
+            local = row - self.offsets[position]
+            reader = open_reader(shard.path, shard.format, num_rows=shard.num_samples)
+            try:
+                parts.extend(reader.iter_rows(local, local + 1, 1))
+            finally:
+                reader.close()
+        if len(parts) != len(rows):
+            raise ShardError("shards", "a shard holds fewer rows than registered")
+        return Rows.concat(parts)
+
+    # ------------------------------------------------------------------ row metadata
+    def shard_of_row(self, rows: Sequence[int]) -> list[int]:
+        """Shard position of each global row index."""
+        out = []
+        for row in rows:
+            if not 0 <= row < self.offsets[-1]:
+                raise IndexError(f"row {row} is outside the dataset")
+            out.append(bisect.bisect_right(self.offsets, row) - 1)
+        return out
+
+    def sample_ids(self, rows: Sequence[int]) -> list[str | None]:
+        """The shard's `ids` entry of each global row (as a string), `None` where the shard has none."""
+        out: list[str | None] = []
+        for row, position in zip(rows, self.shard_of_row(rows), strict=True):
+            ids = self._column(position, "ids")
+            out.append(None if ids is None else _as_label(ids[row - self.offsets[position]]))
+        return out
+
+    def column_values(self, name: str) -> list[str | None]:
+        """A per-row label column (`group`, `ids`) over the set's range, `None` for shards without it."""
+        out: list[str | None] = []
+        for position in range(len(self.shards)):
+            lo = max(self.row_start, self.offsets[position])
+            hi = min(self.row_stop, self.offsets[position + 1])
+            if hi <= lo:
+                continue
+            values = self._column(position, name)
+            start = lo - self.offsets[position]
+            out.extend([None] * (hi - lo) if values is None
+                       else [_as_label(v) for v in values[start:start + hi - lo]])
+        return out
+
+    def _column(self, position: int, name: str) -> list[Any] | None:
+        key = (position, name)
+        if key not in self._columns:
+            shard = self.shards[position]
+            reader = open_reader(shard.path, shard.format, num_rows=shard.num_samples)
+            try:
+                self._columns[key] = reader.column(name)
+            finally:
+                reader.close()
+        return self._columns[key]
+
+
+def _as_label(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+_END = object()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+def _prefetched(stream: Iterator[Any]) -> Iterator[Any]:
+    """Run `stream` on a daemon thread one item ahead of the consumer; errors re-raise in the consumer."""
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in stream:
+                while not stop.is_set():
+                    try:
+                        handoff.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            handoff.put(_END)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            handoff.put(_Failure(exc))
+
+    thread = threading.Thread(target=produce, name="shard-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                handoff.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+        if hasattr(stream, "close"):
+            stream.close()

@@ -1,0 +1,220 @@
+"""What one job computes: load model, rows and samples, run the method, rank, store.
+
+`compute_scores` runs `attribution.pipeline.attribute` over rows `[row_start, row_stop)` of
+a registered dataset and returns the score matrix `[Q, n]` (Q = 1 in joint and
+self-influence modes); `store_result` writes the full matrix to `<scores dir>/<id>.npy`
+(float32, `[N]` or `[Q, N]`, atomically) and the top/bottom-k rows plus metadata in one
+transaction. Fan-out parts call `compute_scores` on their row range and `store_result`
+runs once on the merged matrix, so both paths rank identically.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attribution.methods.base import FitContext
+from attribution.model import ModelAdapter
+from attribution.pipeline import attribute
+from attribution.topk import bottom_k, top_k
+from service.db.models import Dataset, Model, Query, QueryStatus
+from service.db.repositories import jobs as repo
+from service.db.session import session_scope
+from service.settings import Settings
+from workers.cache import artifact_store, write_atomic
+from workers.leases import HeldLease
+from workers.loading import (
+    ShardedTrainingSet,
+    input_spec,
+    load_model,
+    load_tokenizer,
+    samples_to_batch,
+)
+from workers.loading.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PARAMS = ("checkpoint_model_ids", "checkpoint_lrs")
+
+
+class Canceled(Exception):
+    """The query was canceled (or this job lost its lease) while it ran; nothing is written."""
+
+
+class ProgressWriter:
+    """`FitContext.progress`: records progress at most `1 / min_interval_s` times a second.
+
+    Each write also reads the query's status back, so a client's cancel (or a lost lease)
+    stops the method at its next progress report by raising `Canceled`.
+    """
+
+    def __init__(self, write: Callable[[float], str | None], lease: HeldLease | None, min_interval_s: float = 0.5) -> None:
+        self.write = write
+        self.lease = lease
+        self.min_interval_s = min_interval_s
+        self.last = float("-inf")
+
+    def __call__(self, fraction: float) -> None:
+        if self.lease is not None and self.lease.lost:
+            raise Canceled("the job's lease was taken over by another worker")
+        now = time.monotonic()
+        if now - self.last < self.min_interval_s:
+            return
+        self.last = now
+        value = min(max(float(fraction), 0.0), 1.0)
+        status = self.write(value)
+        if status is None or QueryStatus(status) != QueryStatus.RUNNING:
+            raise Canceled(f"the query is {status or 'gone'}")
+
+
+@dataclass
+class Computed:
+    scores: Tensor  # [Q, n] float32 on CPU
+    train: ShardedTrainingSet
+    timings: dict[str, float]
+    extras: dict[str, Any]
+
+
+def amp_dtype(settings: Settings, model: ModelAdapter) -> torch.dtype | None:
+    if model.device.type != "cuda" or settings.mixed_precision == "none":
+        return None
+    return torch.bfloat16 if settings.mixed_precision == "bf16" else torch.float16
+
+
+def compute_scores(
+    query: Query, model_row: Model, dataset_row: Dataset, settings: Settings, *,
+    row_start: int, row_stop: int, progress: Callable[[float], None],
+) -> Computed:
+    """Scores `[Q, row_stop - row_start]` of the query's method on that row range."""
+    started = time.perf_counter()
+    model = load_model(model_row, settings)
+    spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
+    train = ShardedTrainingSet.for_dataset(dataset_row, spec, settings, row_start=row_start, row_stop=row_stop)
+    params = dict(query.params or {})
+    checkpoint_ids = params.pop("checkpoint_model_ids", None)
+    checkpoint_lrs = params.pop("checkpoint_lrs", None)
+    with session_scope(settings) as session:
+        queries = None if query.self_influence else samples_to_batch(
+            query.samples or {}, model_row=model_row, model=model, settings=settings, session=session)
+        checkpoints = _checkpoints(session, query, checkpoint_ids, settings)
+    context = FitContext(
+        fingerprint=f"{model_row.sha256}:{dataset_row.sha256}:{model_row.task}:{row_start}-{row_stop}",
+        store=artifact_store(settings), progress=progress, amp_dtype=amp_dtype(settings, model),
+        checkpoints=checkpoints, checkpoint_lrs=[float(v) for v in checkpoint_lrs or []],
+    )
+    context.timings["load_s"] = time.perf_counter() - started
+    scores = attribute(model, query.method, params, train, context, queries=queries,
+                       per_sample=query.mode == "per_sample", self_influence=bool(query.self_influence))
+    context.timings["total_s"] = time.perf_counter() - started
+    return Computed(scores.detach().float().cpu(), train, dict(context.timings), dict(context.extras))
+
+
+def _checkpoints(session: Any, query: Query, ids: Any, settings: Settings) -> list[ModelAdapter]:
+    """Registered checkpoint models θ_c of the query's tenant, in the given order."""
+    if not ids:
+        return []
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ValueError("params.checkpoint_model_ids must be a list of model ids")
+    found = repo.tenant_models(session, query.tenant, ids)
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ModelLoadError("params.checkpoint_model_ids", f"unknown model {missing[0]}")
+    return [load_model(found[i], settings) for i in ids]
+
+
+# ----------------------------------------------------------------------------- results
+def ranked_rows(scores: np.ndarray, train: ShardedTrainingSet, k: int) -> list[repo.RankedRow]:
+    """Top-k (highest first) and bottom-k (lowest first) rows of each score row of `[Q, N]`.
+
+    Ties go to the lower row index and NaN scores never rank (`attribution.topk`).
+    """
+    rows: list[repo.RankedRow] = []
+    if k < 1:
+        return rows
+    for sample, vector in enumerate(scores):
+        values = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
+        for kind, picked in (("top", top_k(values, k, offset=train.row_start)),
+                             ("bottom", bottom_k(values, k, offset=train.row_start))):
+            pairs = picked.as_pairs()
+            indices = [index for index, _ in pairs]
+            ids, shards = train.sample_ids(indices), train.shard_of_row(indices)
+            rows.extend(
+                repo.RankedRow(kind=kind, sample=sample, rank=rank, index=index, sample_id=sample_id,
+                               shard=shard, score=score)
+                for rank, ((index, score), sample_id, shard) in enumerate(zip(pairs, ids, shards, strict=True), start=1)
+            )
+    return rows
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_atomic(path, buffer.getvalue())
+
+
+def store_result(query: Query, scores: np.ndarray, train: ShardedTrainingSet, settings: Settings, *,
+                 timings: dict[str, float], extras: dict[str, Any]) -> bool:
+    """Write the score file and, in one transaction, the ranked rows and `succeeded`.
+
+    `scores` is `[Q, N]`; the file holds `[N]` unless the query is per_sample. Returns False
+    (and removes the file) if the query stopped being `running` meanwhile (canceled).
+    """
+    matrix = np.asarray(scores, dtype=np.float32)
+    stored = matrix if query.mode == "per_sample" and not query.self_influence else matrix.reshape(-1)
+    settings.scores_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{query.id}.npy"
+    path = settings.scores_dir / name
+    save_npy(path, stored)
+    rows = ranked_rows(matrix, train, min(int(query.top_k), matrix.shape[1]))
+    outcome = repo.QueryOutcome(rows=rows, num_scored=int(matrix.shape[1]), scores_path=name,
+                                scores_shape=list(stored.shape), timings=timings, extras=_jsonable(extras))
+    with session_scope(settings) as session:
+        done = repo.complete(session, query.id, outcome)
+    if not done:
+        path.unlink(missing_ok=True)
+    return done
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+def one_line(exc: BaseException) -> str:
+    """`ExceptionClass: first line of the message` (no traceback) for a query's `error`."""
+    lines = str(exc).strip().splitlines()
+    message = lines[0].strip() if lines else ""
+    return f"{exc.__class__.__name__}: {message}"[:1000] if message else exc.__class__.__name__
+
+
+def notify(query_id: str, settings: Settings) -> None:
+    """POST `{"id", "status"}` to the query's callback URL, best effort, 5 s timeout."""
+    with session_scope(settings) as session:
+        query = repo.get_query(session, query_id)
+        if query is None or not query.callback_url or not QueryStatus(query.status).is_final:
+            return
+        url, status = query.callback_url, query.status
+    try:
+        import httpx
+
+        httpx.post(url, json={"id": query_id, "status": status}, timeout=5.0)
+    except Exception as exc:
+        log.warning("callback for query %s to %s failed: %s", query_id, url, one_line(exc))
