@@ -19,7 +19,10 @@ and TorchScript modules alike (`torch.func.functional_call` rejects the latter):
 Dense matrices and traces use output-Hessian square roots `H_i = A_i A_iᵀ` (`A_i ∈
 ℝ^{K×K}` from an eigendecomposition of `H_i`), giving "pseudo-gradients" `r_ik = J_iᵀ A_i e_k`
 with `G = (1/N) Σ_{i,k} r_ik r_ikᵀ` — the exact expectation over the predictive
-distribution that a sampled true Fisher only estimates.
+distribution that a sampled true Fisher only estimates. Above `MAX_FACTOR_OUTPUTS`
+outputs per row (language models: T·V logits) the square root is replaced by one sampled
+column per row, `a_i = ∇_f ℓ(f_i, ŷ_i)` with `ŷ_i` drawn from the model's predictive
+distribution (a seeded Monte-Carlo true Fisher, `E[a aᵀ] = H_i`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
 from attribution.model import ModelAdapter
+from attribution.tasks import TaskName
 
 MAX_FACTOR_OUTPUTS = 512
 """Largest output dimension K for which output-Hessian square roots are formed."""
@@ -63,11 +67,19 @@ def flat_outputs(model: ModelAdapter, batch: Batch) -> Tensor:
     return out.reshape(out.shape[0], -1)
 
 
+def loss_of_flat_outputs(model: ModelAdapter, outputs: Tensor, targets: Tensor) -> Tensor:
+    """`[B]` per-sample loss of flattened outputs `[B, K]` (causal LM logits re-shaped to `[B, T, V]`)."""
+    targets = targets.to(outputs.device)
+    if model.task.name is TaskName.CAUSAL_LM:
+        outputs = outputs.reshape(outputs.shape[0], targets.shape[1], -1)
+    return model.task.per_sample_loss(outputs, targets)
+
+
 def output_loss_hessian(model: ModelAdapter, outputs: Tensor, targets: Tensor) -> Tensor:
     """`[B, K, K]` Hessians `H_b = ∂²ℓ_b/∂f_b²` of each row's loss w.r.t. its outputs."""
     outputs = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = model.task.per_sample_loss(outputs, targets.to(outputs.device)).sum()
+        loss = loss_of_flat_outputs(model, outputs, targets).sum()
         (grad_out,) = torch.autograd.grad(loss, outputs, create_graph=True)
         b, k = outputs.shape
         eye = torch.eye(k, device=outputs.device, dtype=outputs.dtype).unsqueeze(1).expand(k, b, k)
@@ -79,16 +91,45 @@ def output_loss_hessian(model: ModelAdapter, outputs: Tensor, targets: Tensor) -
 
 def output_hessian_sqrt(model: ModelAdapter, outputs: Tensor, targets: Tensor) -> Tensor:
     """`[B, K, K]` factors `A_b` with `A_b A_bᵀ = H_b` (negative eigenvalues clipped to 0)."""
-    k = outputs.shape[1]
-    if k > MAX_FACTOR_OUTPUTS:
-        raise ValueError(
-            f"model output has {k} values per row; exact Gauss-Newton factors are formed only up to "
-            f"{MAX_FACTOR_OUTPUTS} — use curvature 'fisher' or a matrix-free estimator (cg, lissa, arnoldi)"
-        )
     hess = output_loss_hessian(model, outputs, targets).double()
     hess = 0.5 * (hess + hess.transpose(1, 2))
     values, vectors = torch.linalg.eigh(hess)
     return (vectors * values.clamp(min=0).sqrt().unsqueeze(1)).to(outputs.dtype)
+
+
+def sampled_output_factor(model: ModelAdapter, outputs: Tensor, targets: Tensor,
+                          generator: torch.Generator) -> Tensor:
+    """`[B, K, 1]` columns `a_b = √n_b ∇_f ℓ(f_b, ŷ_b)`, `ŷ_b ∼ p(·|x_b)`, so `E[a aᵀ] = H_b`.
+
+    Classification: `ŷ ∼ softmax(f)`; regression (`Σ (f − y)²`): `ŷ = f + N(0, ½ I)`; causal
+    LM: one token per counted position from the previous position's softmax, the per-row
+    gradient scaled by `√n_b` (n_b counted tokens) because its loss is a mean over them.
+    """
+    raw = outputs.detach()
+    b = raw.shape[0]
+    name = model.task.name
+    scale = torch.ones(b, device=raw.device)
+    if name is TaskName.CLASSIFICATION:
+        draws = torch.multinomial(raw.float().softmax(1).cpu(), 1, generator=generator)
+        sampled = draws.reshape(-1).to(raw.device)
+    elif name is TaskName.REGRESSION:
+        noise = torch.randn(raw.shape, generator=generator, dtype=torch.float32).to(raw.device)
+        sampled = (raw.float() + noise * 0.5**0.5).reshape(targets.shape)
+    elif name is TaskName.CAUSAL_LM:
+        logits = raw.float().reshape(b, targets.shape[1], -1)[:, :-1]
+        probs = logits.softmax(-1).reshape(-1, logits.shape[-1]).cpu()
+        draws = torch.multinomial(probs, 1, generator=generator).reshape(b, -1).to(raw.device)
+        labels = targets.to(raw.device)
+        sampled = labels.clone()
+        sampled[:, 1:] = torch.where(labels[:, 1:] == -100, labels[:, 1:], draws)
+        scale = (labels[:, 1:] != -100).sum(1).clamp(min=1).float().sqrt()
+    else:
+        raise ValueError(f"no predictive distribution to sample for task {name}")
+    detached = raw.requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_of_flat_outputs(model, detached, sampled).sum()
+        (grads,) = torch.autograd.grad(loss, detached)
+    return (grads * scale[:, None].to(grads.dtype)).unsqueeze(2)
 
 
 def per_sample_output_vjp(model: ModelAdapter, outputs: Tensor, weights: Tensor) -> Tensor:
@@ -118,7 +159,7 @@ class CurvatureOperator:
     """
 
     def __init__(self, model: ModelAdapter, kind: CurvatureName = CurvatureName.GAUSS_NEWTON,
-                 *, batch_size: int = 128, max_rows: int | None = None) -> None:
+                 *, batch_size: int = 128, max_rows: int | None = None, seed: int = 0) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
         if max_rows is not None and max_rows < 1:
@@ -127,6 +168,7 @@ class CurvatureOperator:
         self.kind = CurvatureName(kind)
         self.batch_size = batch_size
         self.max_rows = max_rows
+        self._sampler = torch.Generator().manual_seed(seed)
 
     @property
     def num_params(self) -> int:
@@ -171,7 +213,7 @@ class CurvatureOperator:
 
     def _loss_hessian_products(self, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor:
         detached = outputs.detach().requires_grad_(True)
-        loss = self.model.task.per_sample_loss(detached, targets.to(detached.device)).sum()
+        loss = loss_of_flat_outputs(self.model, detached, targets).sum()
         (grad_out,) = torch.autograd.grad(loss, detached, create_graph=True)
         if not grad_out.requires_grad:
             return torch.zeros_like(jv)
@@ -183,13 +225,21 @@ class CurvatureOperator:
         return list(vectors.split(sizes, dim=1))
 
     # ------------------------------------------------------------ factors
+    def output_factors(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """`[B, K, R]` columns `A_b` with `A_b A_bᵀ = H_b` (exact, R = K) or `E[A_b A_bᵀ] = H_b`
+        (one sampled column, R = 1, when K > `MAX_FACTOR_OUTPUTS`)."""
+        if outputs.shape[1] > MAX_FACTOR_OUTPUTS:
+            return sampled_output_factor(self.model, outputs, targets, self._sampler)
+        return output_hessian_sqrt(self.model, outputs, targets)
+
     def pseudo_gradients(self, batch: Batch) -> Tensor:
-        """`[B·R, P]` rows `r` with `Σ_{i∈batch} C_i = Σ r rᵀ` (R = K for GGN, 1 for Fisher)."""
+        """`[B·R, P]` rows `r` with `Σ_{i∈batch} C_i = Σ r rᵀ` (R = K for GGN, 1 for Fisher;
+        in expectation with R = 1 for sampled GGN factors)."""
         if self.kind is CurvatureName.FISHER:
             return self.model.per_sample_grads(batch)
         with torch.enable_grad():
             outputs = flat_outputs(self.model, batch)
-            factors = output_hessian_sqrt(self.model, outputs, batch.targets)  # [B, K, K]
+            factors = self.output_factors(outputs, batch.targets)  # [B, K, R]
             rows = [per_sample_output_vjp(self.model, outputs, factors[:, :, k]) for k in range(factors.shape[2])]
         return torch.cat(rows)
 
@@ -207,7 +257,7 @@ class CurvatureOperator:
         return total / rows
 
     def trace(self, train: TrainingSet) -> float:
-        """`tr(G) = (1/N) Σ ‖r‖²` over the pseudo-gradients (exact, one pass)."""
+        """`tr(G) = (1/N) Σ ‖r‖²` over the pseudo-gradients (one pass; exact unless sampled)."""
         total, rows = 0.0, 0
         for batch in self.batches(train):
             total += float(self.pseudo_gradients(batch).double().pow(2).sum())

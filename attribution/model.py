@@ -10,6 +10,7 @@ the same per-sample gradients.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -81,8 +82,25 @@ class ModelAdapter:
         return out
 
     def clone(self) -> ModelAdapter:
-        """An independent copy (same task, device and tracked layers) safe to train."""
-        return ModelAdapter(copy.deepcopy(self.module), self.task, device=self.device, layers=self.layers)
+        """An independent copy (same task, device and tracked layers) safe to train.
+
+        Deep-copied TorchScript modules get non-leaf parameters (`CloneBackward`); they are
+        made leaves again, keeping each parameter's `requires_grad`.
+        """
+        module = copy.deepcopy(self.module)
+        for param in module.parameters():
+            if not param.is_leaf:
+                param.detach_().requires_grad_(True)
+        return ModelAdapter(module, self.task, device=self.device, layers=self.layers)
+
+    def digest(self) -> str:
+        """sha256 of the module's parameters and buffers (names, shapes, values)."""
+        digest = hashlib.sha256()
+        for name, tensor in [*self.module.named_parameters(), *self.module.named_buffers()]:
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     @torch.no_grad()
     def load_flat(self, flat: Tensor) -> None:

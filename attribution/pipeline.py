@@ -77,7 +77,7 @@ def attribute(
         raise ValueError("queries are required unless self_influence=True")
     scores = instance.score(queries, train, per_sample=per_sample)
     if relative:
-        scores = relative_scores(scores, cached_self_influence(instance, train))
+        scores = relative_scores(scores, cached_self_influence(instance, train, relative_norm=True))
     return scores
 
 
@@ -99,12 +99,17 @@ def _check_request(cls: type[AttributionMethod], train: TrainingSet, queries: Ba
         raise ValueError("queries must contain at least one sample")
 
 
-def cached_self_influence(instance: AttributionMethod, train: TrainingSet) -> Tensor:
-    """`[N]` self-influence of a fitted method, cached per (model, dataset, method, params ∖ normalize)."""
+def cached_self_influence(instance: AttributionMethod, train: TrainingSet, *, relative_norm: bool = False) -> Tensor:
+    """`[N]` self-influence (or, with `relative_norm`, the squared norms RelatIF divides by) of a
+    fitted method, cached per (model, dataset, checkpoints, method, params ∖ normalize)."""
     params = {k: v for k, v in instance.params.to_dict().items() if k != "normalize"}
-    key = artifact_key("self_influence", instance.context.fingerprint, str(instance.name), params)
-    values = cached_tensors(instance.context.store, key, lambda: {"self_influence": instance.self_influence(train)})
-    return values["self_influence"]
+    checkpoints = [c.digest() for c in instance.context.checkpoints]
+    kind = "relative_norm" if relative_norm else "self_influence"
+    key = artifact_key(kind, instance.context.fingerprint, str(instance.name), params,
+                       checkpoints, instance.context.checkpoint_lrs)
+    compute = instance.relative_norm_squared if relative_norm else instance.self_influence
+    values = cached_tensors(instance.context.store, key, lambda: {kind: compute(train)})
+    return values[kind]
 
 
 def relative_scores(scores: Tensor, self_influence: Tensor) -> Tensor:

@@ -8,8 +8,9 @@ column when the bias is tracked; convolution inputs unfolded into patches) and `
 gradient of the loss w.r.t. the layer's output (pre-activation). The expectation over the
 model's predictive distribution ŷ (true Fisher) is taken in closed form: `g` is
 back-propagated from each column of the output-Hessian square root `A_i` (`H_i = A_i A_iᵀ`,
-`attribution.curvature.output_hessian_sqrt`), which is the exact mean of the sampled
-`∇ℓ(x, ŷ)` outer products and removes the sampling noise. Positions (convolution patches,
+`CurvatureOperator.output_factors`), which is the exact mean of the sampled
+`∇ℓ(x, ŷ)` outer products and removes the sampling noise (models with more than
+`MAX_FACTOR_OUTPUTS` outputs per row, e.g. language models, use one sampled ŷ per row). Positions (convolution patches,
 sequence tokens) are averaged in `A` and summed in `S` (the KFC convention), so for one
 row `G_i ≈ (Σ_t g gᵀ) ⊗ mean_t(ã ãᵀ)`.
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attribution.curvature import CurvatureOperator, flat_outputs, output_hessian_sqrt
+from attribution.curvature import CurvatureOperator, flat_outputs
 from attribution.data import TrainingSet
 from attribution.ihvp.base import IHVPEstimator
 from attribution.model import ModelAdapter
@@ -147,7 +148,7 @@ def layer_statistics(curvature: CurvatureOperator, layers: list[KroneckerLayer],
             raise ValueError("K-FAC: some tracked layers were not called in the forward pass")
         layer_outputs = [slots[i][1] for i in range(len(layers))]
         with torch.enable_grad():
-            factors = output_hessian_sqrt(model, outputs, batch.targets)
+            factors = curvature.output_factors(outputs, batch.targets)
             columns = [torch.autograd.grad(outputs, layer_outputs, grad_outputs=factors[:, :, k], retain_graph=True)
                        for k in range(factors.shape[2])]
         acts = [layer.activations(slots[i][0]) for i, layer in enumerate(layers)]

@@ -188,6 +188,15 @@ class AttributionMethod(ABC):
         """`[N]` score of each training row against itself."""
         raise NotImplementedError(f"{self.name} does not define self-influence")
 
+    def relative_norm_squared(self, train: TrainingSet) -> Tensor:
+        """`[N]` squared norm ‖u_i‖² of each row in the geometry of its scores.
+
+        RelatIF divides score(q, i) = ⟨u_q, u_i⟩ by ‖u_i‖, so an exact copy of the query
+        scores highest by Cauchy–Schwarz. For a symmetric score that is the self-influence;
+        methods whose score carries a row-only weight (TRAK's 1 − p_i) override this.
+        """
+        return self.self_influence(train)
+
     # helpers
     def _generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.params.seed)

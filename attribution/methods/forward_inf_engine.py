@@ -54,8 +54,7 @@ def unlearn_copy(model: ModelAdapter, queries: Batch, how: Unlearning) -> ModelA
     copy = model.clone()
     tracked = set(copy.param_names)
     for name, param in copy.module.named_parameters():
-        # A deep-copied TorchScript module's parameters are non-leaf: make them leaves again.
-        param.detach_().requires_grad_(name in tracked)
+        param.requires_grad_(name in tracked)
     opt = how.make(list(copy.live_params()))
     for _ in range(how.steps):
         opt.zero_grad(set_to_none=True)

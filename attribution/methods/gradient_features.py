@@ -10,7 +10,6 @@ projection), resolving those params against a model, the checkpoint schedule
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -94,16 +93,6 @@ def checkpoint_schedule(model: ModelAdapter, context: FitContext) -> list[tuple[
     if len(lrs) != len(context.checkpoints):
         raise ValueError(f"{len(context.checkpoints)} checkpoints but {len(lrs)} checkpoint learning rates")
     return list(zip(context.checkpoints, lrs, strict=True))
-
-
-def model_digest(model: ModelAdapter) -> str:
-    """sha256 of a model's parameters and buffers (names, shapes, values); keys artifacts of a checkpoint."""
-    digest = hashlib.sha256()
-    for name, tensor in [*model.module.named_parameters(), *model.module.named_buffers()]:
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def loss_gradients(model: ModelAdapter, batch: Batch) -> Tensor:

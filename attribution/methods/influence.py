@@ -136,11 +136,12 @@ def fit_key_parts(model: ModelAdapter, params: InfluenceParams, ihvp: IHVPName) 
     parts: dict[str, Any] = {
         "ihvp": ihvp.value, "curvature": CurvatureName(params.curvature).value,
         "params": model.param_names, "fit_rows": params.fit_rows, "fit_batch_size": params.fit_batch_size,
+        "seed": params.seed,  # sampled curvature factors (more than MAX_FACTOR_OUTPUTS outputs per row)
     }
     if ihvp is IHVPName.ARNOLDI:
-        parts.update(rank=params.arnoldi_rank, iterations=params.arnoldi_iterations, seed=params.seed)
+        parts.update(rank=params.arnoldi_rank, iterations=params.arnoldi_iterations)
     if ihvp is IHVPName.LISSA:
-        parts.update(seed=params.seed, auto_scale=params.lissa_scale is None)
+        parts.update(auto_scale=params.lissa_scale is None)
     return parts
 
 
@@ -154,7 +155,7 @@ def fitted_estimator(model: ModelAdapter, params: InfluenceParams, context: FitC
     started = time.perf_counter()
     ihvp = resolve_ihvp(model, params)
     curvature = CurvatureOperator(model, CurvatureName(params.curvature), batch_size=params.fit_batch_size,
-                                  max_rows=params.fit_rows)
+                                  max_rows=params.fit_rows, seed=params.seed)
     damping = params.damping if params.damping is not None else _relative_damping(curvature, params, context,
                                                                                   train, cache=cache)
     estimator = build_estimator(
@@ -182,7 +183,7 @@ def fitted_estimator(model: ModelAdapter, params: InfluenceParams, context: FitC
 def _relative_damping(curvature: CurvatureOperator, params: InfluenceParams, context: FitContext,
                       train: TrainingSet, *, cache: bool) -> float:
     key = artifact_key("curvature-trace", context.fingerprint, CurvatureName(params.curvature).value,
-                       curvature.model.param_names, params.fit_rows)
+                       curvature.model.param_names, params.fit_rows, params.seed)
     store = context.store if cache else None
     trace = cached_tensors(store, key, lambda: {"trace": torch.tensor([curvature.trace(train)],
                                                                       dtype=torch.float64)})["trace"]

@@ -81,6 +81,7 @@ def test_layers_restrict_the_update_and_descent_flips_the_sign(wine_mlp: fixture
     assert pearson(ascent[0], descent[0]) > 0.999
 
 
+@pytest.mark.slow
 def test_correlates_with_exact_test_to_train_influence(digits_lr: fixtures.Trained) -> None:
     """Test→train influence of query q on row i, two exact definitions:
     - first order (asserted, Pearson ≥ 0.95): the change of L(θ, z_i) under one infinitesimal
@@ -92,14 +93,15 @@ def test_correlates_with_exact_test_to_train_influence(digits_lr: fixtures.Train
       curvature-free Forward-INF only partly agrees with it (Pearson ≈ 0.42 measured)."""
     t = digits_lr
     scores_by_query = []
-    for q in range(3):
+    base: Tensor | None = None
+    for q in range(2):
         query = t.test_batch([q])
         scores = run(t.module, t, query, steps=5, lr=0.01)[0]
         x64, q64 = t.x_train.double(), query.inputs.double()
 
         def refit(eps: float, x64: Tensor = x64, q64: Tensor = q64, query: Batch = query) -> Tensor:
             model = copy.deepcopy(t.module).double()
-            opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-12,
+            opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=300, tolerance_grad=1e-12,
                                     tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
 
             def closure() -> Tensor:
@@ -113,7 +115,8 @@ def test_correlates_with_exact_test_to_train_influence(digits_lr: fixtures.Train
             with torch.no_grad():
                 return F.cross_entropy(model(x64), t.y_train, reduction="none")
 
-        exact = refit(1e-3) - refit(0.0)
+        base = refit(0.0) if base is None else base
+        exact = refit(1e-3) - base
         adapter = t.adapter
         first_order = 0.01 * adapter.per_sample_grads(t.train.all) @ adapter.grad(query)
         hessian_aware = pearson(scores, exact)

@@ -188,3 +188,34 @@ def test_kfac_handles_conv2d_and_matches_exact_block_structure() -> None:
     vectors = torch.randn(2, op.num_params, generator=gen)
     cosine = torch.nn.functional.cosine_similarity(ekfac.solve(vectors), exact.solve(vectors))
     assert bool((cosine > 0.8).all())
+
+
+def test_sampled_factors_are_unbiased_for_classification(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above MAX_FACTOR_OUTPUTS one ŷ ∼ p(·|x) per row replaces the exact square root;
+    averaged over seeds the sampled GGN approaches the exact one."""
+    model, train = _problem("classification", rows=100)
+    exact = CurvatureOperator(model, batch_size=100).dense(train)
+    monkeypatch.setattr("attribution.curvature.MAX_FACTOR_OUTPUTS", 1)
+    sampled = torch.stack([CurvatureOperator(model, batch_size=100, seed=s).dense(train) for s in range(40)])
+    assert _relative_error(sampled.mean(0), exact) < 0.1
+    assert _relative_error(sampled[0], exact) > 1e-3  # really sampled
+
+
+def test_sampled_trace_matches_exact_for_a_causal_language_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mean-token loss: the sampled column is scaled by √(counted tokens) so E[a aᵀ] = H."""
+    from attribution.tasks import CausalLMTask
+
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 6, (300, 5), generator=gen)
+    tokens[:50, 3:] = -100  # padded rows: fewer counted positions
+    torch.manual_seed(7)
+    module = nn.Sequential(nn.Embedding(6, 4), nn.Tanh(), nn.Linear(4, 6))
+    model = ModelAdapter(module, CausalLMTask(), layers=["2"])
+    train = TensorTrainingSet(tokens.clamp(min=0), tokens)
+    exact = CurvatureOperator(model, batch_size=300).trace(train)
+    monkeypatch.setattr("attribution.curvature.MAX_FACTOR_OUTPUTS", 1)
+    sampled = sum(CurvatureOperator(model, batch_size=300, seed=s).trace(train) for s in range(10)) / 10
+    assert sampled == pytest.approx(exact, rel=0.05)
+    ekfac = build_estimator("ekfac", CurvatureOperator(model, batch_size=300), 0.1)
+    ekfac.fit(train)
+    assert bool(torch.isfinite(ekfac.solve(torch.randn(2, model.num_params))).all())

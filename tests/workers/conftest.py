@@ -47,7 +47,7 @@ def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                       bos_token_id=2, eos_token_id=2, pad_token_id=1))
     gpt2.save_pretrained(base / "gpt2")
     _word_tokenizer().save_pretrained(base / "gpt2")  # type: ignore[attr-defined]
-    bert = BertForSequenceClassification(BertConfig(
+    bert = BertForSequenceClassification(BertConfig(  # type: ignore[call-arg]
         vocab_size=len(VOCAB), hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
         num_labels=3, max_position_embeddings=16, pad_token_id=1))
     bert.save_pretrained(base / "bert")

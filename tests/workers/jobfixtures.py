@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -47,12 +48,14 @@ def register_toy(settings: Settings, *, sizes: tuple[int, ...] = (20, 15, 25), n
 
 def insert_query(settings: Settings, reg: Registered, *, method: str = "forward_inf", params: dict[str, Any] | None = None,
                  samples: dict[str, Any] | None = None, mode: str = "joint", self_influence: bool = False,
-                 top_k: int = 5, callback_url: str | None = None, model_id: str | None = None) -> str:
+                 top_k: int = 5, callback_url: str | None = None, model_id: str | None = None,
+                 stored_extra: dict[str, Any] | None = None) -> str:
+    """A `queued` query row; `stored_extra` adds raw entries to the stored params (checkpoint ids)."""
     if samples is None and not self_influence:
         samples = {"x": reg.toy.x_test[:2].tolist(), "y": reg.toy.y_test[:2].tolist()}
     with session_scope(settings) as session:
         query = Query(tenant=reg.tenant, model_id=model_id or reg.model_id, dataset_id=reg.dataset_id, method=method,
-                      params=parse_params(method, params or {}).to_dict(), mode=mode, self_influence=self_influence,
+                      params={**parse_params(method, params or {}).to_dict(), **(stored_extra or {})}, mode=mode, self_influence=self_influence,
                       top_k=top_k, samples=samples, num_query_samples=len(samples["x"]) if samples else 0,
                       request_hash=uuid.uuid4().hex, callback_url=callback_url)
         session.add(query)
@@ -101,3 +104,23 @@ def is_final(settings: Settings, query_id: str) -> bool:
     with session_scope(settings) as session:
         status = repo.query_status(session, query_id)
     return status is not None and QueryStatus(status).is_final
+
+
+def register_slow_model(settings: Settings, reg: Registered) -> str:
+    """The toy weights under the allowlisted `slow_mlp` architecture (0.1 s per forward pass)."""
+    from safetensors.torch import save_file
+
+    path = settings.data_root / "slow.safetensors"
+    save_file({f"net.{k}": v.contiguous() for k, v in reg.toy.module.state_dict().items()}, str(path))
+    with session_scope(settings) as session:
+        return support.register_model(session, reg.tenant, path, fmt="safetensors",
+                                      architecture="tests.workers.architectures:slow_mlp",
+                                      allowlist=settings.architecture_allowlist).id
+
+
+def wait_for(condition: Any, timeout: float = 30.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached in time")
+        time.sleep(interval)

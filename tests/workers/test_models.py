@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from service.settings import Settings
 from tests.workers.architectures import tiny_mlp
 from workers.loading import ModelLoadError, inspect_model, load_model
 from workers.loading.hashing import file_sha256, folder_sha256
@@ -101,7 +102,7 @@ def test_pickled_model_is_refused_and_never_executed(data_root: Path, marker: Pa
 def test_plain_state_dict_pickle_is_refused_with_a_clear_reason(data_root: Path) -> None:
     path = data_root / "state.pt"
     torch.save(tiny_mlp().state_dict(), str(path))
-    with pytest.raises(ModelLoadError, match="torch.save pickle"):
+    with pytest.raises(ModelLoadError, match=r"torch\.save pickle"):
         inspect_model(path, "torchscript", "classification", architecture=None, allowlist=[])
 
 
@@ -133,7 +134,7 @@ def _row(path: Path, root: Path, fmt: str = "torchscript", **extra: object) -> S
                            sha256=file_sha256(path), tenant="t", **extra)
 
 
-def test_load_model_caches_and_detects_changed_files(data_root: Path, settings) -> None:  # type: ignore[no-untyped-def]
+def test_load_model_caches_and_detects_changed_files(data_root: Path, settings: Settings) -> None:
     clear_model_cache()
     path = data_root / "mlp.pt"
     module = tiny_mlp()

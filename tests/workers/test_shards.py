@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Generator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -126,7 +128,7 @@ def test_parquet_fixed_size_and_scalar_columns(data_root: Path) -> None:
     (lambda p: np.savez(p, x=np.float32(1.0), y=np.int64(1)), "scalar"),
     (lambda p: p.write_bytes(b"not a zip"), "not a valid .npz"),
 ])
-def test_malformed_npz_is_refused(data_root: Path, writer, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_npz_is_refused(data_root: Path, writer: Callable[[Path], object], message: str) -> None:
     path = data_root / "bad.npz"
     writer(path)
     with pytest.raises(ShardError, match=message) as info:
@@ -212,7 +214,7 @@ def test_text_shards_are_tokenized_for_causal_lms(data_root: Path, hf_folders: d
 def test_prefetch_reraises_reader_errors_and_stops_early(data_root: Path) -> None:
     shards = _mixed_shards(data_root)
     training = ShardedTrainingSet(shards, task="classification")
-    stream = training.batches(2)
+    stream = cast(Generator[Any, None, None], training.batches(2))
     next(stream)
     stream.close()  # consumer stops early: the producer thread must not hang
     np.savez(data_root / "b.npz", x=X[:2], y=Y[:2])  # shrink a shard behind the set's back

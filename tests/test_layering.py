@@ -1,0 +1,52 @@
+"""The dependency rule, enforced by reading every module's imports with `ast`.
+
+`attribution/` (the core library) imports no web, queue, database or settings code and no
+other package of this project; `workers/` never imports `service.api`.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN_IN_CORE = {"fastapi", "rq", "sqlalchemy", "redis", "service", "workers", "pydantic",
+                     "pydantic_settings", "alembic", "starlette", "uvicorn", "psycopg"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in a file (including inside functions)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def python_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def test_import_scanner_sees_nested_and_from_imports(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("import os\nfrom service import api\ndef f():\n    import redis.client\n")
+    assert imported_modules(sample) == {"os", "service", "service.api", "redis.client"}
+
+
+@pytest.mark.parametrize("path", python_files("attribution"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_library_imports_no_service_code(path: Path) -> None:
+    bad = sorted(m for m in imported_modules(path) if m.split(".")[0] in FORBIDDEN_IN_CORE)
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+@pytest.mark.parametrize("path", python_files("workers") or [None], ids=lambda p: str(p.relative_to(ROOT)) if p else "none")
+def test_workers_never_import_the_api(path: Path | None) -> None:
+    if path is None:
+        pytest.skip("workers/ has no modules yet")
+    bad = sorted(m for m in imported_modules(path) if m == "service.api" or m.startswith("service.api."))
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
