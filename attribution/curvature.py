@@ -178,9 +178,14 @@ class CurvatureOperator:
         return curvature_batches(train, self.batch_size, self.max_rows)
 
     # ------------------------------------------------------------ products
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tracked parameters' dtype (products are computed in it)."""
+        return self.model.live_params()[0].dtype
+
     def matvec(self, train: TrainingSet, vectors: Tensor) -> Tensor:
-        """`[M, P] → [M, P]`: rows of `G V` (one pass over the rows)."""
-        vectors = vectors.to(self.model.device, torch.float32)
+        """`[M, P] → [M, P]`: rows of `G V` (one pass over the rows), in the parameters' dtype."""
+        vectors = vectors.to(self.model.device, self.dtype)
         total = torch.zeros_like(vectors)
         rows = 0
         for batch in self.batches(train):
@@ -192,6 +197,7 @@ class CurvatureOperator:
 
     def batch_matvec(self, batch: Batch, vectors: Tensor) -> Tensor:
         """`[M, P]`: `Σ_{i∈batch} C_i V` summed (not averaged) over the batch's rows."""
+        vectors = vectors.to(self.model.device, self.dtype)
         if self.kind is CurvatureName.FISHER:
             grads = self.model.per_sample_grads(batch)
             return (vectors @ grads.T) @ grads

@@ -69,13 +69,26 @@ class Task(ABC):
 
 
 class ClassificationTask(Task):
-    """Cross-entropy on logits `[B, C]` with integer labels `[B]`."""
+    """Cross-entropy on logits `[B, C]` with integer labels `[B]`, in a form exact for tiny losses.
+
+    `CE = lse(z) − z_y = softplus(lse_{j≠y}(z_j − z_y))`. The usual evaluation
+    `log(Σ_j e^{z_j − max})` rounds `log(1 + ε)` to 0 once the margin `m = z_y − max_{j≠y} z_j`
+    exceeds ~17 (fp32) or ~37 (fp64), so a memorised training row gets exactly zero loss and
+    zero gradient, and loss *changes* (Forward-INF's score) vanish. `softplus` of the margin
+    form keeps `CE ≈ e^{−m}` and its gradient representable down to ~1e-38 (fp32). Same value
+    as `F.cross_entropy` wherever that one is accurate.
+    """
 
     name = TaskName.CLASSIFICATION
 
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         logits = _at_least_fp32(outputs.reshape(outputs.shape[0], -1))
-        return F.cross_entropy(logits, targets.long().reshape(-1), reduction="none")
+        labels = targets.long().reshape(-1, 1)
+        if logits.shape[1] < 2:
+            raise ValueError(f"classification needs at least 2 logits per sample, got {logits.shape[1]}")
+        relative = logits - logits.gather(1, labels)  # z_j − z_y; 0 at the label
+        others = relative.scatter(1, labels, float("-inf"))
+        return F.softplus(torch.logsumexp(others, dim=1))
 
 
 class RegressionTask(Task):

@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -40,8 +41,25 @@ def parse_options(description: str, argv: list[str] | None = None) -> Options:
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-    """A tqdm bar on stderr, cleared when done."""
-    yield from tqdm(items, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
+    """A tqdm bar on stderr over `items`, cleared when done."""
+    yield from tqdm(items, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True,
+                disable=None)
+
+
+@contextmanager
+def fraction_bar(desc: str) -> Iterator[Callable[[float], None]]:
+    """A tqdm bar driven by a `progress(fraction)` callback (the library's progress hook)."""
+    bar = tqdm(total=1000, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True,
+                disable=None)
+
+    def update(fraction: float) -> None:
+        bar.n = round(1000 * min(max(fraction, 0.0), 1.0))
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 class Stopwatch:

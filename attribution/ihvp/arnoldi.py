@@ -46,7 +46,7 @@ class ArnoldiIHVP(IHVPEstimator):
         basis = [start / start.norm()]
         projected = torch.zeros(self.iterations, self.iterations, dtype=torch.float64)
         for j in range(self.iterations):
-            w = self.curvature.matvec(self.train, basis[j][None].float()).double().cpu()[0]
+            w = self.curvature.matvec(self.train, basis[j][None]).double().cpu()[0]
             scale = w.norm()
             q = torch.stack(basis)
             for _ in range(2):  # re-orthogonalise twice (Gram–Schmidt, "twice is enough")

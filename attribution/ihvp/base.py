@@ -58,13 +58,13 @@ class IHVPEstimator(ABC):
         self._state = {k: v.to(device) for k, v in state.items()}
 
     def solve(self, vectors: Tensor) -> Tensor:
-        """`[M, P] → [M, P]` float32 rows `≈ (G + λI)⁻¹ v`."""
+        """`[M, P] → [M, P]` rows `≈ (G + λI)⁻¹ v` (float64 for float64 input, else float32)."""
         if vectors.ndim != 2 or vectors.shape[1] != self.num_params:
             raise ValueError(f"expected vectors of shape [M, {self.num_params}], got {tuple(vectors.shape)}")
         if self._state is None:
             raise RuntimeError(f"{self.name} estimator used before fit() or load_state()")
         vectors = vectors.to(self.curvature.model.device)
-        return self._solve(vectors).to(torch.float32)
+        return self._solve(vectors).to(torch.float64 if vectors.dtype == torch.float64 else torch.float32)
 
     @abstractmethod
     def _solve(self, vectors: Tensor) -> Tensor: ...
@@ -84,4 +84,4 @@ class IHVPEstimator(ABC):
 
     def damped_matvec(self, vectors: Tensor) -> Tensor:
         """`[M, P]`: `(G + λI) V` over the bound rows."""
-        return self.curvature.matvec(self.train, vectors) + self.damping * vectors
+        return self.curvature.matvec(self.train, vectors).to(vectors.dtype) + self.damping * vectors

@@ -50,7 +50,7 @@ class ConjugateGradientIHVP(IHVPEstimator):
         self.iterations = 0
         while bool(active.any()) and self.iterations < self.max_iter:
             idx = active.nonzero().squeeze(1)
-            ap = self.damped_matvec(p[idx].float()).double()
+            ap = self.damped_matvec(p[idx]).double()
             alpha = rs[idx] / (p[idx] * ap).sum(1)
             x[idx] += alpha[:, None] * p[idx]
             r[idx] -= alpha[:, None] * ap

@@ -62,7 +62,7 @@ class LissaIHVP(IHVPEstimator):
         top = 0.0
         for _ in range(_POWER_ITERATIONS):
             v = v / v.norm()
-            gv = self.curvature.matvec(self.train, v.float()).double().cpu()
+            gv = self.curvature.matvec(self.train, v).double().cpu()
             top = float((v * gv).sum())
             v = gv
         return {"top_eigenvalue": torch.tensor([top], dtype=torch.float64)}
@@ -100,7 +100,7 @@ class LissaIHVP(IHVPEstimator):
         order = torch.randperm(len(batches), generator=gen)
         for j in range(1, self.depth + 1):
             batch = batches[int(order[(j - 1) % len(batches)])]
-            g_h = self.curvature.batch_matvec(batch, h.float()).double() / len(batch)
+            g_h = self.curvature.batch_matvec(batch, h).double() / len(batch)
             h = v + h - scale * (g_h + self.damping * h)
             if not torch.isfinite(h).all() or bool((h.norm(dim=1) > 1.01 * (j + 1) * v_norm).any()):
                 message = f"LiSSA diverged at step {j} with scale {scale:.3g}"

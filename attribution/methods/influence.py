@@ -209,7 +209,7 @@ def stream_scores(model: ModelAdapter, solved: Tensor, train: TrainingSet, batch
     scores = torch.empty(solved.shape[0], len(train), dtype=torch.float32)
     total = max(len(train), 1)
     for start, grads in model.iter_per_sample_grads(train, batch_size):
-        scores[:, start: start + grads.shape[0]] = (solved @ grads.T).float().cpu()
+        scores[:, start: start + grads.shape[0]] = (solved @ grads.to(solved.dtype).T).float().cpu()
         progress((start + grads.shape[0]) / total)
     return scores
 

@@ -128,7 +128,8 @@ def target_delta(model: ModelAdapter, outputs: Tensor, targets: Tensor, baseline
 def predictions(model: ModelAdapter, batch: Batch) -> Tensor:
     """`[B, K]` soft targets a model predicts: class probabilities or regression outputs."""
     with torch.no_grad():
-        outputs = flat_outputs(model, batch).float()
+        outputs = flat_outputs(model, batch)
+    outputs = outputs.to(torch.promote_types(outputs.dtype, torch.float32))
     return outputs.softmax(dim=1) if model.task.name is TaskName.CLASSIFICATION else outputs
 
 
@@ -194,7 +195,7 @@ class IntegratedInfluence(AttributionMethod):
                 model, self.params.estimator_params(), self.context, train, cache=False)
             solved = estimator.solve(query_gradients(model, queries, per_sample=per_sample))
             for start, deltas in self._delta_gradients(model, baseline, train, k, len(path)):
-                scores[:, start: start + deltas.shape[0]] += (solved @ deltas.T).float().cpu() / len(path)
+                scores[:, start: start + deltas.shape[0]] += (solved @ deltas.to(solved.dtype).T).float().cpu() / len(path)
         return scores
 
     def self_influence(self, train: TrainingSet) -> Tensor:

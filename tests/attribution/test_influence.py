@@ -121,9 +121,10 @@ def test_self_influence_is_the_diagonal_of_train_to_train_scores(digits_lr: Trai
     method.fit(digits_lr.train)
     diagonal = method.score(as_queries, subset, per_sample=True).diagonal()
     torch.testing.assert_close(method.self_influence(subset), diagonal, rtol=1e-4, atol=1e-6)
+    few = TensorTrainingSet(digits_lr.x_train[:6], digits_lr.y_train[:6])
     cg = _method(digits_lr, ihvp="cg", damping=method.context.extras["damping"], cg_tol=1e-6)
-    cg.fit(digits_lr.train)
-    torch.testing.assert_close(cg.self_influence(subset), diagonal, rtol=1e-3, atol=1e-5)
+    cg.fit(digits_lr.train)  # curvature over all rows, self-influence of a block of six
+    torch.testing.assert_close(cg.self_influence(few), diagonal[:6], rtol=1e-3, atol=1e-5)
 
 
 def test_torchscript_model_gives_the_eager_scores(digits_lr: Trained) -> None:
