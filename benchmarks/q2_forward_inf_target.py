@@ -40,8 +40,8 @@ ALGORITHM_1: dict[str, Any] = {"steps": 5, "lr": 0.01}
 
 def grid(quick: bool) -> list[dict[str, Any]]:
     """Forward-INF settings searched on the validation queries."""
-    sgd_lrs = (0.01, 1.0, 100.0) if quick else (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
-    adam_lrs = (0.001, 0.01) if quick else (0.0001, 0.001, 0.01, 0.1)
+    sgd_lrs = (0.01, 100.0) if quick else (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+    adam_lrs = (0.01,) if quick else (0.0001, 0.001, 0.01, 0.1)
     steps = (1, 5) if quick else (1, 5, 20)
     out = [{"optimizer": "sgd", "steps": k, "lr": lr, "direction": d}
            for k, lr, d in itertools.product(steps, sgd_lrs, ("ascent", "descent"))]

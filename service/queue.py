@@ -1,7 +1,9 @@
 """The one place that knows RQ. Jobs are named by import path ("workers.jobs.run_query").
 
 With `REDIS_URL` set, jobs go to the RQ queue for `python -m workers` processes; unset
-(embedded mode), they run on a small thread pool inside the API process.
+(embedded mode), they run on a small thread pool inside the API process, each inside
+`settings_override(<the enqueuer's settings>)`, so the job's `get_settings()` is the
+settings of the app that enqueued it (RQ jobs read theirs from the worker's environment).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from redis import Redis
 
-from service.settings import Settings, get_settings
+from service.settings import Settings, get_settings, settings_override
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +38,23 @@ def _resolve(path: str) -> Callable[..., Any]:
 
 
 class _InProcessRunner:
-    """Embedded-mode executor: a thread pool that runs job functions by import path."""
+    """Embedded-mode executor: a thread pool that runs job functions by import path under
+    the settings they were enqueued with."""
 
     def __init__(self, workers: int) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attribution-job")
         self.pending = 0
         self.lock = threading.Lock()
 
-    def submit(self, path: str, args: tuple[Any, ...]) -> None:
+    def submit(self, path: str, args: tuple[Any, ...], settings: Settings) -> None:
         with self.lock:
             self.pending += 1
-        self.pool.submit(self._run, path, args)
+        self.pool.submit(self._run, path, args, settings)
 
-    def _run(self, path: str, args: tuple[Any, ...]) -> None:
+    def _run(self, path: str, args: tuple[Any, ...], settings: Settings) -> None:
         try:
-            _resolve(path)(*args)
+            with settings_override(settings):
+                _resolve(path)(*args)
         except Exception:  # the job function records its own failure; never kill the pool
             log.exception("in-process job %s%r failed", path, args)
         finally:
@@ -72,7 +76,7 @@ def enqueue(path: str, *args: Any, job_id: str, settings: Settings | None = None
     """Enqueue the job function at `path` with `args`; `job_id` makes re-enqueueing idempotent."""
     settings = settings or get_settings()
     if settings.embedded:
-        _inprocess_runner(settings.inprocess_workers).submit(path, args)
+        _inprocess_runner(settings.inprocess_workers).submit(path, args, settings)
         return
     from redis.exceptions import RedisError
     from rq import Callback, Queue, Retry

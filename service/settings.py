@@ -6,6 +6,9 @@ Names in API.md's "Running" section (`DATABASE_URL`, `REDIS_URL`, `DATA_ROOT`,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -38,6 +41,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["none", "bf16", "fp16"] = "none"
     sweep_batch_size: int = 1024
+    # A worker running a joint forward_inf query also claims up to this many − 1 queued ones
+    # with the same model, dataset and sweep params and sweeps the data once for all
+    # (`workers.batching`); 1 turns batching off.
+    batch_max_queries: int = Field(default=16, ge=1, le=256)
 
     max_request_bytes: int = 32 * 1024 * 1024
     max_query_samples: int = 4096
@@ -92,5 +99,38 @@ class Settings(BaseSettings):
 
 
 @lru_cache
-def get_settings() -> Settings:
+def _environment_settings() -> Settings:
     return Settings()
+
+
+class _SettingsSource:
+    """`get_settings()`: the settings in force in the current context.
+
+    Normally the environment's (read once and cached; `get_settings.cache_clear()` re-reads
+    it). Inside `settings_override(s)` — the embedded in-process job runner wraps each job
+    in one with the API's settings — it is `s`, so a job of an app built with
+    `create_app(Settings(...))` uses that app's database and data root, not the environment's.
+    """
+
+    def __init__(self) -> None:
+        self.active: ContextVar[Settings | None] = ContextVar("active_settings", default=None)
+
+    def __call__(self) -> Settings:
+        active = self.active.get()
+        return active if active is not None else _environment_settings()
+
+    def cache_clear(self) -> None:
+        _environment_settings.cache_clear()
+
+
+get_settings = _SettingsSource()
+
+
+@contextmanager
+def settings_override(settings: Settings) -> Iterator[None]:
+    """Make `get_settings()` return `settings` in this context (this thread) until exit."""
+    token = get_settings.active.set(settings)
+    try:
+        yield
+    finally:
+        get_settings.active.reset(token)

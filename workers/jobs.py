@@ -6,7 +6,9 @@ and RQ retries are harmless) or if another live worker holds its lease; else mar
 progress writer that also notices a cancel, write the score file and, in one
 transaction, the ranked rows and `succeeded`. Any error marks the query `failed` with a
 one-line `Class: message` (the traceback goes to the log); nothing partial is written.
-Large datasets fan out (`workers.fanout`): `run_query_part` / `merge_query`.
+Large datasets fan out (`workers.fanout`): `run_query_part` / `merge_query`. A joint
+forward_inf query also claims compatible queued queries and sweeps once for all of them
+(`workers.batching`).
 
 `on_job_failure` is RQ's failure callback (see `service.queue.enqueue`): when RQ gives up
 on a job that died outside this code (worker lost, hard timeout), it fails the query.
@@ -14,6 +16,7 @@ on a job that died outside this code (worker lost, hard timeout), it fails the q
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -21,6 +24,7 @@ from service.db.models import QueryStatus
 from service.db.repositories import jobs as repo
 from service.db.session import session_scope
 from service.settings import Settings, get_settings
+from workers.batching import Member, claim_companions, notify_all, run_batch
 from workers.fanout import dispatch_parts, merge_query, run_query_part, should_fan_out
 from workers.leases import HeldLease, holding, leases
 from workers.scoring import Canceled, ProgressWriter, compute_scores, notify, one_line, store_result
@@ -61,6 +65,12 @@ def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:
         if should_fan_out(query, int(dataset_row.num_samples), settings):
             dispatch_parts(query_id, [int(s.num_samples) for s in dataset_row.shards], settings)
             return
+        with contextlib.ExitStack() as companion_leases:
+            companions = claim_companions(query, settings, companion_leases)
+            if companions:  # other queued forward_inf queries share this query's sweep
+                run_batch([Member(query, lease), *companions], model_row, dataset_row, settings)
+                notify_all(companions, settings)
+                return
 
         def write(fraction: float) -> str | None:
             with session_scope(settings) as s:

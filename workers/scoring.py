@@ -31,6 +31,7 @@ from service.db.repositories import jobs as repo
 from service.db.session import session_scope
 from service.settings import Settings
 from workers.cache import artifact_store, write_atomic
+from workers.grouping import labels_path, row_groups, write_labels
 from workers.leases import HeldLease
 from workers.loading import (
     ShardedTrainingSet,
@@ -100,8 +101,8 @@ def compute_scores(
     spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
     train = ShardedTrainingSet.for_dataset(dataset_row, spec, settings, row_start=row_start, row_stop=row_stop)
     params = dict(query.params or {})
-    checkpoint_ids = params.pop("checkpoint_model_ids", None)
-    checkpoint_lrs = params.pop("checkpoint_lrs", None)
+    checkpoint_ids = params.get("checkpoint_model_ids")
+    checkpoint_lrs = params.get("checkpoint_lrs")
     with session_scope(settings) as session:
         queries = None if query.self_influence else samples_to_batch(
             query.samples or {}, model_row=model_row, model=model, settings=settings, session=session)
@@ -165,22 +166,33 @@ def store_result(query: Query, scores: np.ndarray, train: ShardedTrainingSet, se
                  timings: dict[str, float], extras: dict[str, Any]) -> bool:
     """Write the score file and, in one transaction, the ranked rows and `succeeded`.
 
-    `scores` is `[Q, N]`; the file holds `[N]` unless the query is per_sample. Returns False
-    (and removes the file) if the query stopped being `running` meanwhile (canceled).
+    `scores` is `[Q, N]`; the file holds `[N]` unless the query is per_sample. A grouped query
+    (`group_by` shard/group, see `workers.grouping`) stores and ranks the `[Q, G]` group
+    scores instead. Returns False (and removes the files) if the query stopped being
+    `running` meanwhile (canceled).
     """
     matrix = np.asarray(scores, dtype=np.float32)
+    num_scored = int(matrix.shape[1])
+    groups = row_groups(train, query.group_by) if query.group_by != "row" else None
+    if groups is not None:
+        matrix = groups.aggregate(matrix, query.group_reduce)
+        extras = {**extras, "num_groups": len(groups)}
     stored = matrix if query.mode == "per_sample" and not query.self_influence else matrix.reshape(-1)
     settings.scores_dir.mkdir(parents=True, exist_ok=True)
     name = f"{query.id}.npy"
     path = settings.scores_dir / name
     save_npy(path, stored)
-    rows = ranked_rows(matrix, train, min(int(query.top_k), matrix.shape[1]))
-    outcome = repo.QueryOutcome(rows=rows, num_scored=int(matrix.shape[1]), scores_path=name,
+    k = min(int(query.top_k), matrix.shape[1])
+    if groups is not None:
+        write_labels(path, groups)
+    rows = groups.ranked(matrix, k) if groups is not None else ranked_rows(matrix, train, k)
+    outcome = repo.QueryOutcome(rows=rows, num_scored=num_scored, scores_path=name,
                                 scores_shape=list(stored.shape), timings=timings, extras=_jsonable(extras))
     with session_scope(settings) as session:
         done = repo.complete(session, query.id, outcome)
     if not done:
         path.unlink(missing_ok=True)
+        labels_path(path).unlink(missing_ok=True)
     return done
 
 

@@ -24,6 +24,8 @@ from torch import Tensor
 
 from attribution.ihvp.kfac import KFACIHVP, layer_statistics
 
+_ROW_CHUNK = 16
+
 
 class EKFACIHVP(KFACIHVP):
     """State: K-FAC's per-layer eigenbases plus `l{l}.lambda` `[out, in(+1)]` fitted eigenvalues."""
@@ -40,8 +42,10 @@ class EKFACIHVP(KFACIHVP):
                 qa, qs = state[f"l{i}.qa"], state[f"l{i}.qs"]
                 a = acts[i].double().cpu() @ qa  # [B, T, in] rotated activations
                 g = grads[i].double().cpu() @ qs  # [R, B, T, out] rotated output gradients
-                per_sample = torch.einsum("rbto,bti->rboi", g, a)  # Q_Sᵀ DW Q_A per row and factor column
-                sums[i] += per_sample.pow(2).sum(dim=(0, 1))
+                for start in range(0, count, _ROW_CHUNK):  # bounds the [R, b, out, in] memory
+                    rows_a, rows_g = a[start: start + _ROW_CHUNK], g[:, start: start + _ROW_CHUNK]
+                    per_sample = torch.einsum("rbto,bti->rboi", rows_g, rows_a)  # Q_Sᵀ DW Q_A per row, column
+                    sums[i] += per_sample.pow(2).sum(dim=(0, 1))
         for i in range(len(self.layers)):
             state[f"l{i}.lambda"] = sums[i] / rows
         return state

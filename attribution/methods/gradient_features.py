@@ -4,12 +4,14 @@ A *gradient feature* of a row z is `g(z) = ∇_θ L(θ, z)` restricted to some l
 optionally randomly projected (`attribution.projection`): `φ(z) = g(z) R ∈ ℝ^k`. The
 methods differ only in how they combine query and training features, so this module
 owns the common parts: the params every one of them takes (layers, last layer,
-projection), resolving those params against a model, the checkpoint schedule
-`[(θ_c, η_c)]`, and streaming features over a training set with progress reports.
+projection; checkpoint ids and learning rates for TracIn and TRAK), resolving those
+params against a model, the checkpoint schedule `[(θ_c, η_c)]`, and streaming features
+over a training set with progress reports.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -50,6 +52,40 @@ class GradientFeatureParams(MethodParams):
             raise ParamsError("layers", "layer names must be non-empty")
         if self.projection_dim is not None and not 1 <= self.projection_dim <= MAX_PROJECTION_DIM:
             raise ParamsError("projection_dim", f"must be between 1 and {MAX_PROJECTION_DIM}")
+
+
+@dataclass(frozen=True)
+class CheckpointFeatureParams(GradientFeatureParams):
+    """Gradient-feature params of the methods that sum or average over checkpoints θ_c
+    (TracIn, TRAK).
+
+    `checkpoint_model_ids`: ids of registered models of the same architecture; resolved by
+    the service into `FitContext.checkpoints` (in this order). `checkpoint_lrs`: their
+    learning rates η_c (finite, > 0; one per id; empty: η_c = 1). No ids: the final model only.
+    """
+
+    checkpoint_model_ids: tuple[str, ...] = ()
+    checkpoint_lrs: tuple[float, ...] = ()
+
+    def validate(self) -> None:
+        super().validate()
+        for position, model_id in enumerate(self.checkpoint_model_ids):
+            if not model_id:
+                raise ParamsError(f"checkpoint_model_ids[{position}]", "must be a non-empty model id")
+        if self.checkpoint_lrs and len(self.checkpoint_lrs) != len(self.checkpoint_model_ids):
+            raise ParamsError("checkpoint_lrs", f"{len(self.checkpoint_lrs)} learning rates for "
+                                                f"{len(self.checkpoint_model_ids)} checkpoint_model_ids; give one per id")
+        for position, lr in enumerate(self.checkpoint_lrs):
+            if not (math.isfinite(lr) and lr > 0):
+                raise ParamsError(f"checkpoint_lrs[{position}]", "must be a finite number > 0")
+
+    def check_context(self, context: FitContext) -> None:
+        """The context must hold the checkpoints the params name (the service resolves them)."""
+        if self.checkpoint_model_ids and len(context.checkpoints) != len(self.checkpoint_model_ids):
+            raise ValueError(f"params name {len(self.checkpoint_model_ids)} checkpoints but the context holds "
+                             f"{len(context.checkpoints)}; resolve checkpoint_model_ids into FitContext.checkpoints")
+        if self.checkpoint_lrs and list(self.checkpoint_lrs) != list(context.checkpoint_lrs):
+            raise ValueError("params.checkpoint_lrs differ from FitContext.checkpoint_lrs")
 
 
 def last_layer_prefix(model: ModelAdapter) -> str | None:
@@ -184,6 +220,8 @@ def checkpoint_featurizers(
 ) -> list[tuple[GradientFeaturizer, float]]:
     """`[(featurizer of θ_c, η_c)]` over the checkpoint schedule, all tracking the layers
     the params select on the final model, with one shared projection (same seed)."""
+    if isinstance(params, CheckpointFeatureParams):
+        params.check_context(context)
     layers = selected_layers(model, params)
     schedule = [(restricted(ckpt, layers), lr) for ckpt, lr in checkpoint_schedule(model, context)]
     sizes = {ckpt.num_params for ckpt, _ in schedule}

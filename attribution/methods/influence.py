@@ -14,6 +14,12 @@ The estimator's fitted state (eigendecomposition, Kronecker factors, low-rank ba
 size) is cached under `artifact_key("ihvp", fingerprint, <fit arguments>)`; damping is
 applied at solve time, so neither a second query nor another damping refits. `damping=None`
 uses `λ = 0.01 · tr(G)/P` (1% of the mean curvature eigenvalue; the trace is cached too).
+Measured with the exact inverse on digits (1,200 rows) at relative factors 1e-4 … 1: mislabel
+AUC of self-influence (20% flipped) is flat (LR 0.993–0.995, MLP 64-32-10 0.960–0.964);
+raw top-1 leakage retrieval falls as damping grows (LR 7/20 → 2/20, MLP 14/20 → 3/20; 5 and
+11 at 0.01) while the relative form stays at 20/20 throughout; for the L2-regularised LR the
+training objective's own damping is 0.25 × the mean eigenvalue. 0.01 keeps most of the
+small-damping benefit while bounding the condition number that CG/LiSSA must handle.
 
 `ihvp="auto"` (default) picks `exact` when P ≤ `exact_max_params` (no approximation, the
 dense eigendecomposition makes self-influence cheap), else `ekfac` for eager models whose

@@ -25,7 +25,7 @@ from torch import Tensor
 from attribution.data import Batch, TrainingSet
 from attribution.methods.base import AttributionMethod, MethodName
 from attribution.methods.gradient_features import (
-    GradientFeatureParams,
+    CheckpointFeatureParams,
     checkpoint_featurizers,
     dot_scores,
     squared_norms,
@@ -35,9 +35,11 @@ from attribution.methods.registry import register
 
 
 @dataclass(frozen=True)
-class TracInParams(GradientFeatureParams):
+class TracInParams(CheckpointFeatureParams):
     """TracInCP params: the gradient features' `layers` / `last_layer` / `projection_dim` /
-    `projection_type` (see `GradientFeatureParams`); `batch_size` rows per gradient batch."""
+    `projection_type` (see `GradientFeatureParams`), the checkpoints θ_c and their η_c
+    (`checkpoint_model_ids` / `checkpoint_lrs`, see `CheckpointFeatureParams`);
+    `batch_size` rows per gradient batch."""
 
 
 @register

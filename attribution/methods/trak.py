@@ -50,7 +50,7 @@ from attribution.methods.base import (
 )
 from attribution.methods.gradient_features import (
     MAX_PROJECTION_DIM,
-    GradientFeatureParams,
+    CheckpointFeatureParams,
     GradientFeaturizer,
     checkpoint_featurizers,
     loss_gradients,
@@ -64,10 +64,11 @@ MARGIN_CHUNK = 64
 
 
 @dataclass(frozen=True)
-class TrakParams(GradientFeatureParams):
+class TrakParams(CheckpointFeatureParams):
     """`projection_dim` k (default 2048; `None` or ≥ P: raw gradients), `projection_type`,
     `damping` λ added to ΦᵀΦ, `use_margin` (classification: margin features with the
-    (1 − p) weighting; false: loss-gradient features), plus `layers` / `last_layer`."""
+    (1 − p) weighting; false: loss-gradient features), plus `layers` / `last_layer` and the
+    ensemble's `checkpoint_model_ids` (`checkpoint_lrs` are accepted and play no role)."""
 
     projection_dim: int | None = 2048
     damping: float = 1e-2

@@ -34,6 +34,8 @@ ResourceRef = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(
 ModelFormat = Literal["torchscript", "hf", "safetensors", "auto"]
 TaskName = Literal["classification", "regression", "causal_lm"]
 QueryMode = Literal["joint", "per_sample"]
+GroupBy = Literal["row", "shard", "group"]
+GroupReduce = Literal["mean", "sum"]
 ItemT = TypeVar("ItemT")
 
 
@@ -113,13 +115,23 @@ class QueryCreate(RequestBody):
     mode: QueryMode = "joint"
     params: dict[str, Any] | None = None
     callback_url: Annotated[str, Field(max_length=2048), AfterValidator(storable_text)] | None = None
+    group_by: GroupBy = Field(
+        default="row",
+        description="`row`: one score per training row; `shard`: one per shard (group index = shard position); "
+                    "`group`: one per value of the shards' `group` column (every shard needs one), groups ordered "
+                    "by id (numerically when every id is an integer, else as text)",
+    )
+    group_reduce: GroupReduce = Field(
+        default="mean", description="how a group's row scores combine: `mean` (per-row support) or `sum` (total)",
+    )
 
 
 class RankedRow(BaseModel):
     rank: int
-    index: int = Field(description="global row index across the dataset's shards")
-    sample_id: str | None
-    shard: int
+    index: int = Field(description="global row index across the dataset's shards; grouped queries: the group's index")
+    sample_id: str | None = Field(description="the row's id from the shard's `ids`; grouped queries: the group id "
+                                              "(the shard position for `shard`, the `group` value for `group`)")
+    shard: int = Field(description="the row's shard; grouped queries: the shard holding the group's first row")
     score: float
 
 
@@ -136,7 +148,8 @@ class QueryResultOut(BaseModel):
     timings: dict[str, Any]
     params: dict[str, Any] = Field(description="method parameters used, defaults filled in")
     extras: dict[str, Any] = Field(description="values the method reported (auto-tuned settings, ...)")
-    scores_shape: list[int] | None = Field(description="[N] (joint) or [Q, N] (per_sample) of /scores")
+    scores_shape: list[int] | None = Field(
+        description="[N] (joint) or [Q, N] (per_sample) of /scores; grouped queries [G] or [Q, G]")
     per_sample: list[SampleResult] | None = Field(
         description="per_sample mode: one ranking per query sample; `top`/`bottom` repeat sample 0"
     )
@@ -160,6 +173,8 @@ class QueryOut(BaseModel):
     mode: str
     self_influence: bool
     top_k: int
+    group_by: str = Field(description="row | shard | group: what one score column stands for")
+    group_reduce: str = Field(description="mean | sum: how a group's row scores combine (grouped queries)")
     params: dict[str, Any]
     num_query_samples: int
     source_query_id: str | None = Field(description="cached answers: the query that computed the result")
@@ -191,7 +206,8 @@ def query_out(query: Query, *, with_result: bool = True) -> QueryOut:
         cached=query.cached, created_at=query.created_at, started_at=query.started_at,
         finished_at=query.finished_at, error=query.error, result=result, model_id=query.model_id,
         dataset_id=query.dataset_id, mode=query.mode, self_influence=query.self_influence,
-        top_k=query.top_k, params=query.params, num_query_samples=query.num_query_samples,
+        top_k=query.top_k, group_by=query.group_by, group_reduce=query.group_reduce,
+        params=query.params, num_query_samples=query.num_query_samples,
         source_query_id=query.source_query_id, callback_url=query.callback_url,
     )
 

@@ -1,11 +1,14 @@
 """The full score vector of a finished query, read from its `.npy` file under the scores dir.
 
 Score files hold float32 `[N]` (joint mode, self-influence) or `[Q, N]` (per_sample mode),
-columns in global training-row order. Cached answers share the computing query's file.
+columns in global training-row order. Grouped queries (`group_by` shard/group) hold `[G]`
+or `[Q, G]` in group order, with the group ids in `<id>.groups.json` beside the file
+(`workers.grouping`). Cached answers share the computing query's files.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,28 +47,57 @@ def load_scores(path: Path) -> np.ndarray:
     return scores
 
 
-def scores_json(query_id: str, scores: np.ndarray) -> dict[str, Any]:
-    """`{"query_id", "shape", "scores"}`; non-finite entries (never expected) become null."""
+def group_labels(path: Path, scores: np.ndarray) -> list[str] | None:
+    """The group ids of a grouped query's score columns (`<id>.groups.json`), None for row scores."""
+    sidecar = path.with_name(f"{path.stem}.groups.json")
+    if not sidecar.is_file():
+        return None
+    try:
+        labels = json.loads(sidecar.read_text())["groups"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NotFound(f"the group ids of {path.name} cannot be read", code="scores_not_found") from exc
+    if not isinstance(labels, list) or len(labels) != scores.shape[-1]:
+        raise NotFound(f"the group ids of {path.name} do not match its columns", code="scores_not_found")
+    return [str(label) for label in labels]
+
+
+def scores_json(query_id: str, scores: np.ndarray, groups: list[str] | None = None) -> dict[str, Any]:
+    """`{"query_id", "shape", "scores"}` (plus `"groups"`, the column group ids, for grouped
+    queries); non-finite entries (an empty shard's mean) become null."""
     values = np.asarray(scores, dtype=np.float64)
     finite = np.isfinite(values)
+    out: dict[str, Any] = {"query_id": query_id, "shape": list(scores.shape)}
+    if groups is not None:
+        out["groups"] = groups
     if finite.all():
-        return {"query_id": query_id, "shape": list(scores.shape), "scores": values.tolist()}
+        out["scores"] = values.tolist()
+        return out
     listed = values.astype(object)
     listed[~finite] = None
-    return {"query_id": query_id, "shape": list(scores.shape), "scores": listed.tolist()}
+    out["scores"] = listed.tolist()
+    return out
 
 
-def scores_csv(scores: np.ndarray) -> Iterator[str]:
-    """CSV, one line per training row in global index order.
+def scores_csv(scores: np.ndarray, groups: list[str] | None = None) -> Iterator[str]:
+    """CSV, one line per training row in global index order (per group for grouped queries).
 
-    `[N]`: header `index,score`; `[Q, N]`: header `index,sample_0,...,sample_{Q-1}`.
+    `[N]`: header `index,score`; `[Q, N]`: header `index,sample_0,...,sample_{Q-1}`; grouped
+    queries add a `group` column (the group id) after `index`.
     """
     matrix = np.asarray(scores).reshape(1, -1) if scores.ndim == 1 else np.asarray(scores)
     header = ["score"] if scores.ndim == 1 else [f"sample_{q}" for q in range(matrix.shape[0])]
-    yield "index," + ",".join(header) + "\n"
+    yield ("index," if groups is None else "index,group,") + ",".join(header) + "\n"
     columns = matrix.T
     for start in range(0, columns.shape[0], _CSV_ROWS_PER_CHUNK):
         block = columns[start:start + _CSV_ROWS_PER_CHUNK]
         yield "".join(
-            f"{start + i}," + ",".join(f"{float(v):.9g}" for v in row) + "\n" for i, row in enumerate(block)
+            f"{start + i}," + ("" if groups is None else f"{_csv_field(groups[start + i])},")
+            + ",".join(f"{float(v):.9g}" for v in row) + "\n" for i, row in enumerate(block)
         )
+
+
+def _csv_field(text: str) -> str:
+    """One CSV field, quoted when it holds a comma, quote or line break."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text

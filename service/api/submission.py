@@ -1,10 +1,14 @@
 """`POST /v1/queries`: validate, answer from an identical earlier query, or insert and enqueue.
 
 Order of work, cheapest first:
-1. model and dataset of the tenant (404 otherwise), method and params (registry), samples
-   structure, `top_k`, `callback_url`;
+1. model and dataset of the tenant (404 otherwise), method and params (registry), the
+   checkpoint models the params name (TracIn, TRAK: the tenant's live models of the same
+   task and size, else 422 "unknown model" — another tenant's id is unknown too), samples
+   structure, `top_k`, `callback_url`, `group_by` (`group` needs a `group` column in every
+   shard: only the shard files' headers are read);
 2. the request hash over (model sha, architecture, dataset sha, task, canonical samples,
-   method, params with defaults filled, mode, self_influence, top_k);
+   method, params with defaults filled, checkpoint shas, mode, self_influence, top_k,
+   group_by, group_reduce);
 3. `Idempotency-Key`: a retry with the same key and the same request returns the same query
    (a different request under that key is a 409);
 4. an identical succeeded query of the tenant: a new `succeeded`, `cached: true` query
@@ -28,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from attribution.methods.base import MethodParams, ParamsError
+from attribution.methods.gradient_features import CheckpointFeatureParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
 from service import queue
 from service.api.errors import (
@@ -44,8 +49,10 @@ from service.db.repositories import datasets as dataset_repo
 from service.db.repositories import models as model_repo
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
+from workers.grouping import GROUP_COLUMN
 from workers.loading import parse_samples
 from workers.loading.errors import LoadError
+from workers.loading.shards import shards_without_column
 
 RUN_QUERY_JOB = "workers.jobs.run_query"
 
@@ -69,6 +76,7 @@ class _Validated:
     params: MethodParams
     samples: dict[str, Any] | None
     request_hash: str
+    group_reduce: str
 
 
 def submit_query(
@@ -98,6 +106,7 @@ def submit_query(
             self_influence=body.self_influence, top_k=body.top_k, samples=checked.samples,
             num_query_samples=num_samples, request_hash=checked.request_hash,
             idempotency_key=idempotency_key, callback_url=body.callback_url,
+            group_by=body.group_by, group_reduce=checked.group_reduce,
         )
     submitted = _insert(session, tenant, idempotency_key, checked, body, Outcome.ENQUEUED, queued)
     if submitted.outcome is Outcome.ENQUEUED:
@@ -113,6 +122,7 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
     if dataset is None:
         raise NotFound(f"dataset {body.dataset_id} not found", code="dataset_not_found")
     params = _method_params(body)
+    checkpoint_shas = _checkpoint_shas(session, tenant, model, params)
     if body.top_k > settings.max_top_k:
         raise InvalidInput(f"top_k: must be at most {settings.max_top_k}")
     if body.callback_url is not None:
@@ -120,15 +130,18 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
         if url.scheme not in ("http", "https") or not url.netloc:
             raise InvalidInput("callback_url: must be an http:// or https:// URL")
     _check_samples_given(settings, body)
+    _check_group_by(settings, body, dataset)
+    group_reduce = body.group_reduce if body.group_by != "row" else "mean"  # rows ignore it
     request = {
         "model_sha256": model.sha256, "architecture": model.architecture, "task": model.task,
         "dataset_sha256": dataset.sha256, "samples": body.samples, "method": body.method,
-        "params": params.to_dict(), "mode": body.mode, "self_influence": body.self_influence,
-        "top_k": body.top_k,
+        "params": params.to_dict(), "checkpoint_sha256": checkpoint_shas, "mode": body.mode,
+        "self_influence": body.self_influence, "top_k": body.top_k, "group_by": body.group_by,
+        "group_reduce": group_reduce,
     }
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return _Validated(model, dataset, params, body.samples,
-                      hashlib.sha256(canonical.encode()).hexdigest())
+                      hashlib.sha256(canonical.encode()).hexdigest(), group_reduce)
 
 
 def _method_params(body: QueryCreate) -> MethodParams:
@@ -142,6 +155,45 @@ def _method_params(body: QueryCreate) -> MethodParams:
     if body.self_influence and not supports_self_influence:
         raise InvalidInput(f"self_influence: method {body.method} does not define self-influence")
     return params
+
+
+def _checkpoint_shas(session: Session, tenant: str, model: Model, params: MethodParams) -> list[str]:
+    """sha256 of each checkpoint model the params name, in order (TracIn, TRAK).
+
+    Each id must be a live model of the tenant with the query model's task and parameter
+    count; otherwise 422 naming `params.checkpoint_model_ids[i]`. An id of another tenant is
+    "unknown model", exactly like an id that does not exist.
+    """
+    if not isinstance(params, CheckpointFeatureParams):
+        return []
+    shas = []
+    for position, model_id in enumerate(params.checkpoint_model_ids):
+        field = f"params.checkpoint_model_ids[{position}]"
+        checkpoint = model_repo.get_model(session, tenant, model_id)
+        if checkpoint is None:
+            raise InvalidInput(f"{field}: unknown model {model_id}", code="invalid_params")
+        if checkpoint.task != model.task:
+            raise InvalidInput(f"{field}: model {model_id} has task {checkpoint.task}, the query's model "
+                               f"{model.task}; checkpoints must be the same model", code="invalid_params")
+        if checkpoint.num_parameters != model.num_parameters:
+            raise InvalidInput(f"{field}: model {model_id} has {checkpoint.num_parameters} parameters, the query's "
+                               f"model {model.num_parameters}; checkpoints must share its architecture",
+                               code="invalid_params")
+        shas.append(checkpoint.sha256)
+    return shas
+
+
+def _check_group_by(settings: Settings, body: QueryCreate, dataset: Dataset) -> None:
+    """`group_by: group` needs the optional `group` column in every shard of the dataset."""
+    if body.group_by != "group":
+        return
+    try:
+        missing = shards_without_column(dataset, GROUP_COLUMN, settings)
+    except LoadError as exc:
+        raise invalid_from_load_error(exc) from exc
+    if missing:
+        raise InvalidInput(f"group_by: 'group' needs a `{GROUP_COLUMN}` column in every shard of dataset "
+                           f"{dataset.id}; shards[{missing[0]}] has none (use 'shard' or 'row')")
 
 
 def _check_samples_given(settings: Settings, body: QueryCreate) -> None:

@@ -129,6 +129,10 @@ class Query(Base):
     request_hash: Mapped[str] = mapped_column(String(64), comment="content hash of model, data, samples, method, params")
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
     callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    group_by: Mapped[str] = mapped_column(String(16), default="row", server_default="row",
+                                          comment="row | shard | group: what one score column stands for")
+    group_reduce: Mapped[str] = mapped_column(String(8), default="mean", server_default="mean",
+                                              comment="mean | sum: how row scores combine into a group score")
 
     status: Mapped[str] = mapped_column(String(16), default=QueryStatus.QUEUED.value)
     progress: Mapped[float] = mapped_column(Float, default=0.0)

@@ -60,6 +60,24 @@ def inspect_shard(path: Path) -> ShardInfo:
     return ShardInfo(format=reader.format, num_samples=reader.num_rows, sha256=file_sha256(path))
 
 
+def shards_without_column(dataset_row: Any, name: str, settings: Settings) -> list[int]:
+    """Positions of a registered dataset's shards whose files have no column `name` (e.g.
+    `group`); reads only the files' headers (the `.jsonl` reader: its first line)."""
+    missing = []
+    for shard in dataset_row.shards:
+        path = resolve_uri(shard.uri, settings.data_root, field=f"shards[{shard.position}].uri")
+        try:
+            reader = open_reader(path, shard.format, num_rows=int(shard.num_samples))
+        except ShardError as exc:
+            raise exc.at(f"shards[{shard.position}].uri") from None
+        try:
+            if name not in reader.columns:
+                missing.append(int(shard.position))
+        finally:
+            reader.close()
+    return missing
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     path: Path

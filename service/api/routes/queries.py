@@ -75,21 +75,24 @@ def get_query(query_id: str, session: SessionDep, tenant: TenantDep) -> QueryOut
 
 
 @router.get("/{query_id}/scores", response_model=None, responses={
-    200: {"description": "json: {query_id, shape, scores}; csv: index,score or index,sample_0,...; npy: float32 array"},
+    200: {"description": "json: {query_id, shape, scores} (+ groups: the column group ids of grouped queries); "
+                         "csv: index,score or index,sample_0,... (grouped: index,group,...); npy: float32 array"},
 })
 def get_scores(
     query_id: str, settings: SettingsDep, session: SessionDep, tenant: TenantDep,
     format: Annotated[Literal["json", "csv", "npy"], QueryParam(description="response format")] = "json",
 ) -> Response:
-    """The full score vector `[N]` (or `[Q, N]` in per_sample mode) in global row order; 409 until succeeded."""
+    """The full score vector `[N]` (or `[Q, N]` in per_sample mode) in global row order; 409 until succeeded.
+    Grouped queries (`group_by` shard/group): `[G]` (or `[Q, G]`) group scores in group order."""
     path = score_files.score_file(settings, _owned(session, tenant, query_id, with_results=False))
     if format == "npy":
         return FileResponse(path, media_type="application/octet-stream", filename=f"{query_id}.npy")
     scores = score_files.load_scores(path)
+    groups = score_files.group_labels(path, scores)
     if format == "csv":
-        return StreamingResponse(score_files.scores_csv(scores), media_type="text/csv",
+        return StreamingResponse(score_files.scores_csv(scores, groups), media_type="text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="{query_id}.csv"'})
-    return JSONResponse(score_files.scores_json(query_id, scores))
+    return JSONResponse(score_files.scores_json(query_id, scores, groups))
 
 
 @router.delete("/{query_id}", response_model=QueryOut)

@@ -64,6 +64,7 @@ def add_cached_copy(
     copy = Query(
         tenant=tenant, model_id=model_id, dataset_id=dataset_id, method=source.method,
         params=source.params, mode=source.mode, self_influence=source.self_influence, top_k=source.top_k,
+        group_by=source.group_by, group_reduce=source.group_reduce,
         samples=source.samples, num_query_samples=source.num_query_samples, request_hash=source.request_hash,
         idempotency_key=idempotency_key, callback_url=callback_url,
         status=QueryStatus.SUCCEEDED.value, progress=1.0, cached=True, created_at=now, started_at=now,

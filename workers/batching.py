@@ -1,0 +1,225 @@
+"""Many queries, one pass: queued Forward-INF queries on the same model and data share a sweep.
+
+A Forward-INF query costs its unlearning run (K steps on its own samples, cheap) plus one
+sweep of the training set (a forward pass per row, the whole cost at scale). When a worker
+picks up a joint-mode Forward-INF query, `claim_companions` claims up to
+`settings.batch_max_queries − 1` other *queued* queries with the same model, dataset and
+sweep-relevant params (every param except `normalize`: steps, lr, optimizer, direction,
+layers, precision, batch size, ...; never `auto`, never self-influence or per_sample).
+Claiming a companion = taking its lease `query:<id>` (its own RQ job then finds the lease
+held and does nothing; later deliveries find the row final) and marking it `running`.
+
+`run_batch` then computes every query in the group in one pass (Algorithm 1 of the
+Forward-INF paper, query b unlearned on its own samples z_b):
+
+    θ_K^(b) = K ascent steps from θ̂ on (1/|z_b|) Σ_{z ∈ z_b} L(θ, z)       b = 1..B
+    score_b,i = sign · (L(θ_K^(b), z_i) − L(θ̂, z_i))                         [B, N]
+
+where each training batch is read once and all B unlearned copies are evaluated on it
+(`copies_losses`), and the cached `L(θ̂, ·)` is shared. Each copy runs exactly the ops the
+single-query path runs (`ForwardInf.score` in joint mode: the same `unlearn_copy`, the same
+module forward on the same batches), so each query's scores equal the one-by-one result
+bit for bit (tested with a 1e-6 tolerance). Each query is then stored on its own: its score
+file and, in its own transaction, its ranked rows and `succeeded` (`store_result`).
+A canceled companion keeps being computed but its result is dropped at store time; an
+error fails every query of the group with the same one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import noload
+
+from attribution.data import Batch, TrainingSet
+from attribution.methods.base import FitContext, MethodName, Normalize
+from attribution.methods.forward_inf import ForwardInf, ForwardInfParams
+from attribution.methods.forward_inf_engine import (
+    CastTrainingSet,
+    cast_batch,
+    copies_losses,
+    sweep,
+    unlearn_copy,
+)
+from attribution.pipeline import cached_self_influence, relative_scores
+from service.db.models import Dataset, Model, Query, QueryStatus
+from service.db.repositories import jobs as repo
+from service.db.session import session_scope
+from service.settings import Settings
+from workers.cache import artifact_store
+from workers.leases import HeldLease, holding, leases
+from workers.loading import (
+    ShardedTrainingSet,
+    input_spec,
+    load_model,
+    load_tokenizer,
+    samples_to_batch,
+)
+from workers.scoring import (
+    CHECKPOINT_PARAMS,
+    Canceled,
+    ProgressWriter,
+    amp_dtype,
+    notify,
+    one_line,
+    store_result,
+)
+
+log = logging.getLogger(__name__)
+
+SCAN_FACTOR = 4  # queued rows inspected per free slot (incompatible params are skipped)
+
+
+def sweep_key(query: Query) -> tuple[str, str, str] | None:
+    """What must match for two queries to share a sweep; `None` if the query cannot be batched."""
+    params = dict(query.params or {})
+    if (query.method != MethodName.FORWARD_INF.value or query.mode != "joint" or query.self_influence
+            or params.get("auto") or any(name in params for name in CHECKPOINT_PARAMS)):
+        return None
+    params.pop("normalize", None)
+    return query.model_id, query.dataset_id, repr(sorted(params.items()))
+
+
+@dataclass
+class Member:
+    """One query of a batch and the lease that proves this worker runs it."""
+
+    query: Query
+    lease: HeldLease
+
+
+def claim_companions(query: Query, settings: Settings, stack: contextlib.ExitStack) -> list[Member]:
+    """Claim queued queries that can share `query`'s sweep (oldest first, at most cap − 1).
+
+    Their leases are held until `stack` closes; each claimed row is now `running`.
+    """
+    key = sweep_key(query)
+    free = int(settings.batch_max_queries) - 1
+    if key is None or free < 1:
+        return []
+    with session_scope(settings) as session:
+        candidates = list(session.scalars(
+            select(Query).where(
+                Query.model_id == query.model_id, Query.dataset_id == query.dataset_id,
+                Query.method == query.method, Query.mode == "joint", Query.self_influence.is_(False),
+                Query.status == QueryStatus.QUEUED.value, Query.id != query.id,
+            ).order_by(Query.created_at).limit(free * SCAN_FACTOR)
+            .options(noload(Query.results), noload(Query.parts))
+        ))
+    store = leases(settings)
+    claimed: list[Member] = []
+    for candidate in candidates:
+        if len(claimed) == free:
+            break
+        if sweep_key(candidate) != key:
+            continue
+        lease = stack.enter_context(holding(store, f"query:{candidate.id}"))
+        if lease is None:
+            continue  # its own job (or another batch) runs it
+        with session_scope(settings) as session:
+            started = repo.start_attempt(session, candidate.id)
+            fresh = repo.get_query(session, candidate.id) if started else None
+        if fresh is not None:
+            claimed.append(Member(fresh, lease))
+    return claimed
+
+
+def run_batch(members: list[Member], model_row: Model, dataset_row: Dataset, settings: Settings) -> None:
+    """Compute every member's query in one sweep and store each on its own; never raises."""
+    ids = [m.query.id for m in members]
+    log.info("batch of %d forward_inf queries, one sweep: %s", len(ids), ", ".join(ids))
+    try:
+        results = compute_batch([m.query for m in members], model_row, dataset_row, settings,
+                                progress=ProgressWriter(lambda f: _write_progress(ids, f, settings), None))
+        for member, (scores, train, timings) in zip(members, results, strict=True):
+            if member.lease.lost:
+                log.info("query %s: lease lost; its batched result is dropped", member.query.id)
+                continue
+            stored = store_result(member.query, scores.numpy(), train, settings, timings=timings,
+                                  extras={"batched_queries": len(members)})
+            log.info("query %s: %s", member.query.id, "succeeded" if stored else "no longer running; result dropped")
+    except Canceled as exc:
+        log.info("batch %s stopped: %s", ids, exc)
+    except Exception as exc:
+        log.exception("batch %s failed", ids)
+        with session_scope(settings) as session:
+            for query_id in ids:
+                repo.mark_failed(session, query_id, one_line(exc))
+
+
+def notify_all(members: list[Member], settings: Settings) -> None:
+    for member in members:
+        notify(member.query.id, settings)
+
+
+def _write_progress(ids: list[str], fraction: float, settings: Settings) -> str | None:
+    """Record progress on every member; `running` while any member still runs (else the first's status)."""
+    statuses = []
+    with session_scope(settings) as session:
+        for query_id in ids:
+            statuses.append(repo.set_progress(session, query_id, fraction))
+    running = QueryStatus.RUNNING.value
+    return running if running in statuses else statuses[0]
+
+
+def compute_batch(
+    queries: list[Query], model_row: Model, dataset_row: Dataset, settings: Settings, *,
+    progress: Any,
+) -> list[tuple[torch.Tensor, ShardedTrainingSet, dict[str, float]]]:
+    """`[(scores [1, N] float32 CPU, train set, timings)]`, one per query, from one sweep.
+
+    All queries must share `sweep_key` (the caller's claim guarantees it).
+    """
+    if len({sweep_key(q) for q in queries}) != 1 or sweep_key(queries[0]) is None:
+        raise ValueError("a batch needs joint forward_inf queries with the same model, data and sweep params")
+    started = time.perf_counter()
+    model = load_model(model_row, settings)
+    spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
+    rows = int(dataset_row.num_samples)
+    train = ShardedTrainingSet.for_dataset(dataset_row, spec, settings, row_start=0, row_stop=rows)
+    params = [ForwardInfParams.from_dict(dict(q.params or {})) for q in queries]
+    with session_scope(settings) as session:
+        batches = [samples_to_batch(q.samples or {}, model_row=model_row, model=model, settings=settings,
+                                    session=session) for q in queries]
+    context = FitContext(  # the single-query fingerprint: the cached L(θ̂, ·) is shared with it
+        fingerprint=f"{model_row.sha256}:{dataset_row.sha256}:{model_row.task}:0-{rows}",
+        store=artifact_store(settings), progress=progress, amp_dtype=amp_dtype(settings, model),
+    )
+    method = ForwardInf(model, params[0], context)
+    load_s = time.perf_counter() - started
+    method.fit(train)
+    base = method.base_losses
+    if base is None or len(base) != rows:
+        raise ValueError(f"base losses do not cover the {rows} training rows")
+
+    unlearn_s, copies = [], []
+    for p, batch in zip(params, batches, strict=True):
+        began = time.perf_counter()
+        copies.append(unlearn_copy(method.tracked, _cast(batch, method, model.device), p.unlearning))
+        unlearn_s.append(time.perf_counter() - began)
+    began = time.perf_counter()
+    view: TrainingSet = train if method.dtype is None else CastTrainingSet(train, method.dtype)
+    after = sweep(copies_losses(copies), view, batch_size=params[0].batch_size, device=model.device,
+                  amp_dtype=context.amp_dtype, progress=progress)  # [B, N]
+    sweep_s = time.perf_counter() - began
+
+    out = []
+    for b, p in enumerate(params):
+        scores = (p.sign * (after[b:b + 1] - base.unsqueeze(0))).float()
+        if p.normalize == Normalize.RELATIVE:
+            scores = relative_scores(scores, cached_self_influence(method, train, relative_norm=True))
+        timings = {"load_s": load_s, "base_losses_s": context.timings.get("base_losses_s", 0.0),
+                   "unlearn_s": unlearn_s[b], "sweep_s": sweep_s, "total_s": time.perf_counter() - started}
+        out.append((scores.detach().float().cpu(), train, timings))
+    return out
+
+
+def _cast(batch: Batch, method: ForwardInf, device: torch.device) -> Batch:
+    batch = batch.to(device)
+    return cast_batch(batch, method.dtype) if method.dtype is not None else batch
