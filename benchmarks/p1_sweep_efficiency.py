@@ -1,0 +1,118 @@
+"""P1 — sweep efficiency: a Forward-INF query over N rows vs plain batched inference.
+
+The physical floor of a Forward-INF query is one forward pass per training row. Both sides
+read the same `.npz` shards through `workers.loading.ShardedTrainingSet` (the worker's
+streaming loader, prefetching on a thread) with the same batch size and the same MLP:
+- plain inference: `F.cross_entropy(model(x), y, reduction="none")` per batch under
+  `torch.inference_mode()`, written into an `[N]` vector;
+- Forward-INF: `attribute(model, "forward_inf", ...)` for one new joint query with the base
+  losses L(θ̂, ·) already cached (so the call is: K unlearning steps + one sweep + subtraction).
+Repetitions alternate the two sides; the ratio of medians is the figure (target ≥ 0.9).
+A per_sample query with Q samples (Q unlearned models evaluated in the same sweep) is
+timed too, as the cost per query when queries share a pass.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from attribution.artifacts import InMemoryArtifacts
+from attribution.data import Batch
+from attribution.methods.base import FitContext
+from attribution.model import ModelAdapter
+from attribution.pipeline import attribute
+from attribution.tasks import ClassificationTask
+from benchmarks.cli import Options, Stopwatch, run_study
+from benchmarks.report import Report
+from benchmarks.speed_common import blobs, machine, trained_mlp, write_shards
+from workers.loading import ShardedTrainingSet
+
+STUDY = "p1_sweep_efficiency"
+TARGET = 0.9
+BATCH = 1024
+HIDDEN = (256, 256)
+PER_SAMPLE_Q = 8
+
+
+def plain_inference(model: torch.nn.Module, train: ShardedTrainingSet, batch_size: int) -> torch.Tensor:
+    """`[N]` per-row losses: the floor, one forward pass per row."""
+    out = torch.empty(len(train))
+    with torch.inference_mode():
+        for start, batch in train.batches(batch_size):
+            losses = F.cross_entropy(model(batch.inputs), batch.targets, reduction="none")
+            out[start:start + len(losses)] = losses
+    return out
+
+
+def run(options: Options) -> Report:
+    n = 20_000 if options.quick else 200_000
+    repeats = 2 if options.quick else 5
+    report = Report(STUDY, "P1 — Forward-INF sweep vs plain inference", options.quick)
+    x, y = blobs(n + 16, seed=1)
+    module = trained_mlp(x, y, hidden=HIDDEN)
+    adapter = ModelAdapter(module, ClassificationTask())
+    query = Batch(torch.from_numpy(x[n:n + 1]), torch.from_numpy(y[n:n + 1]))
+    queries = Batch(torch.from_numpy(x[n:n + PER_SAMPLE_Q]), torch.from_numpy(y[n:n + PER_SAMPLE_Q]))
+    params = {"steps": 5, "lr": 0.01, "batch_size": BATCH}
+
+    with tempfile.TemporaryDirectory(prefix="p1-") as tmp:
+        paths = write_shards(Path(tmp), x[:n], y[:n], rows_per_shard=max(n // 8, 1))
+        train = ShardedTrainingSet([(p, "npz", min(n // 8, n - i * (n // 8))) for i, p in enumerate(paths)],
+                                   task="classification")
+        context = FitContext(fingerprint="p1", store=InMemoryArtifacts())
+        with Stopwatch() as base_watch:  # caches L(θ̂, ·) (a service worker does this once per model+data)
+            attribute(adapter, "forward_inf", params, train, context, queries=query)
+        plain_s, finf_s, per_sample_s = [], [], []
+        for _ in range(repeats):
+            with Stopwatch() as w:
+                floor = plain_inference(module, train, BATCH)
+            plain_s.append(w.seconds)
+            with Stopwatch() as w:
+                scores = attribute(adapter, "forward_inf", params, train, context, queries=query)
+            finf_s.append(w.seconds)
+            with Stopwatch() as w:
+                attribute(adapter, "forward_inf", params, train, context, queries=queries, per_sample=True)
+            per_sample_s.append(w.seconds)
+        sweep_timings = dict(context.timings)
+
+    plain, finf, per_sample = (statistics.median(v) for v in (plain_s, finf_s, per_sample_s))
+    ratio = plain / finf
+    if scores.shape != (1, n) or not torch.isfinite(floor).all():
+        raise RuntimeError("unexpected output shapes")
+    report.setup = (
+        f"{n:,} training rows (Gaussian blobs, 64 features, 10 classes) in 8 `.npz` shards read by "
+        f"`ShardedTrainingSet` (prefetching), batch size {BATCH} on both sides; MLP 64→{HIDDEN[0]}→{HIDDEN[1]}→10 (tanh), "
+        f"eager, fp32. Forward-INF: one new joint query (1 sample, SGD K=5, α=0.01) through "
+        f"`attribution.pipeline.attribute`, base losses cached beforehand (first call {base_watch.seconds:.2f} s "
+        f"incl. the base sweep). {repeats} alternating repetitions, medians. Machine: {machine()}."
+    )
+    report.figure("Forward-INF throughput / plain inference throughput", ratio, "1.0 = one forward pass per row",
+                  "BENCHMARKS.md P1", f"≥ {TARGET}", ratio >= TARGET)
+    report.figure("plain inference, rows/s", n / plain, "—", "this run")
+    report.figure("Forward-INF query, rows/s", n / finf, "—", "this run")
+    report.figure(f"per_sample query, Q={PER_SAMPLE_Q}: seconds per query sample / plain sweep",
+                  per_sample / PER_SAMPLE_Q / plain, "—", "this run")
+    report.table("Repetitions (seconds)", ["repetition", "plain inference", "Forward-INF (1 query)",
+                                           f"Forward-INF per_sample (Q={PER_SAMPLE_Q})"],
+                 [[str(i + 1), f"{a:.3f}", f"{b:.3f}", f"{c:.3f}"]
+                  for i, (a, b, c) in enumerate(zip(plain_s, finf_s, per_sample_s, strict=True))])
+    report.table("Forward-INF timings of the last call (seconds)", ["phase", "seconds"],
+                 [[k, f"{v:.4f}"] for k, v in sorted(sweep_timings.items())])
+    report.timing("plain inference (one pass)", plain, f"{n:,} rows")
+    report.timing("Forward-INF, new query (base losses cached)", finf, "unlearning K=5 + one sweep")
+    report.timing(f"Forward-INF per_sample, per query sample (Q={PER_SAMPLE_Q})", per_sample / PER_SAMPLE_Q,
+                  "Q unlearned models in one sweep")
+    return report
+
+
+def main(argv: list[str] | None = None) -> Report:
+    return run_study(run, __doc__ or STUDY, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""What the speed studies (P1–P6) share: synthetic data in real shards, small MLPs, a live
+deployment of the service (API + RQ workers as subprocesses on loopback), latency statistics.
+
+Data are Gaussian blobs (`blobs`: `x` `[N, F]` float32, `y` `[N]` int64, C classes), written
+as `.npz` shards with string ids and read back through `workers.loading.ShardedTrainingSet`,
+exactly what a worker sweeps. Models are small tanh MLPs trained for a fixed number of
+full-batch Adam steps on a seeded subset. `Deployment` starts `python -m service` and
+`python -m workers` on a bench Postgres database it creates and a Redis database index
+(never 15, the test suite's), all on 127.0.0.1, and stops only the processes it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_BASE = "redis://127.0.0.1:6379"
+
+
+# --------------------------------------------------------------------------- machine
+def machine() -> str:
+    """`"2 cores (<cpu model>), CPU only (device cpu)"` for the reports."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    gpu = f"GPU {torch.cuda.get_device_name(0)} available, not used" if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores ({model}), {gpu}; every figure measured on device cpu"
+
+
+# --------------------------------------------------------------------------- data and models
+def blobs(n: int, *, features: int = 64, classes: int = 10, seed: int = 0, spread: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """`n` rows of a C-class Gaussian mixture (centres from `seed`): x `[n, F]` float32, y `[n]` int64."""
+    centres = np.random.default_rng(1000).normal(scale=spread, size=(classes, features))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=n)
+    x = (centres[y] + rng.normal(size=(n, features))).astype(np.float32)
+    return x, y.astype(np.int64)
+
+
+def mlp(features: int = 64, hidden: Sequence[int] = (64,), classes: int = 10) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.Tanh()]
+        width = h
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+def trained_mlp(x: np.ndarray, y: np.ndarray, *, hidden: Sequence[int] = (64,), steps: int = 150,
+                seed: int = 0, rows: int = 4096) -> nn.Sequential:
+    """An MLP trained by `steps` full-batch Adam steps (lr 0.01) on the first `rows` rows; eval mode."""
+    torch.manual_seed(seed)
+    classes = int(y.max()) + 1
+    model = mlp(x.shape[1], hidden, classes)
+    inputs, targets = torch.from_numpy(x[:rows]), torch.from_numpy(y[:rows])
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def write_shards(root: Path, x: np.ndarray, y: np.ndarray, rows_per_shard: int, *, prefix: str = "train") -> list[Path]:
+    """Consecutive `.npz` shards (`x`, `y`, string `ids` "r<global index>") of `rows_per_shard` rows."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for position, start in enumerate(range(0, len(y), rows_per_shard)):
+        stop = min(start + rows_per_shard, len(y))
+        path = root / f"{prefix}-{position:04d}.npz"
+        np.savez(path, x=x[start:stop], y=y[start:stop], ids=np.array([f"r{i}" for i in range(start, stop)]))
+        paths.append(path)
+    return paths
+
+
+def save_torchscript(module: nn.Module, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(module), str(path))
+    return path
+
+
+# --------------------------------------------------------------------------- statistics
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
+
+
+def latency_row(name: str, seconds: Sequence[float]) -> list[str]:
+    """`[name, count, p50 ms, p90 ms, p99 ms, max ms]` for a report table."""
+    ms = [1000 * s for s in seconds]
+    return [name, str(len(ms)), f"{percentile(ms, 50):.2f}", f"{percentile(ms, 90):.2f}",
+            f"{percentile(ms, 99):.2f}", f"{max(ms):.2f}" if ms else "n/a"]
+
+
+LATENCY_HEADER = ["requests", "count", "p50 ms", "p90 ms", "p99 ms", "max ms"]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (`VmHWM`) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+# --------------------------------------------------------------------------- deployment
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fresh_database(name: str) -> str:
+    """Drop and create Postgres database `name` on 127.0.0.1, migrate it; its SQLAlchemy URL."""
+    from sqlalchemy import create_engine, text
+
+    from service.db.migrate import upgrade_head
+    from service.settings import Settings
+
+    if not name.startswith("attribution_bench"):
+        raise ValueError("bench databases are named attribution_bench*")
+    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    upgrade_head(Settings(database_url=url))
+    return url
+
+
+def flush_redis(index: int) -> str:
+    if index == 15:
+        raise ValueError("Redis database 15 belongs to the test suite")
+    from redis import Redis
+
+    url = f"{REDIS_BASE}/{index}"
+    client = Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+class Deployment:
+    """`python -m service` + `workers` × `python -m workers` on Postgres + Redis, on loopback.
+
+    `with Deployment(data_root, db="attribution_bench_p3", redis_db=11, workers=1) as d:`
+    then `d.client` (an `httpx.Client` on the API) and `d.api`. Stops (SIGTERM, then SIGKILL
+    after 15 s) exactly the processes it started. Logs go to `<data_root>/logs/`.
+    """
+
+    def __init__(self, data_root: Path, *, db: str, redis_db: int, workers: int = 1,
+                 env: dict[str, str] | None = None, worker_threads: int | None = None) -> None:
+        self.data_root = data_root
+        self.db, self.redis_db, self.workers = db, redis_db, workers
+        self.extra_env = env or {}
+        self.worker_threads = worker_threads
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.worker_processes: list[subprocess.Popen[bytes]] = []
+        self.env: dict[str, str] = {}
+        self.client = httpx.Client(base_url=self.url, timeout=60.0)
+
+    def __enter__(self) -> Deployment:
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ, "PYTHONPATH": str(REPO), "DATA_ROOT": str(self.data_root),
+            "DATABASE_URL": fresh_database(self.db), "REDIS_URL": flush_redis(self.redis_db),
+            "DEVICE": "cpu", **self.extra_env,
+        }
+        self.env.pop("API_KEYS", None)
+        try:
+            self._spawn("service", [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
+                                    "--log-level", "warning"])
+            self.add_workers(self.workers)
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def add_workers(self, count: int) -> None:
+        env = dict(self.env)
+        if self.worker_threads is not None:
+            env.update(OMP_NUM_THREADS=str(self.worker_threads), MKL_NUM_THREADS=str(self.worker_threads))
+        for _ in range(count):
+            name = f"worker{len(self.worker_processes)}"
+            self.worker_processes.append(self._spawn(name, [sys.executable, "-m", "workers", "--name",
+                                                            f"bench-{self.port}-{name}", "--log-level", "WARNING"], env))
+
+    def stop_workers(self) -> None:
+        for process in self.worker_processes:
+            _terminate(process)
+        self.processes = [p for p in self.processes if p not in self.worker_processes]
+        self.worker_processes = []
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        logs = self.data_root / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(argv, cwd=REPO, env=env or self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def _wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[0].poll() is not None:
+                raise RuntimeError(f"the API exited early; see {self.data_root / 'logs' / 'service.log'}")
+            with contextlib.suppress(httpx.HTTPError):
+                if self.client.get("/readyz").status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError("the API did not become ready")
+
+    def stop(self) -> None:
+        self.client.close()
+        for process in reversed(self.processes):
+            _terminate(process)
+        self.processes, self.worker_processes = [], []
+
+    # ----------------------------------------------------------------- API helpers
+    def register(self, model_path: Path, shard_paths: Sequence[Path], task: str = "classification") -> tuple[str, str]:
+        """Register a model file and a dataset of shards (files under the data root); their ids."""
+        model = self.client.post("/v1/models", json={"name": model_path.name, "uri": model_path.as_uri(), "task": task})
+        model.raise_for_status()
+        dataset = self.client.post("/v1/datasets", json={"name": "train", "shards": [{"uri": p.as_uri()} for p in shard_paths]},
+                                   timeout=600.0)
+        dataset.raise_for_status()
+        return model.json()["id"], dataset.json()["id"]
+
+    def wait_final(self, query_ids: Sequence[str], timeout: float, interval: float = 0.1) -> dict[str, dict[str, Any]]:
+        """Poll until every query is final; `{id: GET body}`. Raises TimeoutError past `timeout`."""
+        pending, done = list(query_ids), {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} queries not final after {timeout:.0f} s")
+            still = []
+            for query_id in pending:
+                body = self.client.get(f"/v1/queries/{query_id}").json()
+                if body["status"] in ("succeeded", "failed", "canceled"):
+                    done[query_id] = body
+                else:
+                    still.append(query_id)
+            pending = still
+            if pending:
+                time.sleep(interval)
+        return done
+
+    def scores(self, query_id: str) -> np.ndarray:
+        import io
+
+        response = self.client.get(f"/v1/queries/{query_id}/scores", params={"format": "npy"})
+        response.raise_for_status()
+        return np.load(io.BytesIO(response.content), allow_pickle=False)
+
+
+def _terminate(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
