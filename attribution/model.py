@@ -115,12 +115,17 @@ class ModelAdapter:
         batch = batch.to(self.device)
         return self.task.loss(self.module, batch.inputs, batch.targets)
 
-    @torch.inference_mode()
     def losses(self, train: TrainingSet, batch_size: int = 1024) -> Tensor:
-        """`[N]` per-sample losses `L(θ, z_i)` over a training set, one forward per row."""
+        """`[N]` per-sample losses `L(θ, z_i)` over a training set, one forward per row.
+
+        Under `inference_mode`, except for TorchScript modules: once the JIT has profiled
+        them with gradients (e.g. TRAK's margin gradients) it runs differentiable graphs that
+        refuse inference tensors, so those sweep under `no_grad`.
+        """
         out = torch.empty(len(train), dtype=torch.float32)
-        for start, batch in train.batches(batch_size):
-            out[start: start + len(batch)] = self.loss(batch).float().cpu()
+        with torch.no_grad() if self.is_scripted else torch.inference_mode():
+            for start, batch in train.batches(batch_size):
+                out[start: start + len(batch)] = self.loss(batch).float().cpu()
         return out
 
     # ----------------------------------------------------------------- gradients

@@ -77,7 +77,8 @@ def attribute(
         raise ValueError("queries are required unless self_influence=True")
     scores = instance.score(queries, train, per_sample=per_sample)
     if relative:
-        scores = relative_scores(scores, cached_self_influence(instance, train, relative_norm=True))
+        norms = cached_self_influence(instance, train, relative_norm=True)
+        scores = relative_scores(scores, norms, floor=instance.relative_norm_floor())
     return scores
 
 
@@ -112,10 +113,13 @@ def cached_self_influence(instance: AttributionMethod, train: TrainingSet, *, re
     return values[kind]
 
 
-def relative_scores(scores: Tensor, self_influence: Tensor) -> Tensor:
-    """RelatIF: `scores` `[Q, N]` / sqrt(max(s `[N]`, ε)), ε = max(1e-12, 1e-6·median|s|)."""
+def relative_scores(scores: Tensor, self_influence: Tensor, *, floor: float | None = None) -> Tensor:
+    """RelatIF: `scores` `[Q, N]` / sqrt(max(s `[N]`, ε)), ε = max(1e-12, 1e-6·median|s|) unless
+    the method gives its own `floor` (`AttributionMethod.relative_norm_floor`). Divides in
+    float64 (squared norms of memorised rows lie below float32's range) and returns `scores`' dtype."""
     if self_influence.shape[-1] != scores.shape[-1]:
         raise ValueError(f"self-influence has {self_influence.shape[-1]} rows, scores {scores.shape[-1]}")
-    s = self_influence.to(scores.dtype)
-    floor = max(ABSOLUTE_FLOOR, RELATIVE_FLOOR * float(s.abs().median()))
-    return scores / torch.sqrt(s.clamp(min=floor))
+    s = self_influence.to(torch.float64)
+    if floor is None:
+        floor = max(ABSOLUTE_FLOOR, RELATIVE_FLOOR * float(s.abs().median()))
+    return (scores.to(torch.float64) / torch.sqrt(s.clamp(min=floor))).to(scores.dtype)

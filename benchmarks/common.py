@@ -11,6 +11,7 @@ keep checkpoints θ_c with their learning rates η_c for TracIn.
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,13 +62,10 @@ def _permuted_split(x: Tensor, y: Tensor, n_train: int, seed: int) -> Split:
     return Split(x[tr], y[tr], x[te], y[te])
 
 
-def digits_split(n_train: int = 1200, seed: int = 0, images: bool = False,
-                 dtype: torch.dtype = torch.float32) -> Split:
-    """Digits scaled to [0, 1]; `images=True` gives `[N, 1, 8, 8]` inputs for CNNs."""
+def digits_split(n_train: int = 1200, seed: int = 0, dtype: torch.dtype = torch.float32) -> Split:
+    """Digits scaled to [0, 1], flat `[N, 64]` rows (`small_cnn` unflattens them itself)."""
     data = load_digits()
     x = torch.tensor(data.data / 16.0, dtype=dtype)
-    if images:
-        x = x.reshape(-1, 1, 8, 8)
     y = torch.tensor(data.target, dtype=torch.long)
     return _permuted_split(x, y, n_train, seed)
 
@@ -82,9 +80,9 @@ def wine_split(n_train: int = 130, seed: int = 0) -> Split:
 
 @dataclass
 class LinearProblem:
-    """Synthetic `y = xᵀw + ε`: features `x ~ N(0, σs² I)`, noise `ε ~ N(0, σn²)`."""
+    """Synthetic `y = xᵀw + ε` with `x ~ N(0, I)`, weights `w ~ N(0, σs² I)`, noise `ε ~ N(0, σn²)`."""
 
-    x_train: Tensor  # [N, D]
+    x_train: Tensor  # [N, D] float64
     y_train: Tensor  # [N, 1]
     x_test: Tensor  # [M, D]
     y_test: Tensor  # [M, 1]
@@ -93,10 +91,10 @@ class LinearProblem:
 def linear_problem(n_train: int, n_test: int, dim: int, noise_std: float, signal_std: float,
                    seed: int) -> LinearProblem:
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(dim, 1, generator=gen, dtype=torch.float64)
+    w = signal_std * torch.randn(dim, 1, generator=gen, dtype=torch.float64)
 
     def draw(n: int) -> tuple[Tensor, Tensor]:
-        x = signal_std * torch.randn(n, dim, generator=gen, dtype=torch.float64)
+        x = torch.randn(n, dim, generator=gen, dtype=torch.float64)
         return x, x @ w + noise_std * torch.randn(n, 1, generator=gen, dtype=torch.float64)
 
     x_tr, y_tr = draw(n_train)
@@ -108,7 +106,7 @@ def linear_problem(n_train: int, n_test: int, dim: int, noise_std: float, signal
 def mlp(sizes: list[int], activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
     """Fully connected net with `sizes = [in, hidden..., out]`."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(activation())
@@ -116,8 +114,10 @@ def mlp(sizes: list[int], activation: type[nn.Module] = nn.Tanh) -> nn.Sequentia
 
 
 def small_cnn(channels: int = 8, classes: int = 10) -> nn.Sequential:
-    """Conv(1→c, 3×3) → ReLU → Conv(c→2c, 3×3) → ReLU → 2×2 max-pool → Linear, for `[B, 1, 8, 8]`."""
+    """For flat `[B, 64]` digits: Unflatten → Conv(1→c, 3×3) → ReLU → Conv(c→2c, 3×3) → ReLU →
+    2×2 max-pool → Linear. Taking flat rows lets MLP and CNN share one training set."""
     return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
         nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
         nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(),
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * channels * 16, classes),

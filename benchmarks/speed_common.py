@@ -43,7 +43,22 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     gpu = f"GPU {torch.cuda.get_device_name(0)} available, not used" if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} cores ({model}), {gpu}; every figure measured on device cpu"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{os.cpu_count()} cores ({model}), {gpu}; every figure measured on device cpu; "
+            f"load average at the end of the run {load} (other jobs shared the machine when it exceeds 2)")
+
+
+class Clock:
+    """`with Clock() as c: ...` then `c.wall` and `c.cpu` (this process's CPU seconds, all threads)."""
+
+    def __enter__(self) -> Clock:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self.wall = self.cpu = 0.0
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
 
 
 # --------------------------------------------------------------------------- data and models

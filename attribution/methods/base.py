@@ -197,6 +197,12 @@ class AttributionMethod(ABC):
         """
         return self.self_influence(train)
 
+    def relative_norm_floor(self) -> float | None:
+        """ε below which `relative_norm_squared` values are treated as rounding noise and
+        clamped; None: the pipeline's default, max(1e-12, 1e-6·median). Methods whose norms
+        are exact (not differences of rounded losses) give a precision-limit floor."""
+        return None
+
     # helpers
     def _generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.params.seed)

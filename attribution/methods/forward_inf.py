@@ -73,16 +73,15 @@ from attribution.methods.forward_inf_engine import (
     Unlearning,
     cast_batch,
     copies_losses,
+    first_order_self_influence,
+    gradient_norms,
+    relative_denominator,
     sweep,
     unlearn_copy,
 )
 from attribution.methods.registry import register
 from attribution.model import ModelAdapter
 
-# (K, α) when `steps`/`lr` are not given: raw scores need the non-linear regime; relative
-# scores are exact in the first-order regime (see the module docstring for the evidence).
-RAW_DEFAULTS = (10, 1.0)
-RELATIVE_DEFAULTS = (1, 0.01)
 STACK_BUDGET = 2**24  # stacked parameter elements per self-influence chunk when chunk_size = 0
 
 
@@ -93,6 +92,7 @@ class Direction(StrEnum):
 
 class Optimizer(StrEnum):
     SGD = "sgd"
+    NORMALIZED_SGD = "normalized_sgd"
     ADAM = "adam"
 
 
@@ -106,29 +106,45 @@ class Precision(StrEnum):
     FP64 = "fp64"
 
 
+# (K, α) when `steps`/`lr` are not given, per (optimizer, normalize): raw scores need the
+# non-linear regime; relative scores are exact in the first-order regime (module docstring).
+DEFAULTS: dict[tuple[Optimizer, Normalize], tuple[int, float]] = {
+    (Optimizer.SGD, Normalize.NONE): (10, 1.0),
+    (Optimizer.SGD, Normalize.RELATIVE): (1, 0.01),
+    (Optimizer.NORMALIZED_SGD, Normalize.NONE): (10, 1.0),
+    (Optimizer.NORMALIZED_SGD, Normalize.RELATIVE): (1, 0.01),
+    (Optimizer.ADAM, Normalize.NONE): (10, 0.1),
+    (Optimizer.ADAM, Normalize.RELATIVE): (1, 0.01),
+}
+
+
 @dataclass(frozen=True)
 class ForwardInfParams(MethodParams):
     """Forward-INF hyperparameters.
 
     `steps` K and `lr` α of the unlearning run; `optimizer` "sgd" (plain: no momentum, no
-    weight decay — Algorithm 1) or "adam" (torch defaults, `maximize` for ascent);
+    weight decay — Algorithm 1), "normalized_sgd" (θ ± α g/‖g‖₂: SGD's direction, a step
+    of length α even for a memorised query) or "adam" (torch defaults, `maximize` for
+    ascent); unset, it is "sgd", or "normalized_sgd" with `normalize="relative"` (same
+    first-order ranking, measurable on memorised queries);
     `layers`: parameter-name prefixes updated during unlearning (empty = every trainable
     parameter); `auto`: choose optimizer/K/α/normalize by self-retrieval
     (`forward_inf_auto`), overriding those four fields;
     `self_influence_mode`: "unlearn" (K steps on the row alone, its own loss change) or
-    "gradient_norm" (first order: α‖g_i‖² for SGD, α‖g_i‖₁ for Adam's sign-like first step);
+    "gradient_norm" (first order, one step: α‖g_i‖² for SGD, α‖g_i‖₂ for normalized SGD,
+    α‖g_i‖₁ for Adam's sign-like first step);
     `precision`: "fp32", or "fp64" (a float64 copy of the model) for small proxies whose
     training losses sit below fp32 resolution (loss changes under ~1e-7 are rounding noise);
     `chunk_size`: rows unlearned together (stacked) when computing self-influence; 0 sizes
     chunks to ~2²⁴ stacked parameter elements.
-    Unset `steps`/`lr` default to K=10, α=1 for raw scores and K=1, α=0.01 with
-    `normalize="relative"`; explicit values are used as given.
+    Unset `steps`/`lr` take `DEFAULTS[(optimizer, normalize)]`; explicit values are used
+    as given. `ForwardInf` works with `resolved()`, where all three are explicit.
     """
 
     steps: int | None = None
     lr: float | None = None
     direction: Direction = Direction.ASCENT
-    optimizer: Optimizer = Optimizer.SGD
+    optimizer: Optimizer | None = None
     layers: tuple[str, ...] = ()
     auto: bool = False
     self_influence_mode: SelfInfluenceMode = SelfInfluenceMode.UNLEARN
@@ -146,22 +162,30 @@ class ForwardInfParams(MethodParams):
             raise ParamsError("layers", "prefixes must be non-empty strings")
 
     @property
+    def chosen_optimizer(self) -> Optimizer:
+        """`optimizer`, or its default: "normalized_sgd" for relative scores, else "sgd"."""
+        if self.optimizer is not None:
+            return self.optimizer
+        return Optimizer.NORMALIZED_SGD if self.normalize == Normalize.RELATIVE else Optimizer.SGD
+
+    @property
     def k(self) -> int:
-        """K: `steps`, or the default for the chosen normalisation."""
-        return self.steps if self.steps is not None else self._defaults[0]
+        """K: `steps`, or the default for the optimizer and normalisation."""
+        return self.steps if self.steps is not None else DEFAULTS[self.chosen_optimizer, self.normalize][0]
 
     @property
     def alpha(self) -> float:
-        """α: `lr`, or the default for the chosen normalisation."""
-        return self.lr if self.lr is not None else self._defaults[1]
+        """α: `lr`, or the default for the optimizer and normalisation."""
+        return self.lr if self.lr is not None else DEFAULTS[self.chosen_optimizer, self.normalize][1]
 
-    @property
-    def _defaults(self) -> tuple[int, float]:
-        return RELATIVE_DEFAULTS if self.normalize == Normalize.RELATIVE else RAW_DEFAULTS
+    def resolved(self) -> ForwardInfParams:
+        """The same setting with `optimizer`, `steps` and `lr` explicit."""
+        return replace(self, optimizer=self.chosen_optimizer, steps=self.k, lr=self.alpha)
 
     @property
     def unlearning(self) -> Unlearning:
-        return Unlearning(str(self.optimizer), self.k, self.alpha, self.direction == Direction.ASCENT)
+        """A fresh unlearning run (its `log` counts skipped zero-gradient steps)."""
+        return Unlearning(str(self.chosen_optimizer), self.k, self.alpha, self.direction == Direction.ASCENT)
 
     @property
     def sign(self) -> float:
@@ -171,10 +195,11 @@ class ForwardInfParams(MethodParams):
 
 @register
 class ForwardInf(AttributionMethod):
-    """Forward-INF scores `[Q, N]` / `[1, N]` and self-influence `[N]` (see module docstring).
+    """Forward-INF scores `[Q, N]` / `[1, N]`, self-influence `[N]` and the RelatIF
+    denominators `[N]` (see module docstring).
 
-    With `auto`, `fit` replaces `self.params` by the chosen setting (the pipeline reads the
-    chosen `normalize` from it).
+    `self.params` holds the resolved setting (explicit optimizer/K/α); with `auto`, `fit`
+    replaces it by the chosen one (the pipeline reads the chosen `normalize` from it).
     """
 
     name = MethodName.FORWARD_INF
@@ -184,7 +209,8 @@ class ForwardInf(AttributionMethod):
         super().__init__(model, params, context)
         if not isinstance(params, ForwardInfParams):
             raise TypeError("forward_inf takes ForwardInfParams")
-        self.settings: ForwardInfParams = params
+        self.settings: ForwardInfParams = params.resolved()
+        self.params = self.settings
         self.dtype = torch.float64 if params.precision == Precision.FP64 else None
         module = copy.deepcopy(model.module).double() if self.dtype is not None else model.module
         layers = list(params.layers) or model.layers
@@ -222,8 +248,8 @@ class ForwardInf(AttributionMethod):
         if self.settings.auto:
             started = time.perf_counter()
             self.auto_choice = select_hyperparameters(
-                self.settings, train, self.base_losses, self.context,
-                self._candidate_scores, self._candidate_self_influence, precision=self.precision,
+                self.settings, train, self.base_losses, self.context, self._candidate_scores,
+                self._subset_gradient_norms, floor=self.relative_norm_floor(), precision=self.precision,
             )
             self.settings = replace(
                 self.settings, optimizer=Optimizer(self.auto_choice.optimizer), steps=self.auto_choice.steps,
@@ -252,16 +278,18 @@ class ForwardInf(AttributionMethod):
     def _scores(self, p: ForwardInfParams, queries: Batch, train: TrainingSet, base: Tensor,
                 *, per_sample: bool, report: bool) -> Tensor:
         started = time.perf_counter()
-        evaluate = self._unlearned(p, self._cast(queries), per_sample)
+        how = p.unlearning
+        evaluate = self._unlearned(how, self._cast(queries), per_sample)
         unlearned = time.perf_counter()
         after = self._sweep(evaluate, train, p.batch_size, report)
         if report:
             self.context.timings["unlearn_s"] = unlearned - started
             self.context.timings["sweep_s"] = time.perf_counter() - unlearned
+            if how.log.zero_gradient_steps:
+                self.context.extras["zero_gradient_steps"] = how.log.zero_gradient_steps
         return (p.sign * (after - base.unsqueeze(0))).float()
 
-    def _unlearned(self, p: ForwardInfParams, queries: Batch, per_sample: bool) -> BatchLosses:
-        how = p.unlearning
+    def _unlearned(self, how: Unlearning, queries: Batch, per_sample: bool) -> BatchLosses:
         if not per_sample:
             return copies_losses([unlearn_copy(self.tracked, queries, how)])
         if self.tracked.is_scripted:
@@ -270,30 +298,59 @@ class ForwardInf(AttributionMethod):
         stacked_model = StackedModel(self.tracked)
         return stacked_model.batch_losses(stacked_model.unlearn(queries, how))
 
-    def _trial(self, candidate: Candidate) -> ForwardInfParams:
-        return replace(self.settings, optimizer=Optimizer(candidate.optimizer), steps=candidate.steps,
-                       lr=candidate.lr, auto=False)
-
     def _candidate_scores(self, candidate: Candidate, queries: Batch, train: TrainingSet, base: Tensor) -> Tensor:
         """Per-sample `[m, n]` scores under a candidate's optimizer/K/α (auto search)."""
-        return self._scores(self._trial(candidate), queries, train, base, per_sample=True, report=False)
+        trial = replace(self.settings, optimizer=Optimizer(candidate.optimizer), steps=candidate.steps,
+                        lr=candidate.lr, auto=False)
+        return self._scores(trial, queries, train, base, per_sample=True, report=False)
 
-    def _candidate_self_influence(self, candidate: Candidate, train: TrainingSet, base: Tensor) -> Tensor:
-        """`[n]` self-influence under a candidate's optimizer/K/α (auto search)."""
-        return self._self_influence(self._trial(candidate), train, base, report=False)
+    def _subset_gradient_norms(self, subset: TrainingSet) -> dict[str, Tensor]:
+        """‖∇L_i‖₂² and ‖∇L_i‖₁ `[n]` of the auto search's subset rows."""
+        return gradient_norms(self.tracked, self._view(subset), rows=self._gradient_rows)
+
+    # ----------------------------------------------------------------- RelatIF denominators
+    @property
+    def _gradient_rows(self) -> int:
+        return max(1, min(256, STACK_BUDGET // self.tracked.num_params))
+
+    def _gradient_norms(self, train: TrainingSet, *, report: bool) -> dict[str, Tensor]:
+        """‖∇L(θ̂, z_i)‖₂² and ‖∇L(θ̂, z_i)‖₁ `[N]` float64, cached per (model, data, precision, layers)."""
+        key = artifact_key("gradient_norms", self.context.fingerprint, self.precision, self.tracked.param_names)
+        return cached_tensors(self.context.store, key, lambda: gradient_norms(
+            self.tracked, self._view(train), rows=self._gradient_rows,
+            progress=self.context.progress if report else None,
+        ))
+
+    def relative_norm_squared(self, train: TrainingSet) -> Tensor:
+        """`[N]` float64 D_i², the square of the row norm RelatIF divides by (module docstring):
+        α‖g_i‖₂² (sgd), (α‖g_i‖₂)² (normalized_sgd), (α‖g_i‖₁)² (adam), g_i = ∇L(θ̂, z_i)."""
+        started = time.perf_counter()
+        norms = self._gradient_norms(train, report=True)
+        self.context.timings["gradient_norms_s"] = time.perf_counter() - started
+        return relative_denominator(str(self.settings.chosen_optimizer), self.settings.alpha, norms)
+
+    def relative_norm_floor(self) -> float:
+        """ε = tiny², tiny = the smallest normal number of the loss dtype: a row whose
+        first-order own loss change D_i is below it cannot be resolved in that dtype."""
+        tiny = torch.finfo(self.dtype or torch.float32).tiny
+        return max(tiny * tiny, torch.finfo(torch.float64).tiny)
 
     # ----------------------------------------------------------------- self-influence
     def self_influence(self, train: TrainingSet) -> Tensor:
-        """`[N]`: each row unlearned alone (K steps, α), its own loss change (sign as in `score`).
-
-        `gradient_norm` mode: the first-order value α‖∇L_i‖² (SGD) or α‖∇L_i‖₁ (Adam).
-        """
+        """`[N]`: each row unlearned alone (K steps, α), its own loss change (sign as in `score`);
+        the mislabel-audit quantity. `gradient_norm` mode: its first-order value for one step,
+        α‖g_i‖₂² (sgd), α‖g_i‖₂ (normalized_sgd), α‖g_i‖₁ (adam)."""
         started = time.perf_counter()
-        out = self._self_influence(self.settings, train, self._base(train), report=True)
+        p = self.settings
+        if p.self_influence_mode == SelfInfluenceMode.GRADIENT_NORM:
+            norms = self._gradient_norms(train, report=True)
+            out = first_order_self_influence(str(p.chosen_optimizer), p.alpha, norms).float()
+        else:
+            out = self._unlearned_self_influence(p, train, self._base(train))
         self.context.timings["self_influence_s"] = time.perf_counter() - started
         return out
 
-    def _self_influence(self, p: ForwardInfParams, train: TrainingSet, base: Tensor, *, report: bool) -> Tensor:
+    def _unlearned_self_influence(self, p: ForwardInfParams, train: TrainingSet, base: Tensor) -> Tensor:
         total = len(train)
         out = torch.empty(total, dtype=torch.float32)
         stacked_model = None if self.tracked.is_scripted else StackedModel(self.tracked)
@@ -301,15 +358,9 @@ class ForwardInf(AttributionMethod):
         for start, chunk in self._view(train).batches(rows):
             chunk = chunk.to(self.model.device)
             stop = start + len(chunk)
-            if p.self_influence_mode == SelfInfluenceMode.GRADIENT_NORM:
-                grads = self.tracked.per_sample_grads(chunk, chunk_size=min(rows, 256))
-                norm = grads.abs().sum(1) if p.optimizer == Optimizer.ADAM else (grads**2).sum(1)
-                out[start:stop] = (p.alpha * norm).float().cpu()
-            else:
-                after = self._own_losses_after(p, chunk, stacked_model)
-                out[start:stop] = (p.sign * (after - base[start:stop])).float()
-            if report:
-                self.context.progress(stop / total)
+            after = self._own_losses_after(p, chunk, stacked_model)
+            out[start:stop] = (p.sign * (after - base[start:stop])).float()
+            self.context.progress(stop / total)
         return out
 
     def _own_losses_after(self, p: ForwardInfParams, rows: Batch, stacked_model: StackedModel | None) -> Tensor:

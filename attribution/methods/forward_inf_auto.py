@@ -9,13 +9,14 @@ rate
 
     rate(c) = (1/m) Σ_q 1[argmax_{i∈S} score_c(q, i) = q].
 
-Every candidate is tried raw and with relative normalisation (score / sqrt(self-influence),
-the self-influence of the subset rows under the same candidate), so `normalize` is chosen
-too. Ties go to the cheaper candidate: fewer steps, raw before relative (no self-influence
-pass), then the order of the search space. The
-choice is cached per (model, dataset) fingerprint and search settings under
+Every candidate is tried raw and with relative normalisation (score / D_i, the candidate's
+RelatIF denominator from the subset rows' gradient norms, computed once per search), so
+`normalize` is chosen too. Ties go to the cheaper candidate: fewer steps, raw before
+relative (no gradient-norm pass over the training set), then the order of the search
+space. The choice is cached per (model, dataset) fingerprint and search settings under
 `artifact_key("forward_inf_auto", ...)`, so only the first query of a model pays for it
-(one search costs about |space| per-sample scorings of m queries over |S| ≤ 3000 rows).
+(one search costs |space| per-sample scorings of m queries over |S| ≤ 3000 rows plus one
+per-sample gradient pass over S).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from torch import Tensor
 from attribution.artifacts import artifact_key, cached_tensors
 from attribution.data import Batch, TensorTrainingSet, TrainingSet, concat_batches
 from attribution.methods.base import FitContext, MethodParams
+from attribution.methods.forward_inf_engine import relative_denominator
 from attribution.pipeline import relative_scores
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "normalized_sgd")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Candidate:
 DEFAULT_SPACE: tuple[Candidate, ...] = tuple(
     [Candidate("sgd", k, lr) for k in (1, 5, 10) for lr in (0.01, 1.0, 100.0)]
     + [Candidate("adam", k, lr) for k in (1, 5) for lr in (0.01, 0.1)]
+    + [Candidate("normalized_sgd", k, lr) for k in (1, 5) for lr in (0.001, 0.01, 0.1, 1.0)]
 )
 
 
@@ -69,8 +72,8 @@ class AutoChoice:
 
 # (candidate, queries [m], subset training set, subset base losses [n]) → per-sample scores [m, n]
 ScoreRows = Callable[[Candidate, Batch, TrainingSet, Tensor], Tensor]
-# (candidate, subset training set, subset base losses [n]) → self-influence [n]
-SelfRows = Callable[[Candidate, TrainingSet, Tensor], Tensor]
+# subset training set → {"l2_squared": [n], "l1": [n]} gradient norms (`gradient_norms`)
+NormRows = Callable[[TrainingSet], dict[str, Tensor]]
 NORMALIZE = ("none", "relative")
 
 
@@ -80,8 +83,9 @@ def select_hyperparameters(
     base_losses: Tensor,
     context: FitContext,
     score_rows: ScoreRows,
-    self_rows: SelfRows,
+    norm_rows: NormRows,
     *,
+    floor: float | None = None,
     precision: str = "fp32",
     space: Sequence[Candidate] = DEFAULT_SPACE,
     num_queries: int = 32,
@@ -98,7 +102,7 @@ def select_hyperparameters(
     )
 
     def compute() -> dict[str, Tensor]:
-        choice = _search(params, train, base_losses, score_rows, self_rows, space, num_queries, max_rows)
+        choice = _search(params, train, base_losses, score_rows, norm_rows, floor, space, num_queries, max_rows)
         encoded = [OPTIMIZERS.index(choice.optimizer), choice.steps, choice.lr,
                    NORMALIZE.index(choice.normalize), choice.self_retrieval]
         return {"choice": torch.tensor(encoded, dtype=torch.float64)}
@@ -109,7 +113,7 @@ def select_hyperparameters(
 
 def _search(
     params: MethodParams, train: TrainingSet, base_losses: Tensor, score_rows: ScoreRows,
-    self_rows: SelfRows, space: Sequence[Candidate], num_queries: int, max_rows: int,
+    norm_rows: NormRows, floor: float | None, space: Sequence[Candidate], num_queries: int, max_rows: int,
 ) -> AutoChoice:
     generator = torch.Generator().manual_seed(params.seed)
     order = torch.randperm(len(train), generator=generator)
@@ -119,12 +123,14 @@ def _search(
     own_position = torch.searchsorted(subset_rows, query_rows)
     queries = subset.rows(own_position)
     subset_base = base_losses[subset_rows]
+    norms = norm_rows(subset)
 
     best: tuple[float, int, int, int] | None = None
     choice = AutoChoice(space[0].optimizer, space[0].steps, space[0].lr, NORMALIZE[0], 0.0)
     for rank, candidate in enumerate(space):
         scores = score_rows(candidate, queries, subset, subset_base)
-        relative = relative_scores(scores, self_rows(candidate, subset, subset_base))
+        denominator = relative_denominator(candidate.optimizer, candidate.lr, norms)
+        relative = relative_scores(scores, denominator, floor=floor)
         for normalized, trial in enumerate((scores, relative)):
             rate = self_retrieval_rate(trial, own_position)
             key = (-rate, candidate.steps, normalized, rank)

@@ -6,8 +6,17 @@ Unlearning (Algorithm 1, lines 1–4) runs K optimizer steps on the query loss:
 - `StackedModel.unlearn`: Q parameter sets `{name: [Q, *shape]}`, set q trained on query q
   alone, all updated together through `vmap(functional_call)` (eager modules only; the
   stateless API rejects TorchScript).
-The optimizers are `torch.optim.SGD` (plain: no momentum, no weight decay) and
-`torch.optim.Adam`, with `maximize=True` for ascent, so the updates are torch's own.
+The optimizers are `torch.optim.SGD` (plain: no momentum, no weight decay),
+`torch.optim.Adam` (both with `maximize=True` for ascent, so the updates are torch's own)
+and `NormalizedSGD`, plain gradient ascent with a unit-length direction,
+
+    θ_{k+1} = θ_k ± α g_k / ‖g_k‖₂,      g_k = ∇_θ L_q(θ_k)  (norm per parameter set),
+
+the direction of SGD with a step length that does not vanish with the gradient (a
+memorised query has ‖g‖ ~ 1e-17, so an SGD step leaves θ unchanged in float arithmetic).
+
+`gradient_norms` gives each training row's ‖∇L_i‖₂² and ‖∇L_i‖₁ `[N]` (float64), the
+denominators of relative Forward-INF scores (see `forward_inf.relative_norm_squared`).
 
 The sweep (Algorithm 1, line 5) evaluates every unlearned model on every training row in
 one inference pass: each batch is read once and all Q models are evaluated on it
@@ -16,8 +25,8 @@ one inference pass: each batch is read once and all Q models are evaluated on it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,21 +41,71 @@ from attribution.tasks import Inputs, _logits
 BatchLosses = Callable[[Batch], Tensor]
 
 
+@dataclass
+class UnlearnLog:
+    """What happened while unlearning: (parameter set, step) pairs `NormalizedSGD` skipped
+    because the query gradient was exactly zero (a loss that underflowed to 0)."""
+
+    zero_gradient_steps: int = 0
+
+
 @dataclass(frozen=True)
 class Unlearning:
-    """K steps of `optimizer` ("sgd" | "adam") with learning rate α; ascent or descent."""
+    """K steps of `optimizer` ("sgd" | "normalized_sgd" | "adam") with learning rate α."""
 
     optimizer: str
     steps: int
     lr: float
     ascent: bool = True
+    log: UnlearnLog = field(default_factory=UnlearnLog, compare=False)
 
-    def make(self, tensors: list[Tensor]) -> torch.optim.Optimizer:
+    def make(self, tensors: list[Tensor], *, stacked: bool = False) -> torch.optim.Optimizer:
+        """The optimizer over `tensors`; `stacked`: dim 0 indexes independent parameter sets."""
         if self.optimizer == "adam":
             return torch.optim.Adam(tensors, lr=self.lr, maximize=self.ascent)
         if self.optimizer == "sgd":
             return torch.optim.SGD(tensors, lr=self.lr, maximize=self.ascent)
-        raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: sgd, adam")
+        if self.optimizer == "normalized_sgd":
+            return NormalizedSGD(tensors, lr=self.lr, maximize=self.ascent, stacked=stacked, log=self.log)
+        raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: sgd, normalized_sgd, adam")
+
+
+class NormalizedSGD(torch.optim.Optimizer):
+    """θ ← θ ± α g/‖g‖₂ (+ with `maximize`), the norm taken over all tensors of a parameter set.
+
+    `stacked=True`: every tensor is `[Q, *shape]` and slice q is its own parameter set, with
+    its own norm ‖g^(q)‖₂ = sqrt(Σ_tensors ‖g[q]‖²), recomputed every step. The norm and the
+    scaling run in float64, so gradients down to ~1e-300 keep a unit-length step (float32
+    squares underflow below ~1e-19). A set whose gradient is exactly zero is not moved and
+    counted in `log.zero_gradient_steps`.
+    """
+
+    def __init__(self, params: Iterable[Tensor], *, lr: float, maximize: bool, stacked: bool,
+                 log: UnlearnLog) -> None:
+        super().__init__(params, {"lr": lr, "maximize": maximize})
+        self.stacked = stacked
+        self.log = log
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("NormalizedSGD takes no closure")
+        for group in self.param_groups:
+            pairs = [(p, p.grad) for p in group["params"] if p.grad is not None]
+            if not pairs:
+                continue
+            sets = pairs[0][0].shape[0] if self.stacked else 1
+            squared = torch.zeros(sets, dtype=torch.float64, device=pairs[0][0].device)
+            for _, g in pairs:
+                squared += g.double().reshape(sets, -1).pow(2).sum(1)
+            norm = squared.sqrt()
+            moving = norm > 0
+            self.log.zero_gradient_steps += int((~moving).sum())
+            sign = 1.0 if group["maximize"] else -1.0
+            scale = torch.where(moving, sign * group["lr"] / norm.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+            for p, g in pairs:
+                shape = (sets, *([1] * (g.dim() - 1))) if self.stacked else ()
+                p.add_((g.double() * scale.reshape(shape)).to(p.dtype))
 
 
 def unlearn_copy(model: ModelAdapter, queries: Batch, how: Unlearning) -> ModelAdapter:
@@ -110,15 +169,16 @@ class StackedModel:
     def unlearn(self, queries: Batch, how: Unlearning) -> Params:
         """`{name: [Q, ...]}`: θ_K of each query unlearned on its own (query q → set q).
 
-        The summed loss Σ_q L(θ_q, z_q) has gradient ∇L(θ_q, z_q) in slice q, and SGD/Adam
-        act elementwise, so one optimizer over the stacked tensors equals Q separate runs.
+        The summed loss Σ_q L(θ_q, z_q) has gradient ∇L(θ_q, z_q) in slice q; SGD/Adam act
+        elementwise and `NormalizedSGD` normalises per slice, so one optimizer over the
+        stacked tensors equals Q separate runs.
         """
         count = len(queries)
         stacked = {
             n: t.unsqueeze(0).repeat(count, *([1] * t.dim())).requires_grad_(True)
             for n, t in self.model.params().items()
         }
-        opt = how.make(list(stacked.values()))
+        opt = how.make(list(stacked.values()), stacked=True)
         for _ in range(how.steps):
             opt.zero_grad(set_to_none=True)
             self.own_losses(stacked, queries).sum().backward()
@@ -140,6 +200,50 @@ def copies_losses(copies: list[ModelAdapter]) -> BatchLosses:
         return torch.stack([c.loss(batch) for c in copies])
 
     return evaluate
+
+
+def gradient_norms(
+    model: ModelAdapter, train: TrainingSet, *, rows: int, progress: Callable[[float], None] | None = None,
+) -> dict[str, Tensor]:
+    """`{"l2_squared": [N], "l1": [N]}`: ‖∇_θ L(θ̂, z_i)‖₂² and ‖∇_θ L(θ̂, z_i)‖₁ (float64, CPU).
+
+    One per-sample gradient per row (`rows` at a time), reduced at once to two numbers.
+    """
+    total = len(train)
+    l2_squared = torch.empty(total, dtype=torch.float64)
+    l1 = torch.empty(total, dtype=torch.float64)
+    for start, batch in train.batches(rows):
+        grads = model.per_sample_grads(batch, chunk_size=rows).double()
+        stop = start + len(batch)
+        l2_squared[start:stop] = grads.pow(2).sum(1).cpu()
+        l1[start:stop] = grads.abs().sum(1).cpu()
+        if progress is not None:
+            progress(stop / total)
+    return {"l2_squared": l2_squared, "l1": l1}
+
+
+def first_order_self_influence(optimizer: str, lr: float, norms: Mapping[str, Tensor]) -> Tensor:
+    """`[N]` own loss change of each row after one step on its own loss, to first order:
+    α‖g_i‖₂² (sgd), α‖g_i‖₂ (normalized_sgd), α‖g_i‖₁ (adam: first step ≈ α·sign(g_i))."""
+    if optimizer == "sgd":
+        return lr * norms["l2_squared"]
+    if optimizer == "normalized_sgd":
+        return lr * norms["l2_squared"].sqrt()
+    if optimizer == "adam":
+        return lr * norms["l1"]
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def relative_denominator(optimizer: str, lr: float, norms: Mapping[str, Tensor]) -> Tensor:
+    """`[N]` D_i², the squared row norm RelatIF divides the scores by (`forward_inf` docstring).
+
+    score(q, i) ≈ ⟨g_i, s(g_q)⟩ with s the optimizer's step map; D_i = max over unit steps of
+    ⟨g_i, s⟩ makes |score(q, i)| / D_i ≤ (a factor of q alone), with equality for g_i ∝ g_q:
+    sgd: s = αg_q, D_i² = α‖g_i‖₂² (= its self-influence); normalized_sgd: s = αĝ_q,
+    D_i = α‖g_i‖₂; adam: s ≈ α·sign(g_q), D_i = α‖g_i‖₁ (Hölder's dual of ‖·‖_∞).
+    """
+    own = first_order_self_influence(optimizer, lr, norms)
+    return own if optimizer == "sgd" else own.pow(2)
 
 
 def sweep(

@@ -122,7 +122,8 @@ class QueryCreate(RequestBody):
                     "by id (numerically when every id is an integer, else as text)",
     )
     group_reduce: GroupReduce = Field(
-        default="mean", description="how a group's row scores combine: `mean` (per-row support) or `sum` (total)",
+        default="mean", description="how a group's row scores combine: `mean` (per-row support) or `sum` "
+                                    "(total); ignored when group_by is `row`",
     )
 
 

@@ -171,10 +171,10 @@ def _checkpoint_shas(session: Session, tenant: str, model: Model, params: Method
         field = f"params.checkpoint_model_ids[{position}]"
         checkpoint = model_repo.get_model(session, tenant, model_id)
         if checkpoint is None:
-            raise InvalidInput(f"{field}: unknown model {model_id}", code="invalid_params")
+            raise InvalidInput(f"{field}: unknown model {model_id[:64]}", code="invalid_params")
         if checkpoint.task != model.task:
             raise InvalidInput(f"{field}: model {model_id} has task {checkpoint.task}, the query's model "
-                               f"{model.task}; checkpoints must be the same model", code="invalid_params")
+                               f"{model.task}; checkpoints must have the query model's task", code="invalid_params")
         if checkpoint.num_parameters != model.num_parameters:
             raise InvalidInput(f"{field}: model {model_id} has {checkpoint.num_parameters} parameters, the query's "
                                f"model {model.num_parameters}; checkpoints must share its architecture",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,12 +20,18 @@ from tests.attribution.fixtures import Leakage, Trained
 
 
 def exact_loss_grads(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """`[N, P]` cross-entropy gradients, one backward per row."""
+    """`[N, P]` cross-entropy gradients, one backward per row, in float64.
+
+    float64 because fp32 `F.cross_entropy` rounds the gradient of confidently fitted rows
+    (`p_y → 1`) to noise, whose cosine is then meaningless; the product's loss is exact there.
+    """
+    module = copy.deepcopy(module).double()
     params = list(module.parameters())
+    x = x.double()
     return torch.stack([
         torch.cat([g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(module(x[i: i + 1]), y[i: i + 1]), params)])
         for i in range(len(y))
-    ])
+    ]).float()
 
 
 def similarity(model: ModelAdapter, **params: object) -> GradientSimilarity:
