@@ -153,13 +153,15 @@ def test_fan_out_equals_a_single_job(rq_settings: Settings, monkeypatch: pytest.
     assert [(p.row_start, p.row_stop, p.status) for p in many.parts] == [
         (0, 10, "succeeded"), (10, 20, "succeeded"), (20, 35, "succeeded"), (35, 47, "succeeded"), (47, 60, "succeeded")]
     assert many.num_parts == 5 and many.progress == 1.0
-    # Same rows, same order; scores equal up to float32 summation order (batches of a part are smaller).
-    np.testing.assert_allclose(jf.load_scores(settings, many), jf.load_scores(settings, one), rtol=1e-5, atol=1e-9)
+    # Same rows, same order; scores equal up to float32 rounding: a part's batches are smaller, and
+    # BLAS blocks a matmul differently per batch size, so a per-row loss (~0.1–1 here) can move by
+    # one fp32 ulp (~1e-7 × L) and so can a loss difference L(θ_K) − L(θ̂).
+    np.testing.assert_allclose(jf.load_scores(settings, many), jf.load_scores(settings, one), rtol=1e-5, atol=1e-7)
     key = lambda r: (r.kind, r.sample, r.rank)  # noqa: E731
     assert [(r.kind, r.sample, r.rank, r.index, r.sample_id, r.shard) for r in sorted(many.results, key=key)] == \
         [(r.kind, r.sample, r.rank, r.index, r.sample_id, r.shard) for r in sorted(one.results, key=key)]
     np.testing.assert_allclose([r.score for r in sorted(many.results, key=key)],
-                               [r.score for r in sorted(one.results, key=key)], rtol=1e-5, atol=1e-9)
+                               [r.score for r in sorted(one.results, key=key)], rtol=1e-5, atol=1e-7)
     assert sorted(p.name for p in settings.scores_dir.iterdir()) == sorted([f"{single}.npy", f"{fanned}.npy"])
 
 
