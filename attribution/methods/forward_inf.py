@@ -112,9 +112,9 @@ DEFAULTS: dict[tuple[Optimizer, Normalize], tuple[int, float]] = {
     (Optimizer.SGD, Normalize.NONE): (10, 1.0),
     (Optimizer.SGD, Normalize.RELATIVE): (1, 0.01),
     (Optimizer.NORMALIZED_SGD, Normalize.NONE): (10, 1.0),
-    (Optimizer.NORMALIZED_SGD, Normalize.RELATIVE): (1, 0.01),
+    (Optimizer.NORMALIZED_SGD, Normalize.RELATIVE): (1, 0.001),
     (Optimizer.ADAM, Normalize.NONE): (10, 0.1),
-    (Optimizer.ADAM, Normalize.RELATIVE): (1, 0.01),
+    (Optimizer.ADAM, Normalize.RELATIVE): (1, 0.0001),
 }
 
 

@@ -47,12 +47,16 @@ class Candidate:
     lr: float
 
 
-# SGD needs a large α to leave the first-order regime (α∇L_iᵀ∇L_q, dominated by large
-# gradients); Adam's first steps are sign-like, so its α is a per-parameter step size.
-DEFAULT_SPACE: tuple[Candidate, ...] = tuple(
-    [Candidate("sgd", k, lr) for k in (1, 5, 10) for lr in (0.01, 1.0, 100.0)]
-    + [Candidate("adam", k, lr) for k in (1, 5) for lr in (0.01, 0.1)]
-    + [Candidate("normalized_sgd", k, lr) for k in (1, 5) for lr in (0.001, 0.01, 0.1, 1.0)]
+# The relative default first (ties go to it), two step lengths around it, and the raw
+# default (non-linear regime), so auto never retrieves worse than either default. The
+# former grid (SGD K ∈ {1,5,10} × α ∈ {0.01,1,100}, Adam K ∈ {1,5} × α ∈ {0.01,0.1},
+# normalized SGD K ∈ {1,5} × α ∈ {1e-3,…,1}) never selected anything else strictly better
+# on the leakage models of `forward_inf`'s table, at 8× the cost.
+DEFAULT_SPACE: tuple[Candidate, ...] = (
+    Candidate("normalized_sgd", 1, 0.001),
+    Candidate("normalized_sgd", 1, 0.0001),
+    Candidate("normalized_sgd", 1, 0.01),
+    Candidate("sgd", 10, 1.0),
 )
 
 
