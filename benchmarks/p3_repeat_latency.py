@@ -27,7 +27,7 @@ from benchmarks.speed_common import (
     latency_row,
     machine,
     percentile,
-    save_torchscript,
+    save_safetensors,
     trained_mlp,
     write_shards,
 )
@@ -44,7 +44,7 @@ def run(options: Options) -> Report:
     module = trained_mlp(x, y, hidden=(64,))
     with tempfile.TemporaryDirectory(prefix="p3-") as tmp:
         root = Path(tmp) / "data"
-        model_path = save_torchscript(module, root / "mlp.pt")
+        model_path = save_safetensors(module, root / "mlp.safetensors")
         shards = write_shards(root / "shards", x[:n], y[:n], rows_per_shard=max(n // 4, 1))
         with Deployment(root, db="attribution_bench_p3", redis_db=11, workers=1) as d:
             model_id, dataset_id = d.register(model_path, shards)
@@ -82,7 +82,7 @@ def run(options: Options) -> Report:
     p50_get, p99_get = percentile(get_s, 50) * 1000, percentile(get_s, 99) * 1000
     report.setup = (
         f"`python -m service` + 1 `python -m workers` (Postgres database `attribution_bench_p3`, Redis db 11) as "
-        f"subprocesses on 127.0.0.1; {n:,} rows in 4 `.npz` shards, TorchScript MLP 64→64→10; Forward-INF joint "
+        f"subprocesses on 127.0.0.1; {n:,} rows in 4 `.npz` shards, MLP 64→64→10 (eager, safetensors + allowlisted architecture); Forward-INF joint "
         f"queries of one sample (SGD K=5, α=0.01). {requests} sequential requests per kind over one keep-alive "
         f"`httpx` connection, timed client-side (request sent → body read). Machine: {machine()}."
     )

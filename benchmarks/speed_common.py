@@ -108,6 +108,22 @@ def write_shards(root: Path, x: np.ndarray, y: np.ndarray, rows_per_shard: int, 
     return paths
 
 
+SERVICE_ARCHITECTURE = "benchmarks.speed_common:service_mlp"
+
+
+def service_mlp() -> nn.Sequential:
+    """The architecture the service studies register (`format: safetensors`, allowlisted entry point)."""
+    return mlp(64, (64,), 10)
+
+
+def save_safetensors(module: nn.Module, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    return path
+
+
 def save_torchscript(module: nn.Module, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.save(torch.jit.script(module), str(path))
@@ -201,7 +217,7 @@ class Deployment:
         self.env = {
             **os.environ, "PYTHONPATH": str(REPO), "DATA_ROOT": str(self.data_root),
             "DATABASE_URL": fresh_database(self.db), "REDIS_URL": flush_redis(self.redis_db),
-            "DEVICE": "cpu", **self.extra_env,
+            "DEVICE": "cpu", "ALLOWED_ARCHITECTURES": SERVICE_ARCHITECTURE, **self.extra_env,
         }
         self.env.pop("API_KEYS", None)
         try:
@@ -259,8 +275,14 @@ class Deployment:
 
     # ----------------------------------------------------------------- API helpers
     def register(self, model_path: Path, shard_paths: Sequence[Path], task: str = "classification") -> tuple[str, str]:
-        """Register a model file and a dataset of shards (files under the data root); their ids."""
-        model = self.client.post("/v1/models", json={"name": model_path.name, "uri": model_path.as_uri(), "task": task})
+        """Register a model file and a dataset of shards (files under the data root); their ids.
+
+        `.safetensors` files are registered with the `service_mlp` architecture.
+        """
+        spec: dict[str, Any] = {"name": model_path.name, "uri": model_path.as_uri(), "task": task}
+        if model_path.suffix == ".safetensors":
+            spec.update(format="safetensors", architecture=SERVICE_ARCHITECTURE)
+        model = self.client.post("/v1/models", json=spec)
         model.raise_for_status()
         dataset = self.client.post("/v1/datasets", json={"name": "train", "shards": [{"uri": p.as_uri()} for p in shard_paths]},
                                    timeout=600.0)
