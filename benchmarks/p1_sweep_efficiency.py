@@ -52,7 +52,7 @@ def plain_inference(model: torch.nn.Module, train: ShardedTrainingSet, batch_siz
 
 
 def run(options: Options) -> Report:
-    n = 20_000 if options.quick else 200_000
+    n = 10_000 if options.quick else 200_000
     repeats = 3 if options.quick else 7
     report = Report(STUDY, "P1 — Forward-INF sweep vs plain inference", options.quick)
     x, y = blobs(n + 16, seed=1)

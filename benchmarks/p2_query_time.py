@@ -56,7 +56,7 @@ OURS: list[tuple[str, str, dict[str, Any]]] = [
 
 @dataclass
 class Problem:
-    module: nn.Module
+    module: nn.Sequential
     x: torch.Tensor  # [N, 64]
     y: torch.Tensor  # [N]
     x_test: torch.Tensor  # [3, 64]

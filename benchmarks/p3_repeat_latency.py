@@ -10,6 +10,10 @@ keep-alive `httpx` client:
 p50/p99 latency of each (targets p50 ≤ 10 ms, p99 ≤ 50 ms). Then a *new* query (other
 samples) on the warmed model and data: its `timings` show the base losses served from the
 cache (`base_losses_s` ≈ 0), i.e. one sweep, against the first query's two.
+
+Last, queries per minute one worker serves at this N: B new Forward-INF queries POSTed at
+once, timed until all are final, with batching (`workers.batching`: one sweep for all B)
+and without (`BATCH_MAX_QUERIES=1`, the worker restarted with it).
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from benchmarks.speed_common import (
 )
 
 STUDY = "p3_repeat_latency"
+BURST = 16
 P50_MS, P99_MS = 10.0, 50.0
 
 
 def run(options: Options) -> Report:
     n = 2_000 if options.quick else 20_000
     requests = 50 if options.quick else 300
+    burst = 4 if options.quick else BURST
     report = Report(STUDY, "P3 — Repeat and warm queries over HTTP", options.quick)
     x, y = blobs(n + 4, seed=3)
     module = trained_mlp(x, y, hidden=(64,))
@@ -76,6 +82,19 @@ def run(options: Options) -> Report:
             second = d.client.post("/v1/queries", json=body(n + 1)).json()
             second = d.wait_final([second["id"]], timeout=600)[second["id"]]
             metrics = d.client.get("/metrics").text
+            served = {}
+            for label, cap in (("batched", str(burst)), ("one by one", "1")):
+                d.stop_workers()
+                d.add_workers(1, {"BATCH_MAX_QUERIES": cap})
+                time.sleep(3.0)  # the worker imports torch and registers with RQ
+                offset = 2 if label == "batched" else 2 + burst
+                began = time.perf_counter()
+                ids = [d.client.post("/v1/queries", json=body(n + offset + q)).json()["id"] for q in range(burst)]
+                finals = d.wait_final(ids, timeout=1800, interval=0.1)
+                seconds = time.perf_counter() - began
+                groups = sorted({int(b["result"]["extras"].get("batched_queries", 1)) for b in finals.values()
+                                 if b["status"] == "succeeded"})
+                served[label] = (seconds, sum(b["status"] == "succeeded" for b in finals.values()), groups)
 
     t1, t2 = first["result"]["timings"], second["result"]["timings"]
     p50_post, p99_post = percentile(post_s, 50) * 1000, percentile(post_s, 99) * 1000
@@ -100,6 +119,15 @@ def run(options: Options) -> Report:
     report.figure("new warm query total_s ÷ first query total_s", warm_ratio, "—", "this run")
     report.table("Latency over HTTP", LATENCY_HEADER,
                  [latency_row("identical repeat POST /v1/queries", post_s), latency_row("GET /v1/queries/{id}", get_s)])
+    qpm = {label: 60 * burst / seconds for label, (seconds, _, _) in served.items()}
+    report.figure(f"queries/minute, 1 worker, N={n:,}, batched ({burst} queued)", qpm["batched"], "—", "this run")
+    report.figure(f"queries/minute, 1 worker, N={n:,}, one by one", qpm["one by one"], "—", "this run")
+    report.figure("batching speed-up", qpm["batched"] / qpm["one by one"], "—", "this run", "> 1",
+                  qpm["batched"] > qpm["one by one"])
+    report.table(f"{burst} new queries queued at once, one worker", ["mode", "seconds", "queries / minute", "succeeded",
+                                                                    "batch sizes seen"],
+                 [[label, f"{seconds:.2f}", f"{qpm[label]:.1f}", f"{ok}/{burst}", ", ".join(map(str, groups))]
+                  for label, (seconds, ok, groups) in served.items()])
     keys = sorted(set(t1) | set(t2))
     report.table("Worker timings (seconds) of the first query and of a new query on the warmed model",
                  ["phase", "first query (cold)", "new query (warm)"],

@@ -233,8 +233,8 @@ class Deployment:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-    def add_workers(self, count: int) -> None:
-        env = dict(self.env)
+    def add_workers(self, count: int, env_overrides: dict[str, str] | None = None) -> None:
+        env = {**self.env, **(env_overrides or {})}
         if self.worker_threads is not None:
             env.update(OMP_NUM_THREADS=str(self.worker_threads), MKL_NUM_THREADS=str(self.worker_threads))
         for _ in range(count):

@@ -212,8 +212,10 @@ def compute_batch(
     out = []
     for b, p in enumerate(params):
         scores = (p.sign * (after[b:b + 1] - base.unsqueeze(0))).float()
-        if p.normalize == Normalize.RELATIVE:
-            scores = relative_scores(scores, cached_self_influence(method, train, relative_norm=True))
+        if p.normalize == Normalize.RELATIVE:  # the denominator of this query's own (resolved) params
+            own = ForwardInf(model, p, context)
+            norms = cached_self_influence(own, train, relative_norm=True)
+            scores = relative_scores(scores, norms, floor=own.relative_norm_floor())
         timings = {"load_s": load_s, "base_losses_s": context.timings.get("base_losses_s", 0.0),
                    "unlearn_s": unlearn_s[b], "sweep_s": sweep_s, "total_s": time.perf_counter() - started}
         out.append((scores.detach().float().cpu(), train, timings))

@@ -9,39 +9,64 @@ then one forward pass per training row:
 
     score_i = L(θ_K, z_i) − L(θ̂, z_i)                                   [N]
 
-A row whose loss rises when the model forgets the query supported the query's prediction,
-so higher = more supportive (the product's sign convention). With `direction="descent"`
-(θ_{k+1} = θ_k − α∇L_q, the mirror of *adding* the query) the sign is flipped,
-score_i = L(θ̂, z_i) − L(θ_K, z_i), so the convention holds in both directions. To first
-order one SGD step gives score_i ≈ α ∇L_iᵀ ∇L_q.
+Higher = the row supports the query's prediction (the product's sign convention); with
+`direction="descent"` the sign is flipped so the convention holds both ways. `optimizer`
+"sgd" is exactly Algorithm 1 (the default: `{"steps": 5, "lr": 0.01}` is the paper's run);
+"normalized_sgd" steps θ_{k+1} = θ_k + α g_k/‖g_k‖₂ (same direction, step length α);
+"adam" is torch's Adam. `L(θ̂, ·)` is computed once per (model, data) and cached, so a
+query costs one sweep; `per_sample` unlearns each query separately and scores all Q in one
+pass (`forward_inf_engine`).
 
-`L(θ̂, ·)` depends only on model and data: `fit` computes it once and caches it under
-`artifact_key("train_losses", fingerprint, precision)`, so a query costs one sweep.
-`per_sample` mode unlearns each of the Q queries separately (eager modules: Q stacked
-parameter sets updated together through `vmap(functional_call)`; TorchScript: Q copies) and
-scores all Q in ONE pass over the training data.
+Memorised queries. A model that memorised its training rows has L_q ≈ e^{−m_q} (margin
+m_q > 17 ⇒ L_q < 1e-7) and g_q = ∇L_q ≈ −L_q ∇m_q, ‖g_q‖ down to ~1e-17: an SGD step αg_q
+leaves θ unchanged in float arithmetic and ΔL_i ≈ α g_iᵀg_q ~ 1e-36 sinks under the
+rounding of L_i. A normalised step moves θ by exactly α, so ΔL_i ≈ α⟨g_i, ĝ_q⟩ and, for a
+memorised row, ΔL_i / L_i ≈ −α⟨∇m_i, ĝ_q⟩ = O(α‖∇m_i‖), far above float32 rounding —
+while the per-query ranking is SGD's (a positive factor 1/‖g_q‖).
 
-Defaults, chosen by measurement. Leakage on digits: 20 test points copied into the
-training set (1,220 rows), per-sample queries, "top-1" = the copy ranked first; LR = the
-`digits_leakage` fixture, MLP = a 64-32-10 tanh MLP trained with Adam on the same leaked set
-(`tests/attribution/test_forward_inf.py::test_leakage_rates` re-measures them):
+Relative scores (RelatIF). To first order, one step with step map s changes row i's loss
+by score_i ≈ ⟨g_i, s(g_q)⟩, g_i = ∇L(θ̂, z_i). Dividing by D_i = max over the step map's
+unit ball of ⟨g_i, ·⟩ bounds score_i / D_i by a factor of q alone, reached by an exact
+copy (g_i = g_q):
 
-  setting                                       LR fp32   MLP fp32   MLP fp64
-  Algorithm 1 as usually run, SGD K=5 α=0.01       1/20       1/20       1/20
-  raw default, SGD K=10 α=1                        8/20       8/20       8/20
-  SGD K=5 α=100                                    8/20       0/20       0/20
-  Adam K=10 α=0.1                                  2/20       0/20       0/20
-  relative default, SGD K=1 α=0.01                20/20       0/20      20/20
-  auto (self-retrieval, forward_inf_auto)         20/20       6/20      20/20
+    sgd             s = α g_q          D_i = √α ‖g_i‖₂   score/D_i = √α ‖g_q‖₂ cos(g_i, g_q)
+    normalized_sgd  s = α g_q/‖g_q‖₂   D_i = α ‖g_i‖₂    score/D_i = cos(g_i, g_q) ≤ 1
+    adam (1st step) s ≈ α sign(g_q)    D_i = α ‖g_i‖₁    score/D_i = ⟨g_i, sign g_q⟩/‖g_i‖₁ ≤ 1
 
-Raw scores are limited by large-gradient rows: to first order score_i ≈ α∇L_iᵀ∇L_q, and in
-the non-linear regime (large α) by rows with large input norm; no K/α grid above 8/20 was
-found for either model, and Adam's sign-like first step is worse. Relative normalisation
-(pipeline) divides by sqrt(self-influence) ≈ sqrt(α)‖∇L_i‖, which by Cauchy–Schwarz makes an
-exact copy the maximum in the first-order regime — hence its small-step defaults. On the
-MLP most training losses are below 1e-3 and the small loss changes sink under fp32
-rounding (~1e-7): `precision="fp64"` fixes it for small proxy models. The default optimizer
-stays plain SGD so `{"steps": 5, "lr": 0.01}` is exactly Algorithm 1.
+(Cauchy–Schwarz; Hölder for Adam, whose ‖·‖_∞ ball is not strictly convex: every row with
+the copy's sign pattern ties, and the step is not sign-like where |g| ≲ Adam's ε = 1e-8).
+`relative_norm_squared` returns D_i² from exact per-sample gradient norms (one backward
+per row, computed once and cached as an `[N]` vector), not from a row's own loss change
+after unlearning it: that is a difference of rounded losses (~L_i, noise for memorised
+rows) and, for normalised or Adam steps, of degree 1 in g_i, so dividing by its square
+root leaves a factor sqrt(‖g_i‖) that breaks the bound. `self_influence` (the row's own
+loss change, the mislabel audit) is unchanged. Division runs in float64; ε = tiny² with
+tiny the loss dtype's smallest normal number (a smaller D_i cannot be resolved).
+
+Defaults, chosen by measurement. Leakage on digits, fp32, per-sample queries, "top-1" =
+the copy ranked first. LR = the `digits_leakage` fixture (1,220 rows, 20 copies); tanh MLP
+= a 64-32-10 tanh MLP trained with Adam on the same set; ReLU = the memorised 64-64-10 ReLU
+MLP of the tests (210 rows, 10 copies, 1/4 of rows at zero `F.cross_entropy`); demo = the
+product's 64-64-10 ReLU demo model (1,405 rows, 5 copies; TorchScript):
+
+  setting                                    LR /20  tanh /20  ReLU /10  demo /5
+  Algorithm 1, SGD K=5 α=0.01                    1        1         2        0
+  raw default, SGD K=10 α=1                      8        8         2        0
+  raw normalized_sgd K=10 α=1                    7       13         5        1
+  raw adam K=10 α=1 (0.1, 0.01: no better)       2        1         4        1
+  relative sgd K=1 α=0.01                       20       20         5        3
+  relative default, normalized_sgd K=1 α=1e-3   20       20        10        5
+  relative normalized_sgd K=1 α=0.01            20       20        10        5
+  relative adam K=1 α=1e-4                      18       20         9        5
+  relative adam K=10 α=0.1                       0        0         0        0
+  auto (picked normalized_sgd K=1 α=1e-3 rel.)  20       20        10        5
+
+Raw scores are dominated by large-gradient rows (first order: α g_iᵀg_q); no raw setting
+ranks every copy first. Relative SGD fails where the copies are memorised (above). On a wider
+64-256-256-10 ReLU MLP (1,210 rows, 10 copies) relative normalized_sgd ranks 10/10 with
+α = 1e-4 or 1e-3 but 9/10 with α = 0.01 (second-order terms), hence α = 1e-3; Adam's
+relative default needs α = 1e-4 to stay first-order (α·√P per step). `test_forward_inf.py`
+re-measures the LR, tanh and ReLU columns.
 """
 
 from __future__ import annotations
@@ -108,12 +133,13 @@ class Precision(StrEnum):
 
 # (K, α) when `steps`/`lr` are not given, per (optimizer, normalize): raw scores need the
 # non-linear regime; relative scores are exact in the first-order regime (module docstring).
+# An unset optimizer is "sgd", or "normalized_sgd" with normalize="relative".
 DEFAULTS: dict[tuple[Optimizer, Normalize], tuple[int, float]] = {
     (Optimizer.SGD, Normalize.NONE): (10, 1.0),
     (Optimizer.SGD, Normalize.RELATIVE): (1, 0.01),
     (Optimizer.NORMALIZED_SGD, Normalize.NONE): (10, 1.0),
     (Optimizer.NORMALIZED_SGD, Normalize.RELATIVE): (1, 0.001),
-    (Optimizer.ADAM, Normalize.NONE): (10, 0.1),
+    (Optimizer.ADAM, Normalize.NONE): (10, 1.0),
     (Optimizer.ADAM, Normalize.RELATIVE): (1, 0.0001),
 }
 

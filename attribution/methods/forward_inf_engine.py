@@ -76,7 +76,7 @@ class NormalizedSGD(torch.optim.Optimizer):
     `stacked=True`: every tensor is `[Q, *shape]` and slice q is its own parameter set, with
     its own norm ‖g^(q)‖₂ = sqrt(Σ_tensors ‖g[q]‖²), recomputed every step. The norm and the
     scaling run in float64, so gradients down to ~1e-300 keep a unit-length step (float32
-    squares underflow below ~1e-19). A set whose gradient is exactly zero is not moved and
+    squares are subnormal below ~1e-19 and 0 below ~1e-23). A set whose gradient is exactly zero is not moved and
     counted in `log.zero_gradient_steps`.
     """
 
@@ -87,14 +87,18 @@ class NormalizedSGD(torch.optim.Optimizer):
         self.log = log
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step on the gradients already in `.grad` (a `closure` recomputes them first)."""
+        loss = None
         if closure is not None:
-            raise ValueError("NormalizedSGD takes no closure")
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
+            sets = group["params"][0].shape[0] if self.stacked else 1
             pairs = [(p, p.grad) for p in group["params"] if p.grad is not None]
-            if not pairs:
+            if not pairs:  # no tracked parameter reaches the loss: a zero gradient
+                self.log.zero_gradient_steps += sets
                 continue
-            sets = pairs[0][0].shape[0] if self.stacked else 1
             squared = torch.zeros(sets, dtype=torch.float64, device=pairs[0][0].device)
             for _, g in pairs:
                 squared += g.double().reshape(sets, -1).pow(2).sum(1)
@@ -106,6 +110,7 @@ class NormalizedSGD(torch.optim.Optimizer):
             for p, g in pairs:
                 shape = (sets, *([1] * (g.dim() - 1))) if self.stacked else ()
                 p.add_((g.double() * scale.reshape(shape)).to(p.dtype))
+        return loss
 
 
 def unlearn_copy(model: ModelAdapter, queries: Batch, how: Unlearning) -> ModelAdapter:

@@ -41,15 +41,15 @@ def test_shapes_and_self_influence(wine_mlp: fixtures.Trained) -> None:
 
 def test_relative_normalisation_is_cached(wine_mlp: fixtures.Trained, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    original = ForwardInf.self_influence
+    original = ForwardInf.relative_norm_squared
 
     def counting(self: ForwardInf, train: object) -> torch.Tensor:
         calls.append(1)
         return original(self, train)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ForwardInf, "self_influence", counting)
+    monkeypatch.setattr(ForwardInf, "relative_norm_squared", counting)
     store = InMemoryArtifacts()
-    params = {"normalize": "relative", "steps": 1, "lr": 0.05}
+    params = {"normalize": "relative", "steps": 1, "lr": 0.05, "optimizer": "sgd"}
     first = attribute(wine_mlp.adapter, ForwardInf, params, wine_mlp.train, FitContext("wine", store=store),
                       queries=wine_mlp.test_batch([0]))
     second = attribute(wine_mlp.adapter, ForwardInf, params, wine_mlp.train, FitContext("wine", store=store),
@@ -57,10 +57,10 @@ def test_relative_normalisation_is_cached(wine_mlp: fixtures.Trained, monkeypatc
     assert len(calls) == 1
     raw = attribute(wine_mlp.adapter, ForwardInf, {"steps": 1, "lr": 0.05}, wine_mlp.train,
                     FitContext("wine", store=store), queries=wine_mlp.test_batch([1]))
-    assert len(calls) == 1  # same params except normalize: the cached vector is shared
-    si = original(ForwardInf(wine_mlp.adapter, ForwardInfParams(steps=1, lr=0.05), FitContext("x")), wine_mlp.train)
-    floor = max(1e-12, 1e-6 * float(si.abs().median()))
-    torch.testing.assert_close(second, raw / si.clamp(min=floor).sqrt())
+    assert len(calls) == 1  # raw scores need no norms
+    method = ForwardInf(wine_mlp.adapter, ForwardInfParams.from_dict(params), FitContext("x"))
+    norms = original(method, wine_mlp.train)
+    torch.testing.assert_close(second, raw / norms.clamp(min=method.relative_norm_floor()).sqrt().float())
     assert not torch.allclose(first, second)
 
 
