@@ -46,7 +46,7 @@ def run(options: Options) -> Report:
     requests = 50 if options.quick else 300
     burst = 4 if options.quick else BURST
     report = Report(STUDY, "P3 — Repeat and warm queries over HTTP", options.quick)
-    x, y = blobs(n + 4, seed=3)
+    x, y = blobs(n + 2 + 2 * burst, seed=3)
     module = trained_mlp(x, y, hidden=(64,))
     with tempfile.TemporaryDirectory(prefix="p3-") as tmp:
         root = Path(tmp) / "data"
