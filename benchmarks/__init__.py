@@ -1,5 +1,5 @@
-"""Reproducible quality studies (Q1–Q7 of BENCHMARKS.md): one script per study, each
-writing `benchmarks/results/<study>.md` (and a PNG where a curve says more).
+"""Reproducible benchmark studies (BENCHMARKS.md): one script per study, each writing
+`benchmarks/results/<study>.md` (and a PNG where a curve says more).
 
 Run one with `python -m benchmarks.<study> [--quick] [--out DIR]`; see `benchmarks/README.md`.
 """

@@ -12,29 +12,18 @@ from __future__ import annotations
 
 import copy
 import itertools
-import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits, load_wine
 from torch import Tensor, nn
 
+from attribution.artifacts import InMemoryArtifacts
 from attribution.data import Batch, TensorTrainingSet
 from attribution.methods.base import FitContext
 from attribution.model import ModelAdapter
 from attribution.tasks import ClassificationTask, RegressionTask, Task
-
-Loss = Callable[[Tensor, Tensor], Tensor]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU) generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------- data
@@ -124,24 +113,19 @@ def small_cnn(channels: int = 8, classes: int = 10) -> nn.Sequential:
     )
 
 
-def classification_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(outputs, targets)
-
-
 def l2_penalty(module: nn.Module) -> Tensor:
     return sum((p ** 2).sum() for p in module.parameters())  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- training
-def fit_lbfgs(module: nn.Module, x: Tensor, y: Tensor, l2: float, *, max_iter: int = 1000,
-              loss: Loss = classification_loss) -> nn.Module:
-    """Minimise `loss(module(x), y) + (l2/2)‖θ‖²` to convergence with full-batch L-BFGS, in place."""
+def fit_lbfgs(module: nn.Module, x: Tensor, y: Tensor, l2: float, *, max_iter: int = 1000) -> nn.Module:
+    """Minimise mean cross-entropy + (l2/2)‖θ‖² to convergence with full-batch L-BFGS, in place."""
     opt = torch.optim.LBFGS(module.parameters(), lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
                             tolerance_change=1e-14, history_size=50, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         opt.zero_grad()
-        total = loss(module(x), y) + 0.5 * l2 * l2_penalty(module)
+        total = F.cross_entropy(module(x), y) + 0.5 * l2 * l2_penalty(module)
         total.backward()
         return total
 
@@ -158,8 +142,7 @@ class Trajectory:
 
 
 def fit_adam(module: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 300, lr: float = 1e-2,
-             weight_decay: float = 1e-4, seed: int = 0, checkpoints: int = 0,
-             loss: Loss = classification_loss) -> tuple[nn.Module, Trajectory]:
+             weight_decay: float = 1e-4, seed: int = 0, checkpoints: int = 0) -> tuple[nn.Module, Trajectory]:
     """Full-batch Adam with decoupled L2 `weight_decay`, in place.
 
     With `checkpoints = C > 0` keeps C evenly spaced copies of the model (the last one the
@@ -171,7 +154,7 @@ def fit_adam(module: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 300, lr: 
     trajectory = Trajectory()
     for epoch in range(1, epochs + 1):
         opt.zero_grad()
-        loss(module(x), y).backward()
+        F.cross_entropy(module(x), y).backward()
         opt.step()
         if epoch in keep:
             trajectory.modules.append(copy.deepcopy(module).eval())
@@ -196,8 +179,6 @@ def regression_adapter(module: nn.Module) -> ModelAdapter:
 
 def fit_context(name: str, trajectory: Trajectory | None = None, task: Task | None = None) -> FitContext:
     """A fresh `FitContext` (in-memory artifact store) carrying TracIn checkpoints if given."""
-    from attribution.artifacts import InMemoryArtifacts
-
     context = FitContext(fingerprint=f"bench:{name}", store=InMemoryArtifacts())
     if trajectory is not None:
         context.checkpoints = [adapter(m, task) for m in trajectory.modules]

@@ -65,11 +65,13 @@ class TrainedModel:
         return adapter(self.module)
 
 
-def train_models(data: LeakedDigits, *, epochs: int, seed: int = 0) -> list[TrainedModel]:
-    """The MLP 64-64-10 (ReLU) and the small CNN, full-batch AdamW, 5 TracIn checkpoints each."""
+def train_models(data: LeakedDigits, *, epochs: int, hidden: int = 64, channels: int = 8,
+                 seed: int = 0) -> list[TrainedModel]:
+    """MLP 64-`hidden`-10 (ReLU) and the small CNN, full-batch AdamW, 5 TracIn checkpoints each."""
     out = []
-    for name, build in (("MLP 64-64-10", lambda: mlp([64, 64, 10], nn.ReLU)),
-                        ("CNN (conv 8, conv 16, max-pool, linear)", small_cnn)):
+    for name, build in ((f"MLP 64-{hidden}-10", lambda: mlp([64, hidden, 10], nn.ReLU)),
+                        (f"CNN (conv {channels}, conv {2 * channels}, max-pool, linear)",
+                         lambda: small_cnn(channels))):
         torch.manual_seed(seed)
         module, trajectory = fit_adam(build(), data.x_train, data.y_train, epochs=epochs, seed=seed, checkpoints=5)
         out.append(TrainedModel(name, module, trajectory, accuracy(module, data.x_test, data.y_test)))

@@ -12,16 +12,20 @@ both sides, i.e. every method keeps whatever it can cache between queries (the f
 comparison for a service); cold ratios are reported too.
 
 Peers (captum, dattri, kronfluence, pyDVL) run on the same model weights and tensors when
-they import; each library's own fit/attribute split defines its cold and warm.
+they import, each in its own process (8 GiB address-space cap, 30 min limit); each
+library's own fit/attribute split defines its cold and warm.
 """
 
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import resource
 import statistics
 import tempfile
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,9 @@ from benchmarks.speed_common import blobs, machine, trained_mlp
 
 STUDY = "p2_query_time"
 TARGET = 30.0
+QUERIES = 2  # the first on an empty cache (cold), then one new query (warm)
+PEER_MEMORY_BYTES = 8 * 2**30  # address-space cap of each peer's process
+PEER_TIMEOUT_S = 1800
 BATCH = 1024
 
 OURS: list[tuple[str, str, dict[str, Any]]] = [
@@ -59,7 +66,7 @@ class Problem:
     module: nn.Sequential
     x: torch.Tensor  # [N, 64]
     y: torch.Tensor  # [N]
-    x_test: torch.Tensor  # [3, 64]
+    x_test: torch.Tensor  # [QUERIES, 64]
     y_test: torch.Tensor
 
 
@@ -71,20 +78,20 @@ class Timed:
 
 
 def problem(n: int) -> Problem:
-    x, y = blobs(n + 3, seed=2)
+    x, y = blobs(n + QUERIES, seed=2)
     module = trained_mlp(x, y, hidden=(64,), steps=200)
     return Problem(module, torch.from_numpy(x[:n]), torch.from_numpy(y[:n]),
                    torch.from_numpy(x[n:]), torch.from_numpy(y[n:]))
 
 
 def time_ours(p: Problem, method: str, params: dict[str, Any]) -> Timed:
-    """Cold = first query on an empty store; warm = median of the next two new queries."""
+    """Cold = first query on an empty store; warm = the next new query."""
     adapter = ModelAdapter(p.module, ClassificationTask())
     train = TensorTrainingSet(p.x, p.y)
     context = FitContext(fingerprint=f"p2-{method}", store=InMemoryArtifacts())
     full = {"batch_size": BATCH, **params}
     seconds = []
-    for q in range(3):
+    for q in range(QUERIES):
         query = Batch(p.x_test[q:q + 1], p.y_test[q:q + 1])
         with Stopwatch() as watch:
             scores = attribute(adapter, method, full, train, context, queries=query)
@@ -112,7 +119,7 @@ def peer_captum_tracin(p: Problem) -> Timed:
             return 1.0  # learning rate weight
 
         seconds = []
-        for q in range(3):
+        for q in range(QUERIES):
             with Stopwatch() as watch:
                 tracin = TracInCPFast(model, model[-1], TensorDataset(p.x, p.y), [checkpoint],
                                       checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
@@ -140,7 +147,7 @@ def _dattri_task(model: nn.Module) -> Any:
 def _dattri_timed(p: Problem, make: Callable[[Any], Any], note: str, cache: bool) -> Timed:
     model = copy.deepcopy(p.module)
     seconds, attributor = [], None
-    for q in range(3):
+    for q in range(QUERIES):
         with Stopwatch() as watch:
             if attributor is None:
                 attributor = make(_dattri_task(model))
@@ -171,11 +178,13 @@ def peer_dattri_tracin(p: Problem) -> Timed:
 def _pydvl_timed(p: Problem, make: Callable[[nn.Module], Any], note: str) -> Timed:
     model = copy.deepcopy(p.module)
     seconds, fitted = [], None
-    for q in range(3):
+    for q in range(QUERIES):
         with Stopwatch() as watch:
             if fitted is None:
                 fitted = make(model).fit(_loader(p.x, p.y))
-            scores = fitted.influences(p.x_test[q:q + 1], p.y_test[q:q + 1], p.x, p.y, mode="up")
+            scores = torch.cat([fitted.influences(p.x_test[q:q + 1], p.y_test[q:q + 1], p.x[i:i + BATCH],
+                                                  p.y[i:i + BATCH], mode="up")
+                                for i in range(0, len(p.y), BATCH)], dim=-1)
         if scores.shape[-1] != len(p.y):
             raise RuntimeError("pyDVL: unexpected shape")
         seconds.append(watch.seconds)
@@ -214,7 +223,7 @@ def peer_kronfluence_ekfac(p: Problem) -> Timed:
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer(analysis_name="p2", model=model, task=CETask(), cpu=True, output_dir=tmp,
                             disable_tqdm=True)
-        for q in range(3):
+        for q in range(QUERIES):
             with Stopwatch() as watch:
                 if q == 0:
                     analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=BATCH,
@@ -228,6 +237,18 @@ def peer_kronfluence_ekfac(p: Problem) -> Timed:
                 raise RuntimeError("kronfluence: unexpected shape")
             seconds.append(watch.seconds)
     return Timed(seconds[0], statistics.median(seconds[1:]), "EK-FAC factors in cold (fit_all_factors)")
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (PEER_MEMORY_BYTES, PEER_MEMORY_BYTES))
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def isolated(run_peer: Callable[[Problem], Timed], p: Problem) -> Timed:
+    """Run one peer in a fresh process with a memory cap (a peer's blow-up fails that peer only)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_limit_memory) as pool:
+        return pool.submit(run_peer, p).result(timeout=PEER_TIMEOUT_S)
 
 
 PEERS: list[tuple[str, str, Callable[[Problem], Timed]]] = [
@@ -257,7 +278,7 @@ def run(options: Options) -> Report:
             skipped.append(f"{label}: `{package}` does not import here ({exc.__class__.__name__}: {exc})")
             continue
         try:
-            peers[label] = run_peer(p)
+            peers[label] = isolated(run_peer, p)
         except Exception as exc:
             last = traceback.format_exception_only(exc)[-1].strip()
             skipped.append(f"{label}: failed on this problem ({last[:200]})")
@@ -285,7 +306,7 @@ def run(options: Options) -> Report:
         f"{n:,} training rows (64-feature Gaussian blobs, 10 classes, in memory: `TensorTrainingSet` for ours, "
         f"`TensorDataset` for peers), MLP 64→64→10 (tanh, 4,810 parameters) trained by 200 full-batch Adam steps; "
         f"batch size {BATCH}; one new joint query = one test sample; cold = the first query on an empty artifact "
-        f"store (includes every fit), warm = median of the next two new queries. Our methods run through "
+        f"store (includes every fit), warm = the next new query (another sample). Our methods run through "
         f"`attribution.pipeline.attribute` with default params except influence damping 0.01 (Forward-INF "
         f"defaults: SGD K=10, α=1). The target is read on the warm times of IF and TracIn. Machine: {machine()}."
     )

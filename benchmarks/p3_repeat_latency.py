@@ -11,15 +11,17 @@ p50/p99 latency of each (targets p50 ≤ 10 ms, p99 ≤ 50 ms). Then a *new* que
 samples) on the warmed model and data: its `timings` show the base losses served from the
 cache (`base_losses_s` ≈ 0), i.e. one sweep, against the first query's two.
 
-Last, queries per minute one worker serves at this N: B new Forward-INF queries POSTed at
-once, timed until all are final, with batching (`workers.batching`: one sweep for all B)
-and without (`BATCH_MAX_QUERIES=1`, the worker restarted with it).
+Last, queries per minute one worker serves at this N: B new Forward-INF queries POSTed
+while no worker runs; then one fresh worker serves them, timed from the first query's
+`started_at` to the last `finished_at` (server clocks, worker start-up excluded), with
+batching (`workers.batching`: one sweep for all B) and without (`BATCH_MAX_QUERIES=1`).
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 from benchmarks.cli import Options, run_study
@@ -84,17 +86,18 @@ def run(options: Options) -> Report:
             metrics = d.client.get("/metrics").text
             served = {}
             for label, cap in (("batched", str(burst)), ("one by one", "1")):
-                d.stop_workers()
-                d.add_workers(1, {"BATCH_MAX_QUERIES": cap})
-                time.sleep(3.0)  # the worker imports torch and registers with RQ
+                d.stop_workers()  # queue all B first, then let one fresh worker serve them
                 offset = 2 if label == "batched" else 2 + burst
-                began = time.perf_counter()
                 ids = [d.client.post("/v1/queries", json=body(n + offset + q)).json()["id"] for q in range(burst)]
+                d.add_workers(1, {"BATCH_MAX_QUERIES": cap})
+                d.wait_workers()
                 finals = d.wait_final(ids, timeout=1800, interval=0.1)
-                seconds = time.perf_counter() - began
+                began = min(datetime.fromisoformat(b["started_at"]) for b in finals.values())
+                ended = max(datetime.fromisoformat(b["finished_at"]) for b in finals.values())
                 groups = sorted({int(b["result"]["extras"].get("batched_queries", 1)) for b in finals.values()
                                  if b["status"] == "succeeded"})
-                served[label] = (seconds, sum(b["status"] == "succeeded" for b in finals.values()), groups)
+                served[label] = ((ended - began).total_seconds(),
+                                 sum(b["status"] == "succeeded" for b in finals.values()), groups)
 
     t1, t2 = first["result"]["timings"], second["result"]["timings"]
     p50_post, p99_post = percentile(post_s, 50) * 1000, percentile(post_s, 99) * 1000

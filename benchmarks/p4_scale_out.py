@@ -5,7 +5,8 @@ Forward-INF query fans out into 8 part jobs (`workers.fanout`) that any worker c
 the last part merges. One warm-up query fills the base-loss cache (one entry per part),
 then for each worker count the same Q queries (same samples; `top_k` differs per round so
 the API computes them again instead of answering from the stored result) are POSTed at
-once and timed until all are final. Throughput = Q·N rows scored per second. Each round's
+once when all k workers listen, timed from the first `started_at` to the last
+`finished_at` (server clocks). Throughput = Q·N rows scored per second. Each round's
 score files are compared with the first round's (identical results across worker counts).
 Every worker runs one intra-op thread, so k workers use k cores: on this 2-core machine
 gains stop at 2 workers.
@@ -14,7 +15,7 @@ gains stop at 2 workers.
 from __future__ import annotations
 
 import tempfile
-import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +64,12 @@ def run(options: Options) -> Report:
             for index, count in enumerate(counts):
                 d.stop_workers()
                 d.add_workers(count)
-                time.sleep(3.0)  # let the workers import torch and register with RQ
-                began = time.perf_counter()
+                d.wait_workers()  # imports done, all k workers listening
                 ids = [d.client.post("/v1/queries", json=body(q, 10 + index)).json()["id"] for q in range(num_queries)]
                 final = d.wait_final(ids, timeout=3600, interval=0.2)
-                seconds = time.perf_counter() - began
+                began = min(datetime.fromisoformat(b["started_at"]) for b in final.values())
+                ended = max(datetime.fromisoformat(b["finished_at"]) for b in final.values())
+                seconds = (ended - began).total_seconds()
                 failed = [f"{i}: {b['error']}" for i, b in final.items() if b["status"] != "succeeded"]
                 if failed:
                     raise RuntimeError(f"{count} workers: failed queries {failed}")
@@ -98,7 +100,8 @@ def run(options: Options) -> Report:
         f"(one intra-op thread each, `OMP_NUM_THREADS=1`) on Postgres (`attribution_bench_p4`) and Redis (db 12), "
         f"127.0.0.1; batching off (`BATCH_MAX_QUERIES=1`) so the parts are the unit of work. Base losses cached by "
         f"a warm-up query; per worker count, {num_queries} Forward-INF queries (SGD K=5, α=0.01, one sample each) "
-        f"POSTed at once, timed until all are final. Machine: {machine()} — with 2 cores, expect gains up to 2 "
+        f"POSTed at once after all k workers registered with RQ, timed from the first query's `started_at` to the "
+        f"last `finished_at` (server clocks). Machine: {machine()} — with 2 cores, expect gains up to 2 "
         f"workers and none beyond."
     )
     plot = curves(options.out / f"{STUDY}.png",

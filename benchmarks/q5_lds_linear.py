@@ -113,7 +113,7 @@ def one_trial(problem: LinearProblem, num_subsets: int, seed: int) -> tuple[dict
 
 
 def run(options: Options) -> Report:
-    trials, n_test, num_subsets = (2, 5, 20) if options.quick else (100, 10, 100)
+    trials, n_test, num_subsets = (2, 5, 20) if options.quick else (100, 8, 100)
     report = Report(STUDY, "Q5 — LDS on linear regression", options.quick)
     report.setup = (
         f"Per trial: {N_TRAIN} training and {n_test} test rows, {DIM} features x ~ N(0, I), weights w ~ N(0, σs² I), "

@@ -101,15 +101,18 @@ def run(options: Options) -> Report:
             run_ = scores(model, method, params, train, context, queries.slice(0, count))
             score, seconds = run_.scores, run_.seconds
         result = linear_datamodeling_score(score, subsets, losses[:, :count])
-        rows.append([label, describe(method, params), f"{result.mean:.4f}", str(count), f"{seconds / count:.4f}"])
+        on_common = float(result.per_query[:costly_queries].nanmean())
+        rows.append([label, describe(method, params), f"{result.mean:.4f}", str(count), f"{on_common:.4f}",
+                     f"{seconds / count:.4f}"])
         report.timing(label, seconds / count, "per query, batched, fit included")
         paper = next((v for k, v in PAPER.items() if label.startswith(k)), None)
         if paper is not None:
             report.figure(f"{label} LDS", result.mean, paper, "IIF paper, Table 2" + ("; dattri" if "TRAK" in label else ""))
-        if result.mean > best[1]:
+        if not costly and result.mean > best[1]:
             best = (label, result.mean)
-    report.table("Every method", ["method", "params", "LDS", "queries", "s / query"], rows)
-    report.figure(f"best method LDS ({best[0]})", best[1], "IIF 0.164 (IIF paper); TRAK ≈ 0.45 (dattri)",
+    report.table("Every method", ["method", "params", "LDS", "queries", f"LDS on the first {costly_queries} queries",
+                                  "s / query"], rows)
+    report.figure(f"best method LDS over all {n_queries} queries ({best[0]})", best[1], "IIF 0.164 (IIF paper); TRAK ≈ 0.45 (dattri)",
                   "IIF paper, Table 2; dattri", f"≥ {TARGET}", best[1] >= TARGET)
     for figure in report.missed():
         report.note(f"Missed: {figure.name} = {figure.ours:.4f} (target {figure.target}).")

@@ -242,6 +242,21 @@ class Deployment:
             self.worker_processes.append(self._spawn(name, [sys.executable, "-m", "workers", "--name",
                                                             f"bench-{self.port}-{name}", "--log-level", "WARNING"], env))
 
+    def wait_workers(self, timeout: float = 120.0) -> None:
+        """Block until every started worker has registered with RQ (imports done, listening)."""
+        from redis import Redis
+        from rq import Worker
+
+        connection = Redis.from_url(self.env["REDIS_URL"])
+        deadline = time.monotonic() + timeout
+        try:
+            while len(Worker.all(connection=connection)) < len(self.worker_processes):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("workers did not register with RQ in time")
+                time.sleep(0.2)
+        finally:
+            connection.close()
+
     def stop_workers(self) -> None:
         for process in self.worker_processes:
             _terminate(process)

@@ -8,7 +8,9 @@ bash scripts/services.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
 set +e
-.venv/bin/python -m pytest -q "$@"
+# Two xdist workers (each with its own Postgres database and Redis db, see tests/conftest.py);
+# `--dist loadfile` keeps a module's tests, and its module-scoped fixtures, on one worker.
+.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
 status=$?
 set -e
 # pytest exits 5 when it collected nothing: that is a failure for us, not a pass.

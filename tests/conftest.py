@@ -3,6 +3,10 @@
 `TEST_DATABASE_URL` (default: the `attribution_test` database on 127.0.0.1:5432) and
 `TEST_REDIS_URL` (default: Redis database 15 on 127.0.0.1:6379) name them; `.ci/run`
 starts the servers and creates the database. Embedded-mode tests use SQLite instead.
+
+Under pytest-xdist each worker `gwN` gets its own database (`<name>_gwN`, created on demand)
+and Redis database (`15 − N`), so parallel workers never share state; each worker also runs
+torch on one thread, since the workers already occupy the cores.
 """
 
 from __future__ import annotations
@@ -14,10 +18,31 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-TEST_DATABASE_URL = os.environ.get(
-    "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/attribution_test"
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest-xdist
+_WORKER_INDEX = int(_XDIST_WORKER[2:]) if _XDIST_WORKER.startswith("gw") else 0
+
+
+def _per_worker_database(url: str) -> str:
+    if not _XDIST_WORKER:
+        return url
+    parsed = make_url(url)
+    return parsed.set(database=f"{parsed.database}_{_XDIST_WORKER}").render_as_string(hide_password=False)
+
+
+def _per_worker_redis(url: str) -> str:
+    base, _, db = url.rpartition("/")
+    return f"{base}/{int(db) - _WORKER_INDEX}" if _XDIST_WORKER and db.isdigit() else url
+
+
+TEST_DATABASE_URL = _per_worker_database(
+    os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/attribution_test")
 )
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_REDIS_URL = _per_worker_redis(os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+
+if _XDIST_WORKER:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _ensure_database(url: str) -> None:
