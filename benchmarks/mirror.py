@@ -121,7 +121,7 @@ class ConvergedModel:
                     for p, value in zip(refitted.parameters(), self._unflatten(theta).values(), strict=True):
                         p.copy_(value)
                 return adapter(refitted.eval())
-            if size > 0.1 * previous:  # slow chord progress: take a true Newton step
+            if size > 0.5 * previous:  # chord progress stalls: take a true Newton step
                 chol = torch.linalg.cholesky(self.hessian(theta, x, y))
             previous = size
             theta = theta - torch.cholesky_solve(g[:, None], chol)[:, 0]

@@ -7,6 +7,7 @@ joint query (one test sample). Per method:
   losses L(θ̂, ·); influence: curvature/iHVP factors; TRAK: projected train features; ...);
 - **warm**: the next new queries (different samples) with the store already filled —
   only query-dependent work remains (Forward-INF: K unlearning steps + one sweep).
+Times are CPU seconds with one intra-op thread (wall seconds reported beside them).
 The target (Forward-INF ≥ 30× faster per new query) is read on the **warm** figures for
 both sides, i.e. every method keeps whatever it can cache between queries (the fair
 comparison for a service); cold ratios are reported too.
@@ -40,9 +41,9 @@ from attribution.methods.base import FitContext
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
 from attribution.tasks import ClassificationTask
-from benchmarks.cli import Options, Stopwatch, run_study
+from benchmarks.cli import Options, run_study
 from benchmarks.report import Report
-from benchmarks.speed_common import blobs, machine, trained_mlp
+from benchmarks.speed_common import Clock, blobs, machine, torch_threads, trained_mlp
 
 STUDY = "p2_query_time"
 TARGET = 30.0
@@ -72,8 +73,12 @@ class Problem:
 
 @dataclass
 class Timed:
+    """CPU seconds (this process, all threads; one intra-op thread is used) and wall seconds."""
+
     cold: float
     warm: float
+    cold_wall: float
+    warm_wall: float
     note: str = ""
 
 
@@ -90,15 +95,16 @@ def time_ours(p: Problem, method: str, params: dict[str, Any]) -> Timed:
     train = TensorTrainingSet(p.x, p.y)
     context = FitContext(fingerprint=f"p2-{method}", store=InMemoryArtifacts())
     full = {"batch_size": BATCH, **params}
-    seconds = []
+    seconds, walls = [], []
     for q in range(QUERIES):
         query = Batch(p.x_test[q:q + 1], p.y_test[q:q + 1])
-        with Stopwatch() as watch:
+        with Clock() as watch:
             scores = attribute(adapter, method, full, train, context, queries=query)
         if scores.shape != (1, len(p.y)) or not torch.isfinite(scores).all():
             raise RuntimeError(f"{method}: bad scores")
-        seconds.append(watch.seconds)
-    return Timed(seconds[0], statistics.median(seconds[1:]))
+        seconds.append(watch.cpu)
+        walls.append(watch.wall)
+    return Timed(seconds[0], statistics.median(seconds[1:]), walls[0], statistics.median(walls[1:]))
 
 
 # --------------------------------------------------------------------------- peers
@@ -118,17 +124,19 @@ def peer_captum_tracin(p: Problem) -> Timed:
             m.load_state_dict(torch.load(path, weights_only=True))
             return 1.0  # learning rate weight
 
-        seconds = []
+        seconds, walls = [], []
         for q in range(QUERIES):
-            with Stopwatch() as watch:
+            with Clock() as watch:
                 tracin = TracInCPFast(model, model[-1], TensorDataset(p.x, p.y), [checkpoint],
                                       checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
                                       batch_size=BATCH)
                 scores = tracin.influence((p.x_test[q:q + 1], p.y_test[q:q + 1]))
             if scores.shape[-1] != len(p.y):
                 raise RuntimeError("captum: unexpected shape")
-            seconds.append(watch.seconds)
-    return Timed(seconds[0], statistics.median(seconds[1:]), "TracInCPFast (last layer, final checkpoint); no fit step")
+            seconds.append(watch.cpu)
+            walls.append(watch.wall)
+    return Timed(seconds[0], statistics.median(seconds[1:]), walls[0], statistics.median(walls[1:]),
+                 "TracInCPFast (last layer, final checkpoint); no fit step")
 
 
 def _dattri_task(model: nn.Module) -> Any:
@@ -146,9 +154,9 @@ def _dattri_task(model: nn.Module) -> Any:
 
 def _dattri_timed(p: Problem, make: Callable[[Any], Any], note: str, cache: bool) -> Timed:
     model = copy.deepcopy(p.module)
-    seconds, attributor = [], None
+    seconds, walls, attributor = [], [], None
     for q in range(QUERIES):
-        with Stopwatch() as watch:
+        with Clock() as watch:
             if attributor is None:
                 attributor = make(_dattri_task(model))
                 if cache:
@@ -156,8 +164,9 @@ def _dattri_timed(p: Problem, make: Callable[[Any], Any], note: str, cache: bool
             scores = attributor.attribute(_loader(p.x, p.y), _loader(p.x_test[q:q + 1], p.y_test[q:q + 1]))
         if scores.shape[0] != len(p.y):
             raise RuntimeError("dattri: unexpected shape")
-        seconds.append(watch.seconds)
-    return Timed(seconds[0], statistics.median(seconds[1:]), note)
+        seconds.append(watch.cpu)
+        walls.append(watch.wall)
+    return Timed(seconds[0], statistics.median(seconds[1:]), walls[0], statistics.median(walls[1:]), note)
 
 
 def peer_dattri_if_cg(p: Problem) -> Timed:
@@ -177,9 +186,9 @@ def peer_dattri_tracin(p: Problem) -> Timed:
 
 def _pydvl_timed(p: Problem, make: Callable[[nn.Module], Any], note: str) -> Timed:
     model = copy.deepcopy(p.module)
-    seconds, fitted = [], None
+    seconds, walls, fitted = [], [], None
     for q in range(QUERIES):
-        with Stopwatch() as watch:
+        with Clock() as watch:
             if fitted is None:
                 fitted = make(model).fit(_loader(p.x, p.y))
             scores = torch.cat([fitted.influences(p.x_test[q:q + 1], p.y_test[q:q + 1], p.x[i:i + BATCH],
@@ -187,8 +196,9 @@ def _pydvl_timed(p: Problem, make: Callable[[nn.Module], Any], note: str) -> Tim
                                 for i in range(0, len(p.y), BATCH)], dim=-1)
         if scores.shape[-1] != len(p.y):
             raise RuntimeError("pyDVL: unexpected shape")
-        seconds.append(watch.seconds)
-    return Timed(seconds[0], statistics.median(seconds[1:]), note)
+        seconds.append(watch.cpu)
+        walls.append(watch.wall)
+    return Timed(seconds[0], statistics.median(seconds[1:]), walls[0], statistics.median(walls[1:]), note)
 
 
 def peer_pydvl_cg(p: Problem) -> Timed:
@@ -219,12 +229,12 @@ def peer_kronfluence_ekfac(p: Problem) -> Timed:
 
     model = prepare_model(copy.deepcopy(p.module), CETask())
     train = TensorDataset(p.x, p.y)
-    seconds = []
+    seconds, walls = [], []
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer(analysis_name="p2", model=model, task=CETask(), cpu=True, output_dir=tmp,
                             disable_tqdm=True)
         for q in range(QUERIES):
-            with Stopwatch() as watch:
+            with Clock() as watch:
                 if q == 0:
                     analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=BATCH,
                                              factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
@@ -235,13 +245,15 @@ def peer_kronfluence_ekfac(p: Problem) -> Timed:
                 scores = analyzer.load_pairwise_scores(f"q{q}")["all_modules"]
             if scores.shape[-1] != len(p.y):
                 raise RuntimeError("kronfluence: unexpected shape")
-            seconds.append(watch.seconds)
-    return Timed(seconds[0], statistics.median(seconds[1:]), "EK-FAC factors in cold (fit_all_factors)")
+            seconds.append(watch.cpu)
+            walls.append(watch.wall)
+    return Timed(seconds[0], statistics.median(seconds[1:]), walls[0], statistics.median(walls[1:]),
+                 "EK-FAC factors in cold (fit_all_factors)")
 
 
 def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (PEER_MEMORY_BYTES, PEER_MEMORY_BYTES))
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(1)
 
 
 def isolated(run_peer: Callable[[Problem], Timed], p: Problem) -> Timed:
@@ -265,7 +277,8 @@ def run(options: Options) -> Report:
     n = 1_000 if options.quick else 20_000
     report = Report(STUDY, "P2 — Time per new query vs gradient methods and peers", options.quick)
     p = problem(n)
-    ours = {label: time_ours(p, method, params) for label, method, params in OURS}
+    with torch_threads(1):
+        ours = {label: time_ours(p, method, params) for label, method, params in OURS}
     peers: dict[str, Timed] = {}
     skipped: list[str] = []
     for label, package, run_peer in PEERS:
@@ -286,10 +299,12 @@ def run(options: Options) -> Report:
     fi = ours["forward_inf"]
     rows = []
     for label, timed in [*ours.items(), *peers.items()]:
-        rows.append([label, f"{timed.cold:.3f}", f"{timed.warm:.3f}", f"{timed.cold / fi.cold:.1f}×",
-                     f"{timed.warm / fi.warm:.1f}×", timed.note or ("ours" if label in ours else "")])
-    report.table("Seconds per new query (cold: empty cache; warm: artifacts cached)",
-                 ["method", "cold s", "warm s", "cold / Forward-INF cold", "warm / Forward-INF warm", "note"], rows)
+        rows.append([label, f"{timed.cold:.3f}", f"{timed.warm:.3f}", f"{timed.cold_wall:.3f}", f"{timed.warm_wall:.3f}",
+                     f"{timed.cold / fi.cold:.1f}×", f"{timed.warm / fi.warm:.1f}×",
+                     timed.note or ("ours" if label in ours else "")])
+    report.table("CPU seconds per new query (cold: empty cache; warm: artifacts cached), wall seconds beside",
+                 ["method", "cold CPU s", "warm CPU s", "cold wall s", "warm wall s", "cold / Forward-INF cold",
+                  "warm / Forward-INF warm", "note"], rows)
     gradient = {k: v for k, v in ours.items() if k != "forward_inf"}
     for label, timed in gradient.items():
         ratio = timed.warm / fi.warm
@@ -301,14 +316,16 @@ def run(options: Options) -> Report:
     for label, timed in peers.items():
         report.figure(f"{label} warm ÷ Forward-INF warm", timed.warm / fi.warm, "—", "this run")
     for label, timed in [*ours.items(), *peers.items()]:
-        report.timing(f"{label} (warm)", timed.warm, "new query, artifacts cached")
+        report.timing(f"{label} (warm)", timed.warm, "CPU seconds, new query, artifacts cached")
     report.setup = (
         f"{n:,} training rows (64-feature Gaussian blobs, 10 classes, in memory: `TensorTrainingSet` for ours, "
         f"`TensorDataset` for peers), MLP 64→64→10 (tanh, 4,810 parameters) trained by 200 full-batch Adam steps; "
         f"batch size {BATCH}; one new joint query = one test sample; cold = the first query on an empty artifact "
         f"store (includes every fit), warm = the next new query (another sample). Our methods run through "
         f"`attribution.pipeline.attribute` with default params except influence damping 0.01 (Forward-INF "
-        f"defaults: SGD K=10, α=1). The target is read on the warm times of IF and TracIn. Machine: {machine()}."
+        f"defaults: SGD K=10, α=1). One intra-op thread everywhere; times are CPU seconds of the process (robust "
+        f"when other jobs share the machine; wall seconds in the table). The target is read on the warm times of "
+        f"IF and TracIn. Machine: {machine()}."
     )
     for line in skipped:
         report.note(line)

@@ -71,7 +71,7 @@ def variants(quick: bool) -> list[Variant]:
         Variant("TRAK", "trak"),
         Variant("TRAK, relative", "trak", relative),
         Variant("Integrated Influence (EK-FAC, K=2)", "integrated_influence", {"ihvp": "ekfac", "steps": 2},
-                one_query_at_a_time=True, max_queries=1 if quick else 5),
+                one_query_at_a_time=True, max_queries=1 if quick else 3),
         Variant("gradient cosine", "gradient_similarity"),
         Variant("gradient dot product", "gradient_similarity", {"similarity": "dot"}),
     ]
