@@ -5,8 +5,6 @@ Problems are tiny (P ≤ 60) so the dense `(G + λI)⁻¹` is the reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -16,15 +14,6 @@ from attribution.data import TensorTrainingSet
 from attribution.ihvp import LissaDivergenceError, build_estimator
 from attribution.model import ModelAdapter
 from attribution.tasks import ClassificationTask, RegressionTask
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _problem(task: str, seed: int = 0, rows: int = 200) -> tuple[ModelAdapter, TensorTrainingSet]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,15 +16,6 @@ from attribution.methods.influence import IHVPChoice, InfluenceFunction, Influen
 from attribution.methods.registry import parse_params
 from attribution.model import ModelAdapter
 from tests.attribution.fixtures import Leakage, Trained
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _method(trained: Trained, store: InMemoryArtifacts | None = None, **params: object) -> InfluenceFunction:

@@ -4,7 +4,6 @@ baselines, unlearning, validation."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,15 +23,6 @@ from attribution.methods.registry import parse_params
 from attribution.model import ModelAdapter
 from attribution.tasks import RegressionTask
 from tests.attribution.fixtures import Trained
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _iif(model: ModelAdapter, store: InMemoryArtifacts | None = None, **params: object) -> IntegratedInfluence:
