@@ -1,7 +1,7 @@
 """P3 — repeat and warm queries over HTTP on loopback.
 
 Deployment: `python -m service` + one `python -m workers` on Postgres (a bench database
-created by the script) and Redis (database 11), as subprocesses on 127.0.0.1. A model and
+created by the script) and Redis (database 3), as subprocesses on 127.0.0.1. A model and
 a dataset are registered, one Forward-INF query runs to completion, then, from one
 keep-alive `httpx` client:
 (a) R identical POST /v1/queries (each answered from the stored result: a new query id,
@@ -54,7 +54,7 @@ def run(options: Options) -> Report:
         root = Path(tmp) / "data"
         model_path = save_safetensors(module, root / "mlp.safetensors")
         shards = write_shards(root / "shards", x[:n], y[:n], rows_per_shard=max(n // 4, 1))
-        with Deployment(root, db="attribution_bench_p3", redis_db=11, workers=1) as d:
+        with Deployment(root, db="attribution_bench_p3", redis_db=3, workers=1) as d:
             model_id, dataset_id = d.register(model_path, shards)
 
             def body(row: int) -> dict:
@@ -92,18 +92,18 @@ def run(options: Options) -> Report:
                 d.add_workers(1, {"BATCH_MAX_QUERIES": cap})
                 d.wait_workers()
                 finals = d.wait_final(ids, timeout=1800, interval=0.1)
-                began = min(datetime.fromisoformat(b["started_at"]) for b in finals.values())
-                ended = max(datetime.fromisoformat(b["finished_at"]) for b in finals.values())
+                first_start = min(datetime.fromisoformat(b["started_at"]) for b in finals.values())
+                last_end = max(datetime.fromisoformat(b["finished_at"]) for b in finals.values())
                 groups = sorted({int(b["result"]["extras"].get("batched_queries", 1)) for b in finals.values()
                                  if b["status"] == "succeeded"})
-                served[label] = ((ended - began).total_seconds(),
+                served[label] = ((last_end - first_start).total_seconds(),
                                  sum(b["status"] == "succeeded" for b in finals.values()), groups)
 
     t1, t2 = first["result"]["timings"], second["result"]["timings"]
     p50_post, p99_post = percentile(post_s, 50) * 1000, percentile(post_s, 99) * 1000
     p50_get, p99_get = percentile(get_s, 50) * 1000, percentile(get_s, 99) * 1000
     report.setup = (
-        f"`python -m service` + 1 `python -m workers` (Postgres database `attribution_bench_p3`, Redis db 11) as "
+        f"`python -m service` + 1 `python -m workers` (Postgres database `attribution_bench_p3`, Redis db 3) as "
         f"subprocesses on 127.0.0.1; {n:,} rows in 4 `.npz` shards, MLP 64→64→10 (eager, safetensors + allowlisted architecture); Forward-INF joint "
         f"queries of one sample (SGD K=5, α=0.01). {requests} sequential requests per kind over one keep-alive "
         f"`httpx` connection, timed client-side (request sent → body read). Machine: {machine()}."

@@ -49,7 +49,7 @@ def run(options: Options) -> Report:
         model_path = save_safetensors(module, root / "mlp.safetensors")
         shards = write_shards(root / "shards", x[:n], y[:n], rows_per_shard=n // 16)
         env = {"FANOUT_ROWS": str(n // PARTS), "BATCH_MAX_QUERIES": "1"}
-        with Deployment(root, db="attribution_bench_p4", redis_db=12, workers=1, env=env, worker_threads=1) as d:
+        with Deployment(root, db="attribution_bench_p4", redis_db=4, workers=1, env=env, worker_threads=1) as d:
             model_id, dataset_id = d.register(model_path, shards)
 
             def body(q: int, top_k: int) -> dict:
@@ -97,7 +97,7 @@ def run(options: Options) -> Report:
     report.setup = (
         f"{n:,} rows (64-feature blobs) in 16 `.npz` shards, MLP 64→64→10 (eager, safetensors + allowlisted architecture); `FANOUT_ROWS` = {n // PARTS:,} "
         f"so each query is {PARTS} part jobs plus a merge. `python -m service` + k × `python -m workers` "
-        f"(one intra-op thread each, `OMP_NUM_THREADS=1`) on Postgres (`attribution_bench_p4`) and Redis (db 12), "
+        f"(one intra-op thread each, `OMP_NUM_THREADS=1`) on Postgres (`attribution_bench_p4`) and Redis (db 4), "
         f"127.0.0.1; batching off (`BATCH_MAX_QUERIES=1`) so the parts are the unit of work. Base losses cached by "
         f"a warm-up query; per worker count, {num_queries} Forward-INF queries (SGD K=5, α=0.01, one sample each) "
         f"POSTed at once after all k workers registered with RQ, timed from the first query's `started_at` to the "

@@ -59,7 +59,7 @@ def measure(n: int, tmp: Path, module_path: Path, query: tuple[list[float], int]
     model.write_bytes(module_path.read_bytes())
     shards = write_blob_shards(root / "shards", n)
     env = {"FANOUT_ROWS": str(10 * n), "BATCH_MAX_QUERIES": "1"}
-    with Deployment(root, db="attribution_bench_p5", redis_db=13, workers=0, env=env) as d:
+    with Deployment(root, db="attribution_bench_p5", redis_db=5, workers=0, env=env) as d:
         model_id, dataset_id = d.register(model, shards)
         body = {"model_id": model_id, "dataset_id": dataset_id, "method": "forward_inf",
                 "samples": {"x": [query[0]], "y": [query[1]]}, "params": {"steps": 5, "lr": 0.01}, "top_k": 100}
@@ -104,7 +104,7 @@ def run(options: Options) -> Report:
     report.setup = (
         f"N ∈ {{{', '.join(f'{n:,}' for n in sizes)}}} rows of 64-feature blobs in {SHARD_ROWS:,}-row `.npz` shards "
         f"(written per shard to a temporary data root), MLP 64→64→10 (safetensors + allowlisted architecture). "
-        f"Per N: fresh Postgres database `attribution_bench_p5` and Redis db 13, API subprocess, one Forward-INF "
+        f"Per N: fresh Postgres database `attribution_bench_p5` and Redis db 5, API subprocess, one Forward-INF "
         f"query (SGD K=5, α=0.01, top_k 100, no fan-out), then a fresh `python -m workers --burst` process runs it "
         f"(base-loss sweep + query sweep) and reports `ru_maxrss`. A float32 `[N]` vector is {vector_mb:.1f} MiB "
         f"at the growth from {small:,} to {large:,} rows. Machine: {machine()}."

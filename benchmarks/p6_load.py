@@ -1,7 +1,7 @@
 """P6 — API under load: 1,000 queries POSTed by 50 concurrent clients, Postgres + Redis, 2 workers.
 
 Deployment: `python -m service` + 2 `python -m workers` (subprocesses, 127.0.0.1) on a bench
-Postgres database and Redis db 14. Queries are cheap (MLP 64→64→10, 500 training rows)
+Postgres database and Redis db 6. Queries are cheap (MLP 64→64→10, 500 training rows)
 and mixed: each client draws its samples from a pool of 200 test points, so some requests
 repeat an earlier one (answered from the stored result once that one succeeded, or queued
 again before) and the rest are new; every request carries a unique `Idempotency-Key`, and
@@ -83,7 +83,7 @@ def run(options: Options) -> Report:
         root = Path(tmp) / "data"
         weights = save_safetensors(module, root / "mlp.safetensors")
         shards = write_shards(root / "shards", x[:ROWS], y[:ROWS], rows_per_shard=250)
-        with Deployment(root, db="attribution_bench_p6", redis_db=14, workers=2, worker_threads=1) as d:
+        with Deployment(root, db="attribution_bench_p6", redis_db=6, workers=2, worker_threads=1) as d:
             model_id, dataset_id = d.register(weights, shards)
             bodies = []
             for _ in range(total):
@@ -118,7 +118,7 @@ def run(options: Options) -> Report:
     db_matches = listed == set(ids)
     report.setup = (
         f"`python -m service` + 2 × `python -m workers` (one intra-op thread each) on Postgres "
-        f"(`attribution_bench_p6`) and Redis (db 14), 127.0.0.1. {total:,} Forward-INF queries (SGD K=3, α=0.01, "
+        f"(`attribution_bench_p6`) and Redis (db 6), 127.0.0.1. {total:,} Forward-INF queries (SGD K=3, α=0.01, "
         f"one sample each, drawn from a pool of {POOL} test points, so repeats and new queries mix) POSTed by "
         f"{clients} concurrent `httpx.AsyncClient`s, each request with its own `Idempotency-Key`; "
         f"{RETRY_SHARE:.0%} retried with the same key. Training set {ROWS} rows in 2 shards, MLP 64→64→10. "

@@ -6,7 +6,8 @@ as `.npz` shards with string ids and read back through `workers.loading.ShardedT
 exactly what a worker sweeps. Models are small tanh MLPs trained for a fixed number of
 full-batch Adam steps on a seeded subset. `Deployment` starts `python -m service` and
 `python -m workers` on a bench Postgres database it creates and a Redis database index
-(never 15, the test suite's), all on 127.0.0.1, and stops only the processes it started.
+(3–6; the test suite uses 15 and, under pytest-xdist, 15 − N), all on 127.0.0.1, and stops
+only the processes it started.
 """
 
 from __future__ import annotations
@@ -180,8 +181,9 @@ def fresh_database(name: str) -> str:
 
 
 def flush_redis(index: int) -> str:
-    if index == 15:
-        raise ValueError("Redis database 15 belongs to the test suite")
+    """Flush Redis database `index` (3–6 for the studies; ≥ 10 belong to the test suite's xdist workers)."""
+    if not 1 <= index <= 9:
+        raise ValueError("bench Redis databases are 1–9 (0 is the default one, 10–15 the test suite's)")
     from redis import Redis
 
     url = f"{REDIS_BASE}/{index}"
@@ -194,7 +196,7 @@ def flush_redis(index: int) -> str:
 class Deployment:
     """`python -m service` + `workers` × `python -m workers` on Postgres + Redis, on loopback.
 
-    `with Deployment(data_root, db="attribution_bench_p3", redis_db=11, workers=1) as d:`
+    `with Deployment(data_root, db="attribution_bench_p3", redis_db=3, workers=1) as d:`
     then `d.client` (an `httpx.Client` on the API) and `d.api`. Stops (SIGTERM, then SIGKILL
     after 15 s) exactly the processes it started. Logs go to `<data_root>/logs/`.
     """

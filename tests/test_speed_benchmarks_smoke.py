@@ -4,7 +4,7 @@ the studies themselves check their results (shapes, statuses, identical score fi
 and raise if something is wrong.
 
 P3–P6 start `python -m service` / `python -m workers` subprocesses on the real Postgres
-(bench databases `attribution_bench_*`) and Redis (databases 11–14).
+(bench databases `attribution_bench_*`) and Redis (databases 3–6).
 """
 
 from __future__ import annotations

@@ -125,6 +125,12 @@ def unlearn_copy(model: ModelAdapter, queries: Batch, how: Unlearning) -> ModelA
         copy.loss(queries).mean().backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
+    # θ_K is only evaluated from here on (under inference_mode). A TorchScript module whose
+    # parameters still require grad keeps a graph specialised for autograd and then fails on
+    # inference tensors ("cannot be saved for backward") in a process whose base losses came
+    # from the cache, i.e. whose first inference-mode call is this sweep.
+    for param in copy.module.parameters():
+        param.requires_grad_(False)
     return copy
 
 

@@ -5,6 +5,7 @@ a logistic regression, a tanh MLP and a ReLU MLP that has memorised its training
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -352,3 +353,21 @@ def test_leakage_rates_mlp(digits_leakage: fixtures.Leakage) -> None:
     rates = {name: _top1(mlp, digits_leakage, params)[0] for name, params in settings.items()}
     print(f"\ntanh MLP leakage top-1 of 20: {rates}")
     assert rates["relative (normalized_sgd)"] == rates["auto"] == 20
+
+
+def test_torchscript_query_with_cached_base_losses_in_a_fresh_process() -> None:
+    """A second worker process gets L(θ̂, ·) from the store, so its first inference-mode call
+    is the sweep of the unlearned TorchScript copy; that must not trip autograd."""
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))), buffer)
+
+    def fresh_model() -> ModelAdapter:  # what a new process loads from the registered file
+        buffer.seek(0)
+        return ModelAdapter(torch.jit.load(buffer), ClassificationTask())
+
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    train, queries, store = TensorTrainingSet(x, y), Batch(x[:1], y[:1]), InMemoryArtifacts()
+    first = attribute(fresh_model(), "forward_inf", {}, train, FitContext("f", store), queries=queries)
+    second = attribute(fresh_model(), "forward_inf", {}, train, FitContext("f", store), queries=queries)
+    torch.testing.assert_close(first, second)
