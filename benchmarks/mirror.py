@@ -91,11 +91,13 @@ class ConvergedModel:
     def hessian(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return torch.autograd.functional.hessian(lambda t: self.objective(t, x, y), theta, vectorize=True)
 
-    def load(self, theta: Tensor) -> None:
+    def load(self, theta: Tensor, module: nn.Module | None = None) -> nn.Module:
+        """Copy `theta` `[P]` into `module` (default: θ̂'s own module), in place; returns it."""
+        target = self.module if module is None else module
         with torch.no_grad():
-            for p, value in zip(self.module.parameters(), self._unflatten(theta).values(), strict=True):
+            for p, value in zip(target.parameters(), self._unflatten(theta).values(), strict=True):
                 p.copy_(value)
-        self.module.eval()
+        return target.eval()
 
     # ----------------------------------------------------------------- refits
     @property
@@ -108,7 +110,7 @@ class ConvergedModel:
 
     def refit(self, x: Tensor, y: Tensor) -> ModelAdapter:
         """The exact minimiser of R on `(x, y)` (convex models): chord iterations from θ̂, with
-        the Hessian refreshed (a true Newton step) whenever a step gains less than 100×."""
+        the Hessian refreshed (a true Newton step) whenever a step gains less than 2×."""
         if not self.convex:
             raise ValueError(f"{self.name} is not convex: exact refits are not available")
         theta, chol, previous = self.flat(), self._chol, float("inf")
@@ -116,11 +118,7 @@ class ConvergedModel:
             g = self.gradient(theta, x, y)
             size = float(g.abs().max())
             if size <= GRADIENT_TOLERANCE:
-                refitted = copy.deepcopy(self.module)
-                with torch.no_grad():
-                    for p, value in zip(refitted.parameters(), self._unflatten(theta).values(), strict=True):
-                        p.copy_(value)
-                return adapter(refitted.eval())
+                return adapter(self.load(theta, copy.deepcopy(self.module)))
             if size > 0.5 * previous:  # chord progress stalls: take a true Newton step
                 chol = torch.linalg.cholesky(self.hessian(theta, x, y))
             previous = size
