@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attribution.evaluation import mislabel_report
+from attribution.evaluation import auc_difference, mislabel_report, spearman
 from benchmarks.cli import Options, Stopwatch, progress, run_study
 from benchmarks.common import (
     Split,
@@ -123,6 +123,17 @@ def run(options: Options) -> Report:
                       f"≥ {AUC_TARGET}, > loss {baseline:.4f}, > peers {peer_auc}",
                       best_auc >= AUC_TARGET and best_auc > baseline and best_auc > peer_auc)
         report.figure(f"{tag}: training-loss baseline AUC", baseline, "0.98 (LR) / 0.90 (MLP)", "BENCHMARKS.md")
+        versus_loss = auc_difference(rankings[best][0], rankings["training loss (baseline)"][0], flipped,
+                                     resamples=200 if options.quick else 1000)
+        report.figure(f"{tag}: best − loss AUC, paired bootstrap {versus_loss.level:.0%} interval",
+                      f"{versus_loss.difference:+.4f} [{versus_loss.low:+.4f}, {versus_loss.high:+.4f}]", "—",
+                      "this run", "interval above 0 (a win beyond noise)", versus_loss.low > 0)
+        report.note(f"{tag}: Spearman between the best method's self-influence and the training loss: "
+                    f"{spearman(rankings[best][0], rankings['training loss (baseline)'][0]):.4f}; the paired "
+                    f"bootstrap (rows resampled, both rankings on the same rows) puts AUC(best) − AUC(loss) at "
+                    f"{versus_loss.difference:+.4f}, {versus_loss.level:.0%} interval [{versus_loss.low:+.4f}, "
+                    f"{versus_loss.high:+.4f}] — " + ("a win beyond noise." if versus_loss.low > 0 else
+                    "a loss beyond noise." if versus_loss.high < 0 else "a tie within sampling noise."))
         recall = methods_only[best].recall_at[0.25]
         report.figure(f"{tag}: recall @ 25% inspected ({best.split(':')[0]})", f"{recall:.1%}",
                       "~80% after 10–15%", "kronfluence CIFAR-10; Forward-INF paper, Fig. 5",

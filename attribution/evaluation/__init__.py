@@ -15,7 +15,9 @@ from attribution.evaluation.leakage import LeakageResult, copy_ranks, leakage_de
 from attribution.evaluation.loo import LooResult, leave_one_out, loo_correlation, query_losses
 from attribution.evaluation.mirrored import Correlation, mirrored_correlation
 from attribution.evaluation.mislabel import (
+    AucDifference,
     MislabelReport,
+    auc_difference,
     detection_curve,
     mislabel_report,
     recall_at_fraction,
@@ -24,11 +26,13 @@ from attribution.evaluation.mislabel import (
 from attribution.evaluation.stats import average_ranks, pearson, spearman
 
 __all__ = [
+    "AucDifference",
     "Correlation",
     "LdsResult",
     "LeakageResult",
     "LooResult",
     "MislabelReport",
+    "auc_difference",
     "average_ranks",
     "copy_ranks",
     "detection_curve",

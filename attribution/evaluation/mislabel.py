@@ -4,6 +4,8 @@
   Mann–Whitney U statistic / (n_pos · n_neg), computed with average ranks.
 - Recall at fraction f: share of flipped rows among the ⌈f·N⌉ highest scores.
 - Curve: recall after inspecting each prefix of the ranking (Forward-INF paper, Fig. 5).
+- Paired bootstrap of an AUC difference: both rankings are scored on the same resampled
+  rows, so the interval says whether one ranking beats another beyond sampling noise.
 Ties in the ranking are broken by the lower row index (as in `topk`).
 """
 
@@ -74,3 +76,48 @@ def mislabel_report(scores: Tensor, flipped: Tensor, fractions: tuple[float, ...
         fractions=curve_x,
         recall=curve_y,
     )
+
+
+@dataclass(frozen=True)
+class AucDifference:
+    """AUC(a) − AUC(b) on the full set and its paired-bootstrap percentile interval."""
+
+    difference: float
+    low: float
+    high: float
+    level: float
+
+    @property
+    def significant(self) -> bool:
+        """Whether the interval excludes 0 (a wins or loses beyond resampling noise)."""
+        return self.low > 0.0 or self.high < 0.0
+
+
+def auc_difference(
+    scores_a: Tensor, scores_b: Tensor, flipped: Tensor, *, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> AucDifference:
+    """Paired bootstrap of AUC(`scores_a`) − AUC(`scores_b`), both `[N]`, for `flipped` `[N]`.
+
+    Each resample draws N rows with replacement (the same rows for both rankings) and
+    recomputes both Mann–Whitney AUCs; the interval is the (1 ± level)/2 percentiles.
+    """
+    a, f = _inputs(scores_a, flipped)
+    b, _ = _inputs(scores_b, flipped)
+    if a.shape != b.shape:
+        raise ValueError("both score vectors must have the same length")
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError("resamples must be ≥ 1 and level in (0, 1)")
+    gen = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in range(resamples):
+        rows = torch.randint(0, len(a), (len(a),), generator=gen)
+        flags = f[rows]
+        if bool(flags.all()) or not bool(flags.any()):
+            continue
+        diffs.append(roc_auc(a[rows], flags) - roc_auc(b[rows], flags))
+    if not diffs:
+        raise ValueError("every resample had a single class; too few rows")
+    spread = torch.tensor(diffs, dtype=torch.float64)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(spread, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return AucDifference(roc_auc(a, f) - roc_auc(b, f), float(low), float(high), level)

@@ -19,6 +19,7 @@ from attribution.evaluation import (
     linear_datamodeling_score,
     loo_correlation,
     mirrored_correlation,
+    auc_difference,
     mislabel_report,
     pearson,
     recall_at_fraction,
@@ -62,6 +63,21 @@ def test_mislabel_metrics() -> None:
     assert report.recall.tolist() == [0.5, 0.5, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError):
         roc_auc(hand, torch.zeros(5, dtype=torch.bool))
+
+
+def test_auc_difference_bootstrap() -> None:
+    rng = np.random.default_rng(2)
+    flipped = torch.tensor(rng.random(400) < 0.2)
+    signal = torch.tensor(rng.normal(size=400)) + 2.0 * flipped
+    weak = signal + torch.tensor(rng.normal(scale=3.0, size=400))
+    better = auc_difference(signal, weak, flipped, resamples=300)
+    assert better.difference == pytest.approx(roc_auc(signal, flipped) - roc_auc(weak, flipped))
+    assert better.low <= better.difference <= better.high
+    assert better.significant and better.low > 0  # a much stronger ranking wins beyond noise
+    same = auc_difference(signal, signal + 1e-9 * torch.tensor(rng.normal(size=400)), flipped, resamples=300)
+    assert not same.significant  # a ranking tied with itself is not a win
+    with pytest.raises(ValueError):
+        auc_difference(signal, weak[:10], flipped)
 
 
 def test_leakage_ranks() -> None:
