@@ -6,13 +6,14 @@ Routes take them through the `Annotated` aliases `SettingsDep`, `SessionDep`, `T
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import Unauthorized
 from service.settings import Settings
@@ -24,7 +25,7 @@ MAX_PAGE_SIZE = 500
 _bearer = HTTPBearer(auto_error=False, description="API key from API_KEYS (`key:tenant`)")
 
 
-def app_settings(request: Request) -> Settings:
+async def app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -32,13 +33,20 @@ def app_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 
 
-def db_session(request: Request) -> Iterator[Session]:
-    """One session per request; whatever the route did not commit is rolled back on close."""
+async def db_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request; whatever the route did not commit is rolled back on close.
+
+    Opening a session does no I/O, so it happens on the event loop; closing one that holds
+    a connection (rollback, return to the pool) runs in the threadpool like the routes.
+    """
     session: Session = request.app.state.sessions()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(db_session)]
@@ -53,10 +61,11 @@ def tenant_for_key(tenants_by_key: dict[str, str], key: str) -> str | None:
     return found
 
 
-def caller_tenant(
+async def caller_tenant(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
-    """The tenant of the `Authorization: Bearer <key>` header; `default` when auth is off."""
+    """The tenant of the `Authorization: Bearer <key>` header; `default` when auth is off.
+    (No I/O: `async` only so FastAPI calls it on the event loop, without a threadpool hop.)"""
     tenants_by_key: dict[str, str] = request.app.state.tenants_by_key
     if not tenants_by_key:
         return ANONYMOUS_TENANT

@@ -6,8 +6,9 @@ field"), so a typo such as `topk` is reported instead of silently ignored.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
@@ -199,9 +200,33 @@ def page_of(rows: list[ItemT], *, limit: int, offset: int) -> Page[ItemT]:
 
 
 # ------------------------------------------------------------------ ORM -> response
-def query_out(query: Query, *, with_result: bool = True) -> QueryOut:
-    """The GET body of a query; `result` only once it succeeded (and `with_result`)."""
-    result = _result_out(query) if with_result and query.status == QueryStatus.SUCCEEDED.value else None
+class RankedRowLike(Protocol):
+    """A stored ranked row: a `QueryResult` (ORM), or a `RankedResult` of its columns."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def sample(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def sample_id(self) -> str | None: ...
+    @property
+    def shard(self) -> int: ...
+    @property
+    def score(self) -> float: ...
+
+
+def query_out(query: Query, *, with_result: bool = True, results: Sequence[RankedRowLike] | None = None) -> QueryOut:
+    """The GET body of a query; `result` only once it succeeded (and `with_result`).
+
+    `results`: its ranked rows ordered by kind, sample and rank, when the caller has them
+    already (default: `query.results`, loaded from the database).
+    """
+    ranked = query.results if results is None else results
+    result = _result_out(query, ranked) if with_result and query.status == QueryStatus.SUCCEEDED.value else None
     return QueryOut(
         id=query.id, status=QueryStatus(query.status), progress=query.progress, method=query.method,
         cached=query.cached, created_at=query.created_at, started_at=query.started_at,
@@ -213,9 +238,9 @@ def query_out(query: Query, *, with_result: bool = True) -> QueryOut:
     )
 
 
-def _result_out(query: Query) -> QueryResultOut:
+def _result_out(query: Query, ranked: Sequence[RankedRowLike]) -> QueryResultOut:
     rankings: dict[int, dict[str, list[RankedRow]]] = {}
-    for row in query.results:  # ordered by (kind, rank)
+    for row in ranked:  # ordered by (kind, rank)
         ranking = rankings.setdefault(row.sample, {"top": [], "bottom": []})
         ranking.setdefault(row.kind, []).append(RankedRow(
             rank=row.rank, index=row.index, sample_id=row.sample_id, shard=row.shard, score=row.score))

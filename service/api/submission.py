@@ -12,7 +12,9 @@ Order of work, cheapest first:
 3. `Idempotency-Key`: a retry with the same key and the same request returns the same query
    (a different request under that key is a 409);
 4. an identical succeeded query of the tenant: a new `succeeded`, `cached: true` query
-   sharing its result (no model load: two indexed selects and one INSERT ... SELECT);
+   sharing its result (no model load): one select of the model and dataset, one of the
+   succeeded query, one INSERT and one INSERT ... SELECT ... RETURNING of its ranked rows,
+   one commit; the response is built from those rows (`Submitted.results`), not read back;
 5. otherwise the samples are checked against the model (`parse_samples`), the row is
    inserted `queued` and committed, then `workers.jobs.run_query(id)` is enqueued with
    `job_id = id`; if the queue is down the row is marked failed and the answer is 503.
@@ -22,9 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -65,8 +68,13 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class Submitted:
+    """The query the client is answered with. For `CACHED`, `results` holds the ranked rows
+    copied into it, so the answer needs no read-back; otherwise None (read the query again
+    after the commit: a worker may already have moved it on)."""
+
     query: Query
     outcome: Outcome
+    results: Sequence[query_repo.RankedResult] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class _Validated:
     model: Model
     dataset: Dataset
     params: MethodParams
+    params_dict: dict[str, Any]  # params.to_dict(): defaults filled in
     samples: dict[str, Any] | None
     request_hash: str
     group_reduce: str
@@ -90,24 +99,24 @@ def submit_query(
 
     source = query_repo.find_succeeded(session, tenant, checked.request_hash)
     if source is not None:
-        def cached_copy() -> Query:
+        def cached_copy() -> tuple[Query, Sequence[query_repo.RankedResult]]:
             return query_repo.add_cached_copy(
                 session, source, tenant=tenant, model_id=checked.model.id, dataset_id=checked.dataset.id,
-                idempotency_key=idempotency_key, callback_url=body.callback_url,
+                samples=checked.samples, idempotency_key=idempotency_key, callback_url=body.callback_url,
             )
         return _insert(session, tenant, idempotency_key, checked, body, Outcome.CACHED, cached_copy)
 
     num_samples = _samples_against_model(session, settings, checked)
 
-    def queued() -> Query:
+    def queued() -> tuple[Query, None]:
         return query_repo.add_query(
             session, tenant=tenant, model_id=checked.model.id, dataset_id=checked.dataset.id,
-            method=body.method, params=checked.params.to_dict(), mode=body.mode,
+            method=body.method, params=checked.params_dict, mode=body.mode,
             self_influence=body.self_influence, top_k=body.top_k, samples=checked.samples,
             num_query_samples=num_samples, request_hash=checked.request_hash,
             idempotency_key=idempotency_key, callback_url=body.callback_url,
             group_by=body.group_by, group_reduce=checked.group_reduce,
-        )
+        ), None
     submitted = _insert(session, tenant, idempotency_key, checked, body, Outcome.ENQUEUED, queued)
     if submitted.outcome is Outcome.ENQUEUED:
         _enqueue(session, settings, submitted.query)
@@ -115,13 +124,9 @@ def submit_query(
 
 
 def _validate(session: Session, settings: Settings, tenant: str, body: QueryCreate) -> _Validated:
-    model = model_repo.get_model(session, tenant, body.model_id)
-    if model is None:
-        raise NotFound(f"model {body.model_id} not found", code="model_not_found")
-    dataset = dataset_repo.get_dataset(session, tenant, body.dataset_id)
-    if dataset is None:
-        raise NotFound(f"dataset {body.dataset_id} not found", code="dataset_not_found")
+    model, dataset = _model_and_dataset(session, tenant, body)
     params = _method_params(body)
+    params_dict = params.to_dict()
     checkpoint_shas = _checkpoint_shas(session, tenant, model, params)
     if body.top_k > settings.max_top_k:
         raise InvalidInput(f"top_k: must be at most {settings.max_top_k}")
@@ -135,18 +140,32 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
     request = {
         "model_sha256": model.sha256, "architecture": model.architecture, "task": model.task,
         "dataset_sha256": dataset.sha256, "samples": body.samples, "method": body.method,
-        "params": params.to_dict(), "checkpoint_sha256": checkpoint_shas, "mode": body.mode,
+        "params": params_dict, "checkpoint_sha256": checkpoint_shas, "mode": body.mode,
         "self_influence": body.self_influence, "top_k": body.top_k, "group_by": body.group_by,
         "group_reduce": group_reduce,
     }
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return _Validated(model, dataset, params, body.samples,
+    return _Validated(model, dataset, params, params_dict, body.samples,
                       hashlib.sha256(canonical.encode()).hexdigest(), group_reduce)
+
+
+def _model_and_dataset(session: Session, tenant: str, body: QueryCreate) -> tuple[Model, Dataset]:
+    """Both in one SELECT; if that finds nothing, each alone to name the missing one (404)."""
+    found = query_repo.model_and_dataset(session, tenant, body.model_id, body.dataset_id)
+    if found is not None:
+        return found
+    model = model_repo.get_model(session, tenant, body.model_id)
+    if model is None:
+        raise NotFound(f"model {body.model_id} not found", code="model_not_found")
+    dataset = dataset_repo.get_dataset(session, tenant, body.dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {body.dataset_id} not found", code="dataset_not_found")
+    return model, dataset  # both appeared between the two reads
 
 
 def _method_params(body: QueryCreate) -> MethodParams:
     try:
-        params = parse_params(body.method, body.params)
+        params = _params_of(body.method, body.params)
         supports_self_influence = method_class(body.method).supports_self_influence
     except UnknownMethodError as exc:
         raise InvalidInput(f"method: {exc}", code="unknown_method") from exc
@@ -155,6 +174,27 @@ def _method_params(body: QueryCreate) -> MethodParams:
     if body.self_influence and not supports_self_influence:
         raise InvalidInput(f"self_influence: method {body.method} does not define self-influence")
     return params
+
+
+_MEMO_PARAMS_CHARS = 4096  # longer params objects (long checkpoint lists) are parsed every time
+
+
+def _params_of(method: str, raw: dict[str, Any] | None) -> MethodParams:
+    """`parse_params`, memoised per process on the canonical JSON of short params objects.
+
+    Parsing reads the params dataclass's type hints (~0.3 ms a call), which a repeated
+    request then skips. The dataclasses are frozen, so sharing one instance is safe, and a
+    refused params object is not memoised: it raises again every time.
+    """
+    canonical = json.dumps(raw, sort_keys=True)
+    if len(canonical) > _MEMO_PARAMS_CHARS:
+        return parse_params(method, raw)
+    return _parsed_params(method, canonical)
+
+
+@lru_cache(maxsize=256)
+def _parsed_params(method: str, params_json: str) -> MethodParams:
+    return parse_params(method, json.loads(params_json))
 
 
 def _checkpoint_shas(session: Session, tenant: str, model: Model, params: MethodParams) -> list[str]:
@@ -233,12 +273,12 @@ def _same_request(earlier: Query, checked: _Validated, body: QueryCreate) -> Que
 
 def _insert(
     session: Session, tenant: str, idempotency_key: str | None, checked: _Validated, body: QueryCreate,
-    outcome: Outcome, create: Callable[[], Query],
+    outcome: Outcome, create: Callable[[], tuple[Query, Sequence[query_repo.RankedResult] | None]],
 ) -> Submitted:
     """Insert and commit a new query; if a concurrent request won the same Idempotency-Key,
     return that request's query instead (or 409 if its body differs)."""
     try:
-        query = create()
+        query, results = create()
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -246,7 +286,7 @@ def _insert(
         if earlier is None:
             raise
         return Submitted(_same_request(earlier, checked, body), Outcome.REPLAYED)
-    return Submitted(query, outcome)
+    return Submitted(query, outcome, results)
 
 
 def _enqueue(session: Session, settings: Settings, query: Query) -> None:

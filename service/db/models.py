@@ -122,7 +122,7 @@ class Query(Base):
     __tablename__ = "queries"
     __table_args__ = (
         Index("ix_queries_tenant_created", "tenant", "created_at"),
-        Index("ix_queries_request_hash", "tenant", "request_hash"),
+        Index("ix_queries_request_hash_status", "tenant", "request_hash", "status", "finished_at"),
         UniqueConstraint("tenant", "idempotency_key", name="uq_queries_idempotency"),
     )
 

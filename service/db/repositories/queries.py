@@ -3,44 +3,88 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, String, case, func, insert, literal, select, update
-from sqlalchemy.orm import Session, noload
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    Table,
+    bindparam,
+    case,
+    func,
+    insert,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.orm import Session, defer, lazyload
 
-from service.db.models import Query, QueryResult, QueryStatus, utcnow
+from service.db.models import Dataset, Model, Query, QueryResult, QueryStatus, utcnow
 from service.db.repositories import is_resource_id
 
 _FINAL = [s.value for s in QueryStatus if s.is_final]
 _OPEN = [QueryStatus.QUEUED.value, QueryStatus.RUNNING.value]
 
 
+# The hot statements of repeat queries are built once: constructing a select costs about
+# as much CPU as running it on loopback. Values are bound at execution (`bindparam`).
+_QUERY = select(Query).where(Query.id == bindparam("query_id"), Query.tenant == bindparam("tenant"))
+_QUERY_WITH_RESULTS = _QUERY.options(lazyload(Query.parts))
+_QUERY_ALONE = _QUERY.options(lazyload(Query.results), lazyload(Query.parts))
+_MODEL_AND_DATASET = (
+    select(Model, Dataset).join(Dataset, true())
+    .where(Model.id == bindparam("model_id"), Model.tenant == bindparam("tenant"), Model.deleted_at.is_(None),
+           Dataset.id == bindparam("dataset_id"), Dataset.tenant == bindparam("tenant"), Dataset.deleted_at.is_(None))
+    .options(lazyload(Dataset.shards))
+)
+_SUCCEEDED = (
+    select(Query).where(Query.tenant == bindparam("tenant"), Query.request_hash == bindparam("request_hash"),
+                        Query.status == QueryStatus.SUCCEEDED.value)
+    .order_by(Query.finished_at.desc()).limit(1)
+    .options(lazyload(Query.results), lazyload(Query.parts), defer(Query.samples))
+)
+
+
 def get_query(session: Session, tenant: str, query_id: str, *, with_results: bool = True) -> Query | None:
-    """The tenant's query (with its ranked rows unless `with_results` is False), or None."""
+    """The tenant's query (with its ranked rows unless `with_results` is False), or None.
+
+    Its fan-out parts (and, without `with_results`, its ranked rows) load only if accessed;
+    no response shows the parts.
+    """
     if not is_resource_id(query_id):
         return None
-    stmt = select(Query).where(Query.id == query_id, Query.tenant == tenant)
-    if not with_results:
-        stmt = stmt.options(noload(Query.results), noload(Query.parts))
-    return session.scalars(stmt).one_or_none()
+    stmt = _QUERY_WITH_RESULTS if with_results else _QUERY_ALONE
+    return session.scalars(stmt, {"query_id": query_id, "tenant": tenant}).one_or_none()
+
+
+def model_and_dataset(session: Session, tenant: str, model_id: str, dataset_id: str) -> tuple[Model, Dataset] | None:
+    """The tenant's live model and live dataset a query names, in one SELECT; None if either
+    is missing (the caller then looks each up alone to tell which).
+
+    The dataset's shards load on first access (`lazyload`), not here.
+    """
+    if not (is_resource_id(model_id) and is_resource_id(dataset_id)):
+        return None
+    row = session.execute(_MODEL_AND_DATASET,
+                          {"model_id": model_id, "dataset_id": dataset_id, "tenant": tenant}).one_or_none()
+    return None if row is None else (row[0], row[1])
 
 
 def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Query | None:
     return session.scalars(
         select(Query).where(Query.tenant == tenant, Query.idempotency_key == key)
-        .options(noload(Query.results), noload(Query.parts))
+        .options(lazyload(Query.results), lazyload(Query.parts))
     ).one_or_none()
 
 
 def find_succeeded(session: Session, tenant: str, request_hash: str) -> Query | None:
-    """The tenant's most recent succeeded query with this request hash (index `ix_queries_request_hash`)."""
-    return session.scalars(
-        select(Query).where(Query.tenant == tenant, Query.request_hash == request_hash,
-                            Query.status == QueryStatus.SUCCEEDED.value)
-        .order_by(Query.finished_at.desc()).limit(1)
-        .options(noload(Query.results), noload(Query.parts))
-    ).first()
+    """The tenant's most recent succeeded query with this request hash: one entry of index
+    `ix_queries_request_hash_status`, however many cached answers share the hash.
+
+    Its `samples` are not loaded (`defer`): the caller has the same ones in the request.
+    """
+    return session.scalars(_SUCCEEDED, {"tenant": tenant, "request_hash": request_hash}).first()
 
 
 def add_query(session: Session, **fields: Any) -> Query:
@@ -51,36 +95,66 @@ def add_query(session: Session, **fields: Any) -> Query:
     return query
 
 
-def add_cached_copy(
-    session: Session, source: Query, *, tenant: str, model_id: str, dataset_id: str,
-    idempotency_key: str | None, callback_url: str | None,
-) -> Query:
-    """A new, already `succeeded` query answering from `source`'s stored result.
+@dataclass(frozen=True, slots=True)
+class RankedResult:
+    """One stored ranked row of a query (the columns of `QueryResult` a response shows)."""
 
-    The ranked rows are copied with one `INSERT ... SELECT`; the score file is shared
-    (same `scores_path`), and `source_query_id` names the query that computed it.
+    kind: str
+    sample: int
+    rank: int
+    index: int
+    sample_id: str | None
+    shard: int
+    score: float
+
+
+RANKED_COLUMNS = tuple(f.name for f in fields(RankedResult))
+_RESULTS = cast(Table, QueryResult.__table__)
+_RANKED = [_RESULTS.c[name] for name in RANKED_COLUMNS]
+_COPY_RANKED = insert(_RESULTS).from_select(  # a Core INSERT: the ORM would read the bound ids as rows
+    ["query_id", *RANKED_COLUMNS],
+    select(bindparam("copy_id", type_=String(32)), *_RANKED).where(_RESULTS.c.query_id == bindparam("source_id")),
+)
+_COPY_RANKED_RETURNING = _COPY_RANKED.returning(*_RANKED)
+
+
+def add_cached_copy(
+    session: Session, source: Query, *, tenant: str, model_id: str, dataset_id: str, samples: dict[str, Any] | None,
+    idempotency_key: str | None, callback_url: str | None,
+) -> tuple[Query, list[RankedResult]]:
+    """A new, already `succeeded` query answering from `source`'s stored result, and its
+    ranked rows (ordered by kind, sample, rank).
+
+    `samples` are the request's, equal to `source`'s (same request hash), so the source's
+    need not be read back.
+
+    The ranked rows are copied with one `INSERT ... SELECT ... RETURNING`, so the caller can
+    answer without reading them back; the score file is shared (same `scores_path`), and
+    `source_query_id` names the query that computed it. Every column of the new query is
+    set here, so none is left to load after the flush.
     """
     now = utcnow()
     copy = Query(
         tenant=tenant, model_id=model_id, dataset_id=dataset_id, method=source.method,
         params=source.params, mode=source.mode, self_influence=source.self_influence, top_k=source.top_k,
         group_by=source.group_by, group_reduce=source.group_reduce,
-        samples=source.samples, num_query_samples=source.num_query_samples, request_hash=source.request_hash,
+        samples=samples, num_query_samples=source.num_query_samples, request_hash=source.request_hash,
         idempotency_key=idempotency_key, callback_url=callback_url,
-        status=QueryStatus.SUCCEEDED.value, progress=1.0, cached=True, created_at=now, started_at=now,
-        finished_at=now, num_scored=source.num_scored, timings=source.timings, extras=source.extras,
-        scores_path=source.scores_path, scores_shape=source.scores_shape, num_parts=source.num_parts,
-        source_query_id=source.source_query_id or source.id,
+        status=QueryStatus.SUCCEEDED.value, progress=1.0, cached=True, error=None, attempts=0,
+        created_at=now, started_at=now, finished_at=now, num_scored=source.num_scored, timings=source.timings,
+        extras=source.extras, scores_path=source.scores_path, scores_shape=source.scores_shape,
+        num_parts=source.num_parts, source_query_id=source.source_query_id or source.id,
     )
     session.add(copy)
     session.flush()
-    columns = ["kind", "sample", "rank", "index", "sample_id", "shard", "score"]
-    session.execute(insert(QueryResult).from_select(
-        ["query_id", *columns],
-        select(literal(copy.id, String(32)), *(getattr(QueryResult, c) for c in columns))
-        .where(QueryResult.query_id == source.id),
-    ))
-    return copy
+    ids = {"copy_id": copy.id, "source_id": source.id}
+    if session.get_bind().dialect.insert_returning:
+        returned = session.execute(_COPY_RANKED_RETURNING, ids)
+    else:  # SQLite older than 3.35
+        session.execute(_COPY_RANKED, ids)
+        returned = session.execute(select(*_RANKED).where(_RESULTS.c.query_id == copy.id))
+    rows = sorted((RankedResult(*row) for row in returned), key=lambda r: (r.kind, r.sample, r.rank))
+    return copy, rows
 
 
 def list_queries(
@@ -90,7 +164,7 @@ def list_queries(
     """Newest first, without their ranked rows; optional filters by status and model."""
     if model_id is not None and not is_resource_id(model_id):
         return []
-    stmt = select(Query).where(Query.tenant == tenant).options(noload(Query.results), noload(Query.parts))
+    stmt = select(Query).where(Query.tenant == tenant).options(lazyload(Query.results), lazyload(Query.parts))
     if status is not None:
         stmt = stmt.where(Query.status == status)
     if model_id is not None:
