@@ -10,7 +10,6 @@ runs once on the merged matrix, so both paths rank identically.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from service.db.models import Dataset, Model, Query, QueryStatus
 from service.db.repositories import jobs as repo
 from service.db.session import session_scope
 from service.settings import Settings
-from workers.cache import artifact_store, write_atomic
+from workers.cache import artifact_store, atomic_file
 from workers.grouping import labels_path, row_groups, write_labels
 from workers.leases import HeldLease
 from workers.loading import (
@@ -136,30 +135,31 @@ def _checkpoints(session: Any, query: Query, ids: Any, settings: Settings) -> li
 def ranked_rows(scores: np.ndarray, train: ShardedTrainingSet, k: int) -> list[repo.RankedRow]:
     """Top-k (highest first) and bottom-k (lowest first) rows of each score row of `[Q, N]`.
 
-    Ties go to the lower row index and NaN scores never rank (`attribution.topk`).
+    Ties go to the lower row index and NaN scores never rank (`attribution.topk`, which
+    streams each row: no `[N]` index or sort buffers). Sample ids and shards of all picked
+    rows are looked up in one pass over the shards they fall in.
     """
-    rows: list[repo.RankedRow] = []
     if k < 1:
-        return rows
+        return []
+    picks: list[tuple[str, int, list[tuple[int, float]]]] = []
     for sample, vector in enumerate(scores):
         values = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
-        for kind, picked in (("top", top_k(values, k, offset=train.row_start)),
-                             ("bottom", bottom_k(values, k, offset=train.row_start))):
-            pairs = picked.as_pairs()
-            indices = [index for index, _ in pairs]
-            ids, shards = train.sample_ids(indices), train.shard_of_row(indices)
-            rows.extend(
-                repo.RankedRow(kind=kind, sample=sample, rank=rank, index=index, sample_id=sample_id,
-                               shard=shard, score=score)
-                for rank, ((index, score), sample_id, shard) in enumerate(zip(pairs, ids, shards, strict=True), start=1)
-            )
-    return rows
+        picks.append(("top", sample, top_k(values, k, offset=train.row_start).as_pairs()))
+        picks.append(("bottom", sample, bottom_k(values, k, offset=train.row_start).as_pairs()))
+    indices = [index for _, _, pairs in picks for index, _ in pairs]
+    ids, shards = iter(train.sample_ids(indices)), iter(train.shard_of_row(indices))
+    return [
+        repo.RankedRow(kind=kind, sample=sample, rank=rank, index=index, sample_id=next(ids), shard=next(shards),
+                       score=score)
+        for kind, sample, pairs in picks
+        for rank, (index, score) in enumerate(pairs, start=1)
+    ]
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    write_atomic(path, buffer.getvalue())
+    """`array` as a `.npy` file, written atomically and streamed (no serialised copy in memory)."""
+    with atomic_file(path) as out:
+        np.save(out, array, allow_pickle=False)
 
 
 def store_result(query: Query, scores: np.ndarray, train: ShardedTrainingSet, settings: Settings, *,

@@ -6,13 +6,22 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from redis import Redis
 
 from attribution.artifacts import artifact_key, cached_tensors
 from service.settings import Settings
-from workers.cache import FileArtifactStore, RedisArtifactStore, artifact_store, cache_stats
+from workers.cache import (
+    FileArtifactStore,
+    RedisArtifactStore,
+    artifact_store,
+    atomic_file,
+    cache_stats,
+)
 from workers.leases import FileLeases, RedisLeases, holding
+from workers.scoring import save_npy
 
 
 def test_redis_store_round_trip_ttl_and_counters(redis_url: str) -> None:
@@ -75,3 +84,18 @@ def test_leases_are_exclusive_and_expire(redis_url: str, tmp_path: Path) -> None
         assert not store.acquire("query:abc", "other")
         time.sleep(2.1)
         assert not store.alive("query:abc") and store.acquire("query:abc", "other")
+
+
+def test_atomic_file_replaces_whole_or_keeps_old(tmp_path: Path) -> None:
+    path = tmp_path / "scores.npy"
+    matrix = np.random.default_rng(0).normal(size=(3, 1001)).astype(np.float32)
+    matrix[1, ::7] = np.nan
+    save_npy(path, matrix)  # streamed straight to the file
+    np.testing.assert_array_equal(np.load(path, allow_pickle=False), matrix)
+    save_npy(path, matrix[0])
+    np.testing.assert_array_equal(np.load(path, allow_pickle=False), matrix[0])
+    with pytest.raises(RuntimeError, match="disk full"), atomic_file(path) as out:
+        out.write(b"partial")
+        raise RuntimeError("disk full")
+    np.testing.assert_array_equal(np.load(path, allow_pickle=False), matrix[0])  # old file intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.npy"]  # temp file removed

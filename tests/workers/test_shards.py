@@ -94,6 +94,9 @@ def test_sample_ids_and_shard_positions(data_root: Path) -> None:
     rows = [0, 4, 5, 12, 17, 22]
     assert training.shard_of_row(rows) == [0, 0, 1, 2, 3, 4]
     assert training.sample_ids(rows) == ["id0", "id4", None, "id12", "17", None]
+    # any order, repeats: each touched shard is read once per call, entries come back in request order
+    assert training.sample_ids([17, 0, 12, 4, 0, 22, 5]) == ["17", "id0", "id12", "id4", "id0", None, None]
+    assert training.sample_ids([]) == []
 
 
 def test_regression_targets_are_float_and_inputs_float32(data_root: Path) -> None:

@@ -51,6 +51,7 @@ def inspect_shard(path: Path) -> ShardInfo:
             seen += len(rows)
         if seen != reader.num_rows:
             raise ShardError("uri", f"the shard declares {reader.num_rows} rows but holds {seen}")
+        reader.check_integrity()
         for name in ("ids", "group"):
             labels = reader.column(name)
             if labels is not None and len(labels) != reader.num_rows:
@@ -120,7 +121,6 @@ class ShardedTrainingSet:
             tokenizer=tokenizer, max_length=max_length,
         )
         self.prefetch = prefetch
-        self._columns: dict[tuple[int, str], list[Any] | None] = {}
 
     @classmethod
     def for_dataset(
@@ -213,12 +213,21 @@ class ShardedTrainingSet:
         return out
 
     def sample_ids(self, rows: Sequence[int]) -> list[str | None]:
-        """The shard's `ids` entry of each global row (as a string), `None` where the shard has none."""
-        out: list[str | None] = []
+        """The shard's `ids` entry of each global row (as a string), `None` where the shard has none.
+
+        Each shard holding a requested row has its `ids` read once per call and only the
+        requested entries are kept: a ranking touches most shards, so keeping whole columns
+        would hold every row's id in memory.
+        """
+        wanted: dict[int, list[int]] = {}
         for row, position in zip(rows, self.shard_of_row(rows), strict=True):
+            wanted.setdefault(position, []).append(row)
+        found: dict[int, str | None] = {}
+        for position, shard_rows in wanted.items():
             ids = self._column(position, "ids")
-            out.append(None if ids is None else _as_label(ids[row - self.offsets[position]]))
-        return out
+            for row in shard_rows:
+                found[row] = None if ids is None else _as_label(ids[row - self.offsets[position]])
+        return [found[row] for row in rows]
 
     def column_values(self, name: str) -> list[str | None]:
         """A per-row label column (`group`, `ids`) over the set's range, `None` for shards without it."""
@@ -235,15 +244,13 @@ class ShardedTrainingSet:
         return out
 
     def _column(self, position: int, name: str) -> list[Any] | None:
-        key = (position, name)
-        if key not in self._columns:
-            shard = self.shards[position]
-            reader = open_reader(shard.path, shard.format, num_rows=shard.num_samples)
-            try:
-                self._columns[key] = reader.column(name)
-            finally:
-                reader.close()
-        return self._columns[key]
+        """Shard `position`'s whole column `name` (read on every call, not kept)."""
+        shard = self.shards[position]
+        reader = open_reader(shard.path, shard.format, num_rows=shard.num_samples)
+        try:
+            return reader.column(name)
+        finally:
+            reader.close()
 
 
 def _as_label(value: Any) -> str:
