@@ -4,10 +4,10 @@ deployment of the service (API + RQ workers as subprocesses on loopback), latenc
 Data are Gaussian blobs (`blobs`: `x` `[N, F]` float32, `y` `[N]` int64, C classes), written
 as `.npz` shards with string ids and read back through `workers.loading.ShardedTrainingSet`,
 exactly what a worker sweeps. Models are small tanh MLPs trained for a fixed number of
-full-batch Adam steps on a seeded subset. `Deployment` starts `python -m service` and
-`python -m workers` on a bench Postgres database it creates and a Redis database index
-(3–6; the test suite uses 15 and, under pytest-xdist, 15 − N), all on 127.0.0.1, and stops
-only the processes it started.
+full-batch Adam steps on a seeded subset. `Deployment` runs `python -m service` and
+`python -m workers` (`service.testing.ServiceProcesses`) on a bench Postgres database it
+creates and a Redis database index (3–6; the test suite uses 15 and, under pytest-xdist,
+15 − N), all on 127.0.0.1, and stops only the processes it started.
 """
 
 from __future__ import annotations
@@ -15,21 +15,18 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-import httpx
 import numpy as np
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
+from service.testing import REPO_ROOT, ServiceProcesses
+
+REPO = REPO_ROOT
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_BASE = "redis://127.0.0.1:6379"
 
@@ -155,12 +152,6 @@ def peak_rss_mb(pid: int) -> float:
 
 
 # --------------------------------------------------------------------------- deployment
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def fresh_database(name: str) -> str:
     """Drop and create Postgres database `name` on 127.0.0.1, migrate it; its SQLAlchemy URL."""
     from sqlalchemy import create_engine, text
@@ -193,102 +184,25 @@ def flush_redis(index: int) -> str:
     return url
 
 
-class Deployment:
-    """`python -m service` + `workers` × `python -m workers` on Postgres + Redis, on loopback.
+class Deployment(ServiceProcesses):
+    """`service.testing.ServiceProcesses` on a fresh bench Postgres database and Redis index.
 
     `with Deployment(data_root, db="attribution_bench_p3", redis_db=3, workers=1) as d:`
-    then `d.client` (an `httpx.Client` on the API) and `d.api`. Stops (SIGTERM, then SIGKILL
-    after 15 s) exactly the processes it started. Logs go to `<data_root>/logs/`.
+    then `d.client` (an `httpx.Client` on the API), `d.register(...)`, `d.wait_final(...)`,
+    `d.scores(...)`. The database is dropped, created and migrated and the Redis database
+    flushed on entry. Logs go to `<data_root>/logs/`.
     """
 
     def __init__(self, data_root: Path, *, db: str, redis_db: int, workers: int = 1,
                  env: dict[str, str] | None = None, worker_threads: int | None = None) -> None:
-        self.data_root = data_root
-        self.db, self.redis_db, self.workers = db, redis_db, workers
-        self.extra_env = env or {}
-        self.worker_threads = worker_threads
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.worker_processes: list[subprocess.Popen[bytes]] = []
-        self.env: dict[str, str] = {}
-        self.client = httpx.Client(base_url=self.url, timeout=60.0)
+        settings = {"DATA_ROOT": str(data_root), "DEVICE": "cpu", "ALLOWED_ARCHITECTURES": SERVICE_ARCHITECTURE, **(env or {})}
+        super().__init__(settings, workers=workers, log_level="warning", worker_threads=worker_threads)
+        self.data_root, self.db, self.redis_db = data_root, db, redis_db
 
-    def __enter__(self) -> Deployment:
+    def __enter__(self) -> Self:
         self.data_root.mkdir(parents=True, exist_ok=True)
-        self.env = {
-            **os.environ, "PYTHONPATH": str(REPO), "DATA_ROOT": str(self.data_root),
-            "DATABASE_URL": fresh_database(self.db), "REDIS_URL": flush_redis(self.redis_db),
-            "DEVICE": "cpu", "ALLOWED_ARCHITECTURES": SERVICE_ARCHITECTURE, **self.extra_env,
-        }
-        self.env.pop("API_KEYS", None)
-        try:
-            self._spawn("service", [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
-                                    "--log-level", "warning"])
-            self.add_workers(self.workers)
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
-
-    def add_workers(self, count: int, env_overrides: dict[str, str] | None = None) -> None:
-        env = {**self.env, **(env_overrides or {})}
-        if self.worker_threads is not None:
-            env.update(OMP_NUM_THREADS=str(self.worker_threads), MKL_NUM_THREADS=str(self.worker_threads))
-        for _ in range(count):
-            name = f"worker{len(self.worker_processes)}"
-            self.worker_processes.append(self._spawn(name, [sys.executable, "-m", "workers", "--name",
-                                                            f"bench-{self.port}-{name}", "--log-level", "WARNING"], env))
-
-    def wait_workers(self, timeout: float = 120.0) -> None:
-        """Block until every started worker has registered with RQ (imports done, listening)."""
-        from redis import Redis
-        from rq import Worker
-
-        connection = Redis.from_url(self.env["REDIS_URL"])
-        deadline = time.monotonic() + timeout
-        try:
-            while len(Worker.all(connection=connection)) < len(self.worker_processes):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("workers did not register with RQ in time")
-                time.sleep(0.2)
-        finally:
-            connection.close()
-
-    def stop_workers(self) -> None:
-        for process in self.worker_processes:
-            _terminate(process)
-        self.processes = [p for p in self.processes if p not in self.worker_processes]
-        self.worker_processes = []
-
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        logs = self.data_root / "logs"
-        logs.mkdir(exist_ok=True)
-        with open(logs / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(argv, cwd=REPO, env=env or self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.processes.append(process)
-        return process
-
-    def _wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.processes[0].poll() is not None:
-                raise RuntimeError(f"the API exited early; see {self.data_root / 'logs' / 'service.log'}")
-            with contextlib.suppress(httpx.HTTPError):
-                if self.client.get("/readyz").status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError("the API did not become ready")
-
-    def stop(self) -> None:
-        self.client.close()
-        for process in reversed(self.processes):
-            _terminate(process)
-        self.processes, self.worker_processes = [], []
+        self.env.update(DATABASE_URL=fresh_database(self.db), REDIS_URL=flush_redis(self.redis_db))
+        return super().__enter__()
 
     # ----------------------------------------------------------------- API helpers
     def register(self, model_path: Path, shard_paths: Sequence[Path], task: str = "classification") -> tuple[str, str]:
@@ -306,42 +220,12 @@ class Deployment:
         dataset.raise_for_status()
         return model.json()["id"], dataset.json()["id"]
 
-    def wait_final(self, query_ids: Sequence[str], timeout: float, interval: float = 0.1) -> dict[str, dict[str, Any]]:
-        """Poll until every query is final; `{id: GET body}`. Raises TimeoutError past `timeout`."""
-        pending, done = list(query_ids), {}
-        deadline = time.monotonic() + timeout
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(pending)} queries not final after {timeout:.0f} s")
-            still = []
-            for query_id in pending:
-                body = self.client.get(f"/v1/queries/{query_id}").json()
-                if body["status"] in ("succeeded", "failed", "canceled"):
-                    done[query_id] = body
-                else:
-                    still.append(query_id)
-            pending = still
-            if pending:
-                time.sleep(interval)
-        return done
-
     def scores(self, query_id: str) -> np.ndarray:
         import io
 
         response = self.client.get(f"/v1/queries/{query_id}/scores", params={"format": "npy"})
         response.raise_for_status()
         return np.load(io.BytesIO(response.content), allow_pickle=False)
-
-
-def _terminate(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
 
 
 @contextlib.contextmanager

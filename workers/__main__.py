@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    # Import every heavy dependency once, before any job (and before any fork).
-    import torch  # noqa: F401
+    # Import every heavy dependency once, before any job (and before any fork). torch.optim
+    # imports torch._dynamo on the first optimizer it builds (seconds): do it here, not in a job.
+    import torch._dynamo  # noqa: F401  (imports torch too)
 
     from attribution.methods.registry import available_methods
     from workers import jobs  # noqa: F401

@@ -4,13 +4,22 @@ A query whose dataset has more than `settings.fanout_rows` rows is split into pa
 (`QueryPart` rows) aligned to shard boundaries where possible: whole shards are grouped up
 to `fanout_rows` rows, larger shards are cut into equal pieces. Each part is the job
 `run_query_part(query_id, part)` (RQ id `<query id>-p<part>`); it scores its rows, writes
-`<id>.part<k>.npy` `[Q, n_k]` and marks itself succeeded. The part that finishes last —
-decided in one transaction holding the query row lock — runs `merge_query`, which
-concatenates the partial matrices in row order and stores the result exactly as a single
-job would (same ranking code on the same `[Q, N]` matrix).
+`<id>.part<k>.npz` (scores `[Q, n_k]` plus its timings, one file and one fsync) and marks
+itself succeeded. The part that finishes last — decided in one transaction holding the
+query row lock — runs `merge_query`, which checks each part's width, concatenates the
+partial matrices in row order and stores the result exactly as a single job would (same
+ranking code on the same `[Q, N]` matrix).
+
+Per-part cost is kept to what the part needs: the query's model and dataset rows, file
+hashes and built models are memoised per worker process (`_RowMemo`, `workers.loading`),
+one part file is written (one fsync), bookkeeping commits that may be lost
+harmlessly (a part marked `running`, progress) do not wait for the database's WAL flush,
+and only the final `finish_part` commit does. Each part's phases (`part_claim_s`, the
+method's `load_s`/`base_losses_s`/`unlearn_s`/`sweep_s`, ...) are summed into the query's
+`timings`; the worker log has one line per part with its wall and CPU time.
 
 Only methods whose score for row i depends on row i alone (given the query) are split:
-Forward-INF with fixed settings (the unlearning run uses only the query samples),
+Forward-INF with fixed settings and gradient unlearning (the run uses only the query samples),
 TracIn and gradient similarity, without relative normalisation (whose floor uses the
 median self-influence over all rows). Influence functions, TRAK and Integrated Influence
 fit curvature/kernels over the whole training set and run as one job.
@@ -22,18 +31,24 @@ import itertools
 import json
 import logging
 import math
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from attribution.methods.base import MethodName, Normalize
 from service import queue
-from service.db.models import Query
+from service.db.models import Dataset, Model, Query
 from service.db.repositories import jobs as repo
 from service.db.session import session_scope
 from service.settings import Settings, get_settings
-from workers.cache import write_atomic
+from workers.cache import atomic_file
 from workers.leases import holding, leases
 from workers.loading import ShardedTrainingSet, input_spec, load_model, load_tokenizer
 from workers.scoring import (
@@ -42,7 +57,6 @@ from workers.scoring import (
     compute_scores,
     notify,
     one_line,
-    save_npy,
     store_result,
 )
 
@@ -85,7 +99,8 @@ def should_fan_out(query: Query, num_samples: int, settings: Settings) -> bool:
         return False
     if method not in _ROW_SEPARABLE or params.get("normalize", Normalize.NONE.value) == Normalize.RELATIVE.value:
         return False
-    return not (method == MethodName.FORWARD_INF and params.get("auto"))
+    # auto searches, and the Newton step fits (G + λI)⁻¹, over the whole training set
+    return not (method == MethodName.FORWARD_INF and (params.get("auto") or params.get("unlearning") == "newton"))
 
 
 def part_job_id(query_id: str, part: int) -> str:
@@ -97,51 +112,120 @@ def dispatch_parts(query_id: str, shard_sizes: Sequence[int], settings: Settings
     store = leases(settings)
     with session_scope(settings) as session:
         parts = repo.ensure_parts(session, query_id, plan_ranges(shard_sizes, settings.fanout_rows))
-        todo = [p.part for p in parts if p.status != "succeeded" and not store.alive(f"part:{query_id}:{p.part}")]
-        for part in todo:
-            repo.requeue_part(session, query_id, part)
-    log.info("query %s: %d parts, enqueueing %s", query_id, len(parts), todo)
+        todo = [p for p in parts if p.status != "succeeded" and not store.alive(f"part:{query_id}:{p.part}")]
+        for stale in todo:
+            if stale.status != "queued":  # a fresh part is queued already: no UPDATE needed
+                repo.requeue_part(session, query_id, stale.part)
+    log.info("query %s: %d parts, enqueueing %s", query_id, len(parts), [p.part for p in todo])
     if not todo:
         if all(p.status == "succeeded" for p in parts):
             merge_query(query_id)
         return
-    for part in todo:
-        queue.enqueue(PART_JOB, query_id, part, job_id=part_job_id(query_id, part), settings=settings)
+    for stale in todo:
+        queue.enqueue(PART_JOB, query_id, stale.part, job_id=part_job_id(query_id, stale.part), settings=settings)
 
 
 def _part_file(query_id: str, part: int) -> str:
-    return f"{query_id}.part{part}.npy"
+    return f"{query_id}.part{part}.npz"
+
+
+def _save_part(path: Path, scores: np.ndarray, meta: dict[str, Any]) -> None:
+    """One file per part (one fsync): `scores` `[Q, n_k]` float32 and `meta` (timings, extras) as JSON bytes."""
+    encoded = np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8)
+    with atomic_file(path) as out:
+        np.savez(out, scores=scores, meta=encoded)
+
+
+def _load_part(path: Path, rows: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """A part file's `[Q, rows]` scores and metadata; `ValueError` if it does not hold `rows` columns."""
+    with np.load(path, allow_pickle=False) as archive:
+        scores, meta = archive["scores"], json.loads(archive["meta"].tobytes())
+    if scores.ndim != 2 or scores.shape[1] != rows:
+        raise ValueError(f"{path.name} holds scores of shape {scores.shape}, expected {rows} columns")
+    return scores, meta
+
+
+class _RowMemo:
+    """Per-process memo of `(model id, dataset id) → (Model, Dataset)` rows (with the shards).
+
+    Registered models and datasets never change (no update but the soft delete's
+    `deleted_at`, which jobs ignore; no hard delete while a query refers to them), so every
+    part of a query, and its merge, reads them from the database once per worker. The rows
+    are detached and only read.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple[str, str], tuple[Model, Dataset]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, session: Session, query: Query) -> tuple[Model | None, Dataset | None]:
+        key = (query.model_id, query.dataset_id)
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        model_row, dataset_row = repo.model_and_dataset(session, query)
+        if model_row is not None and dataset_row is not None:
+            with self.lock:
+                self.entries[key] = (model_row, dataset_row)
+                while len(self.entries) > self.capacity:
+                    self.entries.popitem(last=False)
+        return model_row, dataset_row
+
+
+_ROWS = _RowMemo()
+
+
+def _relaxed_commit(session: Session) -> None:
+    """Let this transaction commit without waiting for the WAL flush (Postgres `synchronous_commit`).
+
+    For bookkeeping that may be lost in a database crash without harm (a part marked
+    `running`, progress): the lease, not the row, proves a part is alive, and the next
+    durable commit (`finish_part`) flushes the WAL up to and including this one.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
 def run_query_part(query_id: str, part: int) -> None:
     """Score one part's rows; the last part to finish merges. Idempotent like `run_query`."""
     settings = get_settings()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with holding(leases(settings), f"part:{query_id}:{part}") as lease:
         if lease is None:
             log.info("query %s part %d is already running elsewhere", query_id, part)
             return
         with session_scope(settings) as session:
+            _relaxed_commit(session)
             if not repo.start_part(session, query_id, part):
                 return
             query = repo.get_query(session, query_id)
             part_row = repo.get_part(session, query_id, part)
-            model_row, dataset_row = repo.model_and_dataset(session, query) if query else (None, None)
+            model_row, dataset_row = _ROWS.get(session, query) if query else (None, None)
         if query is None or part_row is None or model_row is None or dataset_row is None:
             return
+        phases = {"part_claim_s": time.perf_counter() - started}
         last = False
         try:
             def write(fraction: float) -> str | None:
                 with session_scope(settings) as s:
+                    _relaxed_commit(s)
                     return repo.set_part_progress(s, query_id, part, fraction)
 
             computed = compute_scores(query, model_row, dataset_row, settings, row_start=part_row.row_start,
                                       row_stop=part_row.row_stop, progress=ProgressWriter(write, lease))
+            began = time.perf_counter()
             settings.scores_dir.mkdir(parents=True, exist_ok=True)
-            save_npy(settings.scores_dir / _part_file(query_id, part), computed.scores.numpy())
-            sidecar = {"timings": computed.timings, "extras": computed.extras}
-            write_atomic(settings.scores_dir / f"{query_id}.part{part}.json", json.dumps(sidecar, default=str).encode())
+            meta = {"timings": {**computed.timings, **phases}, "extras": computed.extras}
+            _save_part(settings.scores_dir / _part_file(query_id, part), computed.scores.numpy(), meta)
+            phases["part_save_s"] = time.perf_counter() - began
             with session_scope(settings) as session:
                 last = repo.finish_part(session, query_id, part, _part_file(query_id, part))
+            phases["part_finish_s"] = time.perf_counter() - began - phases["part_save_s"]
+            log.info("query %s part %d done in %.3f s (process cpu %.3f s): %s", query_id, part,
+                     time.perf_counter() - started, time.process_time() - cpu_started,
+                     _phases_text({**computed.timings, **phases}))
         except Canceled as exc:
             log.info("query %s part %d stopped: %s", query_id, part, exc)
             _remove_part_files(query_id, range(query.num_parts), settings)
@@ -160,37 +244,46 @@ def run_query_part(query_id: str, part: int) -> None:
 def merge_query(query_id: str) -> None:
     """Concatenate the parts' score matrices in row order and store the result like a single job."""
     settings = get_settings()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with session_scope(settings) as session:
         query = repo.get_query(session, query_id)
         parts = repo.parts_of(session, query_id)
-        model_row, dataset_row = repo.model_and_dataset(session, query) if query else (None, None)
+        model_row, dataset_row = _ROWS.get(session, query) if query else (None, None)
     if query is None or model_row is None or dataset_row is None or not parts:
         return
     try:
-        matrices = [np.load(settings.scores_dir / (p.scores_path or ""), allow_pickle=False) for p in parts]
-        merged = np.concatenate(matrices, axis=1)
+        matrices = []
         timings: dict[str, float] = {}
         extras: dict[str, Any] = {}
         for p in parts:
-            sidecar = json.loads((settings.scores_dir / f"{query_id}.part{p.part}.json").read_text())
-            for name, seconds in sidecar["timings"].items():
+            scores, meta = _load_part(settings.scores_dir / (p.scores_path or ""), p.row_stop - p.row_start)
+            matrices.append(scores)
+            for name, seconds in meta["timings"].items():
                 timings[name] = timings.get(name, 0.0) + float(seconds)
-            extras = extras or sidecar["extras"]
+            extras = extras or meta["extras"]
+        merged = np.concatenate(matrices, axis=1)
         extras["num_parts"] = len(parts)
         model = load_model(model_row, settings)
         spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
         train = ShardedTrainingSet.for_dataset(dataset_row, spec, settings, verify=False, prefetch=False)
+        timings["merge_read_s"] = time.perf_counter() - started
         store_result(query, merged, train, settings, timings=timings, extras=extras)
+        log.info("query %s: merged %d parts in %.3f s (process cpu %.3f s)", query_id, len(parts),
+                 time.perf_counter() - started, time.process_time() - cpu_started)
     except Exception as exc:
         log.exception("query %s: merging parts failed", query_id)
         with session_scope(settings) as session:
             repo.mark_failed(session, query_id, f"merge: {one_line(exc)}")
     finally:
         _remove_part_files(query_id, [p.part for p in parts], settings)
-    notify(query_id, settings)
+    if query.callback_url:
+        notify(query_id, settings)
+
+
+def _phases_text(timings: dict[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:.3f}" for name, seconds in timings.items())
 
 
 def _remove_part_files(query_id: str, parts: Sequence[int], settings: Settings) -> None:
     for part in parts:
         (settings.scores_dir / _part_file(query_id, part)).unlink(missing_ok=True)
-        (settings.scores_dir / f"{query_id}.part{part}.json").unlink(missing_ok=True)

@@ -47,7 +47,8 @@ def run_query(query_id: str) -> None:
             log.info("query %s is already running on another worker", query_id)
             return
         _run(query_id, settings, lease)
-    notify(query_id, settings)
+    if query.callback_url:  # fixed at submission; without one there is nothing to notify
+        notify(query_id, settings)
 
 
 def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:

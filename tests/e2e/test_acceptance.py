@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
+from service.testing import ServiceProcesses, wait_final
 from tests.conftest import TEST_DATABASE_URL, TEST_REDIS_URL
 from tests.e2e import reference
-from tests.e2e.processes import running_service, wait_final
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -90,7 +90,11 @@ def _post_query(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
     response = client.post("/v1/queries", json=body)
     assert response.status_code == 202, response.text
     assert response.headers["location"] == f"/v1/queries/{response.json()['id']}"
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
+
+
+def _wait_final(client: httpx.Client, query_id: str) -> dict[str, Any]:
+    return wait_final(client, [query_id])[query_id]
 
 
 def _run_flow(url: str, case: Case) -> None:
@@ -110,7 +114,7 @@ def _run_flow(url: str, case: Case) -> None:
             body = {"model_id": model_id, "dataset_id": dataset_id, "method": "forward_inf",
                     "samples": {"x": xq.tolist(), "y": yq.tolist()}, "top_k": 10,
                     "params": {"steps": 5, "lr": 0.01}}
-            done = wait_final(client, _post_query(client, body)["id"])
+            done = _wait_final(client, _post_query(client, body)["id"])
             assert done["status"] == "succeeded", done
             ours = _scores(client, done["id"])
             expected = reference.forward_inf_algorithm1(str(case.model_path), xq, yq, x_all, y_all, 5, 0.01).numpy()
@@ -130,7 +134,7 @@ def _run_flow(url: str, case: Case) -> None:
         body = {"model_id": model_id, "dataset_id": dataset_id, "method": "influence",
                 "samples": {"x": xq.tolist(), "y": yq.tolist()}, "top_k": 10,
                 "params": {"ihvp": "cg", "damping": 0.01}}
-        done = wait_final(client, _post_query(client, body)["id"])
+        done = _wait_final(client, _post_query(client, body)["id"])
         assert done["status"] == "succeeded", done
         ours = _scores(client, done["id"])
         exact = reference.gauss_newton_influence(case.model, xq, yq, x_all, y_all, 0.01).numpy()
@@ -179,8 +183,8 @@ def _check_bad_input(client: httpx.Client, case: Case, model_id: str, dataset_id
 
 def test_embedded_default(case: Case) -> None:
     """SQLite + in-process worker: no servers, only DATA_ROOT set."""
-    with running_service({"DATA_ROOT": str(case.root)}) as url:
-        _run_flow(url, case)
+    with ServiceProcesses({"DATA_ROOT": str(case.root)}) as running:
+        _run_flow(running.url, case)
 
 
 @pytest.fixture()
@@ -192,5 +196,5 @@ def test_postgres_redis_and_separate_worker(case: Case, clean_postgres: tuple[st
     """Postgres + Redis + `python -m workers` in its own process."""
     database_url, redis_url = clean_postgres
     env = {"DATA_ROOT": str(case.root), "DATABASE_URL": database_url, "REDIS_URL": redis_url}
-    with running_service(env, workers=1, log_dir=tmp_path) as url:
-        _run_flow(url, case)
+    with ServiceProcesses(env, workers=1, log_dir=tmp_path) as running:
+        _run_flow(running.url, case)

@@ -2,8 +2,12 @@
 
 `file_sha256` streams a file; `folder_sha256` hashes the sorted `(relative path, file
 sha256)` pairs of every regular file under a folder, so renaming or editing any file
-changes it. `cached_sha256` remembers the hash per `(path, size, mtime_ns)` signature so a
-worker re-verifies a registered model on every load without re-reading an unchanged file.
+changes it. `cached_sha256` remembers the hash per process and file version — the
+signature `(device, inode, size, mtime_ns, ctime_ns)` of the file (or of every file in the
+folder) — so a worker re-verifies a registered model or shard on every job (every fan-out
+part) without re-reading an unchanged file. Any write to a file changes its mtime and ctime,
+and a replaced file has a new inode; a file whose mtime was set back still has a new ctime
+(which no user call can set), so a changed file is always hashed again.
 """
 
 from __future__ import annotations
@@ -48,24 +52,32 @@ def dataset_sha256(shard_hashes: list[str]) -> str:
     return hashlib.sha256("\n".join(shard_hashes).encode()).hexdigest()
 
 
-def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
-    """Cheap change detector: `(relative path, size, mtime_ns)` of the file or every file in the folder."""
+Signature = tuple[tuple[str, int, int, int, int, int], ...]
+
+
+def _file_signature(relative: str, stat: os.stat_result) -> tuple[str, int, int, int, int, int]:
+    return (relative, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _signature(path: Path) -> Signature:
+    """Cheap change detector: `(relative path, device, inode, size, mtime_ns, ctime_ns)` of the
+    file or of every file in the folder."""
     if path.is_dir():
-        out = []
-        for file in _folder_files(path):
-            stat = file.stat()
-            out.append((file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
-        return tuple(out)
-    stat = os.stat(path)
-    return (("", stat.st_size, stat.st_mtime_ns),)
+        return tuple(_file_signature(file.relative_to(path).as_posix(), file.stat()) for file in _folder_files(path))
+    return (_file_signature("", os.stat(path)),)
 
 
 class _HashCache:
-    """Per-process LRU of `path → (signature, sha256)`."""
+    """Per-process LRU of `path → (signature, sha256)`.
 
-    def __init__(self, capacity: int = 256) -> None:
+    Large enough for every shard of the datasets a worker serves (an entry is a few hundred
+    bytes): with fewer entries than shards, parts sweeping the shards in turn would evict
+    each other's hashes and re-read every shard on every job.
+    """
+
+    def __init__(self, capacity: int = 16384) -> None:
         self.capacity = capacity
-        self.entries: OrderedDict[str, tuple[tuple[tuple[str, int, int], ...], str]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[Signature, str]] = OrderedDict()
         self.lock = threading.Lock()
 
     def sha256(self, path: Path) -> str:
@@ -89,5 +101,5 @@ _CACHE = _HashCache()
 
 
 def cached_sha256(path: Path) -> str:
-    """`path_sha256(path)`, re-computed only when the file's size or mtime changed."""
+    """`path_sha256(path)`, re-computed only when the file's signature (see module docstring) changed."""
     return _CACHE.sha256(path)

@@ -4,9 +4,11 @@ Each reader opens one shard, checks its structure, and streams rows `[start, sto
 `Rows` chunks of at most `chunk` rows, so a training sweep holds one chunk per shard in
 memory, never a whole shard:
 - `.npz`: every array is a `.npy` member of a zip. `np.load(mmap_mode=...)` cannot map
-  them, so the reader parses each member's `.npy` header and reads raw row bytes from the
-  member's stream (stored or deflated alike) chunk by chunk. No copy is written to disk,
-  nothing is unpickled (object dtypes are refused), and compressed archives work too.
+  them, so the reader parses each member's `.npy` header and reads raw row bytes chunk by
+  chunk: at the member's file offset when it is stored uncompressed (what `numpy.savez`
+  writes: a row range seeks straight to its first row), through the member's zip stream
+  when it is deflated (`savez_compressed`). No copy is written to disk, nothing is
+  unpickled (object dtypes are refused); registration also tests every member's CRC.
   Fortran-ordered multi-dimensional arrays cannot be read row by row; they are read whole.
 - `.parquet`: `pyarrow` `iter_batches` over the row groups that overlap the range (`tabular.py`).
 - `.pt`: a safetensors file (lazy slices through `safe_open`) or a `torch.save` tensor dict
@@ -16,6 +18,7 @@ memory, never a whole shard:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 import zipfile
@@ -84,6 +87,10 @@ class ShardReader:
         """A small per-row column (`ids`, `group`) as a Python list, or `None` if absent."""
         raise NotImplementedError
 
+    def check_integrity(self) -> None:
+        """Format-level checksums beyond what reading the rows checks (registration only)."""
+        return None
+
     def close(self) -> None:
         return None
 
@@ -134,10 +141,31 @@ class _NpyMember:
     shape: tuple[int, ...]
     fortran: bool
     dtype: np.dtype
+    data_offset: int | None = None  # file offset of row 0 when the member is stored uncompressed
 
     @property
     def row_bytes(self) -> int:
         return int(self.dtype.itemsize * math.prod(self.shape[1:]))
+
+
+def _stored_data_offset(handle: IO[bytes], info: zipfile.ZipInfo, header_bytes: int, data_bytes: int) -> int | None:
+    """File offset of a stored (uncompressed) member's array data, or None if it is deflated.
+
+    The member starts after its local file header (30 bytes + name + extra field, whose
+    lengths may differ from the central directory's); the `.npy` header is `header_bytes`
+    long. `ShardError` if the array data run past the member's end.
+    """
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    handle.seek(info.header_offset)
+    local = handle.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise ShardError("uri", f"member {info.filename} has a corrupt local header")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    start = info.header_offset + 30 + name_length + extra_length
+    if header_bytes + data_bytes > info.file_size:
+        raise ShardError("uri", f"array {info.filename.removesuffix('.npy')} is truncated")
+    return start + header_bytes
 
 
 def _read_npy_header(stream: IO[bytes], name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -153,9 +181,15 @@ def _read_npy_header(stream: IO[bytes], name: str) -> tuple[tuple[int, ...], boo
 
 
 class NpzReader(ShardReader):
+    """`.npz` rows. Members `numpy.savez` stores uncompressed are read at their file offset
+    (a range starting at row r seeks straight to it; no CRC pass: the job checks the whole
+    file's sha256 before reading, and `check_integrity` tests every CRC at registration);
+    deflated members (`savez_compressed`) stream through `zipfile`."""
+
     format = "npz"
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         try:
             self.archive = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError):
@@ -167,10 +201,15 @@ class NpzReader(ShardReader):
                 continue
             with self.archive.open(info) as stream:
                 shape, fortran, dtype = _read_npy_header(stream, info.filename)
+                header_bytes = stream.tell()
             _check_dtype(key, dtype)
             if len(shape) == 0:
                 raise ShardError("uri", f"array {key} is a scalar; it needs one entry per row")
-            self.members[key] = _NpyMember(info.filename, tuple(shape), bool(fortran), dtype)
+            member = _NpyMember(info.filename, tuple(shape), bool(fortran), dtype)
+            if self.archive.fp is not None:
+                member.data_offset = _stored_data_offset(self.archive.fp, info, header_bytes,
+                                                         shape[0] * member.row_bytes)
+            self.members[key] = member
         self.columns = set(self.members)
         if "x" not in self.members or "y" not in self.members:
             found = ", ".join(sorted(self.members)) or "none"
@@ -184,9 +223,14 @@ class NpzReader(ShardReader):
             for s in range(start, stop, chunk):
                 yield whole[s:min(s + chunk, stop)]
             return
-        with self.archive.open(member.name) as stream:
-            _read_npy_header(stream, member.name)
-            _skip(stream, start * member.row_bytes)
+        with contextlib.ExitStack() as stack:
+            if member.data_offset is not None:
+                stream: IO[bytes] = stack.enter_context(open(self.path, "rb"))
+                stream.seek(member.data_offset + start * member.row_bytes)
+            else:
+                stream = stack.enter_context(self.archive.open(member.name))
+                _read_npy_header(stream, member.name)
+                _skip(stream, start * member.row_bytes)
             for s in range(start, stop, chunk):
                 count = min(chunk, stop - s)
                 raw = stream.read(count * member.row_bytes)
@@ -206,6 +250,11 @@ class NpzReader(ShardReader):
         if name not in self.members:
             return None
         return self._whole(name).tolist()
+
+    def check_integrity(self) -> None:
+        bad = self.archive.testzip()
+        if bad is not None:
+            raise ShardError("uri", f"member {bad} fails its CRC check (the archive is corrupt)")
 
     def close(self) -> None:
         self.archive.close()
