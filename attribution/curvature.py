@@ -113,8 +113,8 @@ def sampled_output_factor(model: ModelAdapter, outputs: Tensor, targets: Tensor,
         draws = torch.multinomial(raw.float().softmax(1).cpu(), 1, generator=generator)
         sampled = draws.reshape(-1).to(raw.device)
     elif name is TaskName.REGRESSION:
-        noise = torch.randn(raw.shape, generator=generator, dtype=torch.float32).to(raw.device)
-        sampled = (raw.float() + noise * 0.5**0.5).reshape(targets.shape)
+        noise = torch.randn(raw.shape, generator=generator, dtype=raw.dtype).to(raw.device)
+        sampled = (raw + noise * 0.5**0.5).reshape(targets.shape)  # the model's dtype
     elif name is TaskName.CAUSAL_LM:
         logits = raw.float().reshape(b, targets.shape[1], -1)[:, :-1]
         probs = logits.softmax(-1).reshape(-1, logits.shape[-1]).cpu()
@@ -261,6 +261,23 @@ class CurvatureOperator:
         if rows == 0:
             raise ValueError("the training set is empty")
         return total / rows
+
+    def dense_blocks(self, train: TrainingSet, blocks: list[Tensor],
+                     dtype: torch.dtype = torch.float64) -> list[Tensor]:
+        """`[P_b, P_b]` diagonal blocks `G[idx_b][:, idx_b]` for flat index sets `blocks[b]` `[P_b]`
+        (one pass; memory `Σ_b P_b²` entries, never the full `P²`)."""
+        index = [b.to(self.model.device, torch.long) for b in blocks]
+        totals = [torch.zeros(len(i), len(i), dtype=dtype, device=self.model.device) for i in index]
+        rows = 0
+        for batch in self.batches(train):
+            r = self.pseudo_gradients(batch).to(dtype)
+            for total, idx in zip(totals, index, strict=True):
+                part = r[:, idx]
+                total.addmm_(part.T, part)
+            rows += len(batch)
+        if rows == 0:
+            raise ValueError("the training set is empty")
+        return [total / rows for total in totals]
 
     def trace(self, train: TrainingSet) -> float:
         """`tr(G) = (1/N) Σ ‖r‖²` over the pseudo-gradients (one pass; exact unless sampled)."""

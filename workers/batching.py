@@ -5,7 +5,8 @@ sweep of the training set (a forward pass per row, the whole cost at scale). Whe
 picks up a joint-mode Forward-INF query, `claim_companions` claims up to
 `settings.batch_max_queries − 1` other *queued* queries with the same model, dataset and
 sweep-relevant params (every param except `normalize`: steps, lr, optimizer, direction,
-layers, precision, batch size, ...; never `auto`, never self-influence or per_sample).
+layers, precision, batch size, ...; never `auto` or Newton-step unlearning, never self-influence
+or per_sample).
 Claiming a companion = taking its lease `query:<id>` (its own RQ job then finds the lease
 held and does nothing; later deliveries find the row final) and marking it `running`.
 
@@ -80,7 +81,8 @@ def sweep_key(query: Query) -> tuple[str, str, str] | None:
     """What must match for two queries to share a sweep; `None` if the query cannot be batched."""
     params = dict(query.params or {})
     if (query.method != MethodName.FORWARD_INF.value or query.mode != "joint" or query.self_influence
-            or params.get("auto") or any(name in params for name in CHECKPOINT_PARAMS)):
+            or params.get("auto") or params.get("unlearning") == "newton"
+            or any(name in params for name in CHECKPOINT_PARAMS)):
         return None
     params.pop("normalize", None)
     return query.model_id, query.dataset_id, repr(sorted(params.items()))
@@ -201,7 +203,7 @@ def compute_batch(
     unlearn_s, copies = [], []
     for p, batch in zip(params, batches, strict=True):
         began = time.perf_counter()
-        copies.append(unlearn_copy(method.tracked, _cast(batch, method, model.device), p.unlearning))
+        copies.append(unlearn_copy(method.tracked, _cast(batch, method, model.device), p.gradient_unlearning))
         unlearn_s.append(time.perf_counter() - began)
     began = time.perf_counter()
     view: TrainingSet = train if method.dtype is None else CastTrainingSet(train, method.dtype)

@@ -7,6 +7,12 @@ eigendecomposition, Kronecker factors, a low-rank basis, a step size) and `solve
 per query. The state is a plain `{name: tensor}` dict so callers can cache it in an
 `ArtifactStore` and `load_state` it later without refitting; damping is applied at solve
 time, so one fitted state serves every damping value.
+
+Precision follows the model: `dtype` is the tracked parameters' dtype. Fitted states are
+float64 (the one exception, the exact inverse of a float32 model above 8,192 parameters,
+is float32; a float64 model always gets float64 states); `solve` returns float64 whenever
+the model or the input is float64, float32 otherwise, so a float64 model keeps float64
+precision end to end.
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ class IHVPEstimator(ABC):
     def num_params(self) -> int:
         return self.curvature.num_params
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's parameter dtype (products with the curvature are computed in it)."""
+        return self.curvature.dtype
+
+    def result_dtype(self, vectors: Tensor) -> torch.dtype:
+        """float64 if the model or `vectors` is float64, else float32."""
+        return torch.float64 if torch.float64 in (vectors.dtype, self.dtype) else torch.float32
+
     # ----------------------------------------------------------------- phases
     def bind(self, train: TrainingSet) -> None:
         """Remember the rows the curvature is taken over (matrix-free estimators need them)."""
@@ -58,13 +73,14 @@ class IHVPEstimator(ABC):
         self._state = {k: v.to(device) for k, v in state.items()}
 
     def solve(self, vectors: Tensor) -> Tensor:
-        """`[M, P] → [M, P]` rows `≈ (G + λI)⁻¹ v` (float64 for float64 input, else float32)."""
+        """`[M, P] → [M, P]` rows `≈ (G + λI)⁻¹ v` in `result_dtype(vectors)`."""
         if vectors.ndim != 2 or vectors.shape[1] != self.num_params:
             raise ValueError(f"expected vectors of shape [M, {self.num_params}], got {tuple(vectors.shape)}")
         if self._state is None:
             raise RuntimeError(f"{self.name} estimator used before fit() or load_state()")
+        dtype = self.result_dtype(vectors)
         vectors = vectors.to(self.curvature.model.device)
-        return self._solve(vectors).to(torch.float64 if vectors.dtype == torch.float64 else torch.float32)
+        return self._solve(vectors).to(dtype)
 
     @abstractmethod
     def _solve(self, vectors: Tensor) -> Tensor: ...

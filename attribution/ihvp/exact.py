@@ -1,8 +1,9 @@
 """Exact damped inverse from the dense curvature: `(G + λI)⁻¹ = Q diag(1/(μ + λ)) Qᵀ`.
 
-`G = Q diag(μ) Qᵀ` is built densely (`CurvatureOperator.dense`, float64 up to 8,192
-parameters, float32 above) and eigendecomposed once; any damping is then a diagonal
-rescale. Memory is `P²` entries, so models above `max_params` parameters are refused.
+`G = Q diag(μ) Qᵀ` is built densely (`CurvatureOperator.dense`) and eigendecomposed once;
+any damping is then a diagonal rescale. Precision: float64 for float64 models and up to
+8,192 parameters, float32 above for float32 models (halves the `P²` memory). Memory is `P²`
+entries, so models above `max_params` parameters are refused.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class ExactIHVP(IHVPEstimator):
             )
 
     def compute_state(self) -> dict[str, Tensor]:
-        dtype = torch.float64 if self.num_params <= _FLOAT64_MAX_PARAMS else torch.float32
+        wide = self.num_params <= _FLOAT64_MAX_PARAMS or self.dtype == torch.float64
+        dtype = torch.float64 if wide else torch.float32
         dense = self.curvature.dense(self.train, dtype=dtype)
         values, vectors = torch.linalg.eigh(0.5 * (dense + dense.T))
         return {"eigenvalues": values.clamp(min=0), "eigenvectors": vectors}

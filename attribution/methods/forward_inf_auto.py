@@ -47,8 +47,10 @@ class Candidate:
     lr: float
 
 
-# The relative default first (ties go to it), step lengths 10× either side of it, and the
-# raw default (non-linear regime), so auto's self-retrieval is at least either default's.
+# The relative default first (ties go to it), step lengths 10× either side of it, and SGD
+# K=10 α=1 (the former raw default, non-linear regime: the best raw leakage setting measured).
+# The raw default SGD K=1 α=0.01 ranks each query's rows as normalized SGD K=1 does to first
+# order (a positive factor 1/‖g_q‖), so auto's self-retrieval is at least either default's.
 # The former 24-point grid (SGD K ∈ {1,5,10} × α ∈ {0.01,1,100}, Adam K ∈ {1,5} ×
 # α ∈ {0.01,0.1}, normalized SGD K ∈ {1,5} × α ∈ {1e-3,…,1}) had no candidate above
 # normalized SGD K=1 α=1e-3 (rate 1.0) on the LR, tanh and demo models of `forward_inf`'s

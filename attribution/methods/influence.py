@@ -68,8 +68,9 @@ class IHVPChoice(StrEnum):
 
 
 @dataclass(frozen=True)
-class InfluenceParams(MethodParams):
-    """Influence-function arguments; `layers` restricts the tracked parameters (prefixes)."""
+class IHVPParams(MethodParams):
+    """The iHVP estimator's arguments, shared by every method that solves with `(G + λI)⁻¹`
+    (influence functions, Integrated Influence, Forward-INF's Newton-step unlearning)."""
 
     ihvp: IHVPChoice = IHVPChoice.AUTO
     curvature: CurvatureName = CurvatureName.GAUSS_NEWTON
@@ -79,12 +80,11 @@ class InfluenceParams(MethodParams):
     lissa_depth: int = 1000
     lissa_scale: float | None = None
     lissa_repeats: int = 1
-    arnoldi_rank: int = 64
-    arnoldi_iterations: int = 128
+    arnoldi_rank: int | None = None  # None: Krylov dimension adapted to the damping (ihvp/arnoldi.py)
+    arnoldi_iterations: int | None = None
     exact_max_params: int = DEFAULT_MAX_PARAMS
     fit_batch_size: int = 512
     fit_rows: int | None = None
-    layers: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _enum("ihvp", IHVPChoice, self.ihvp)
@@ -97,8 +97,19 @@ class InfluenceParams(MethodParams):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ParamsError(name, "must be at least 1")
-        if self.arnoldi_iterations < self.arnoldi_rank:
+        if self.arnoldi_rank is not None and self.arnoldi_iterations is not None \
+                and self.arnoldi_iterations < self.arnoldi_rank:
             raise ParamsError("arnoldi_iterations", "must be at least arnoldi_rank")
+
+
+@dataclass(frozen=True)
+class InfluenceParams(IHVPParams):
+    """Influence-function arguments; `layers` restricts the tracked parameters (prefixes)."""
+
+    layers: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        super().validate()
         if any(not isinstance(layer, str) or not layer for layer in self.layers):
             raise ParamsError("layers", "must be non-empty parameter-name prefixes")
 
@@ -123,7 +134,7 @@ def tracked_model(model: ModelAdapter, params: InfluenceParams) -> ModelAdapter:
     return ModelAdapter(model.module, model.task, device=model.device, layers=params.layers)
 
 
-def resolve_ihvp(model: ModelAdapter, params: InfluenceParams) -> IHVPName:
+def resolve_ihvp(model: ModelAdapter, params: IHVPParams) -> IHVPName:
     """The estimator `params.ihvp` names; `auto` → exact, else ekfac if supported, else cg."""
     choice = IHVPChoice(params.ihvp)
     if choice is not IHVPChoice.AUTO:
@@ -137,7 +148,7 @@ def resolve_ihvp(model: ModelAdapter, params: InfluenceParams) -> IHVPName:
     return IHVPName.EKFAC
 
 
-def fit_key_parts(model: ModelAdapter, params: InfluenceParams, ihvp: IHVPName) -> dict[str, Any]:
+def fit_key_parts(model: ModelAdapter, params: IHVPParams, ihvp: IHVPName) -> dict[str, Any]:
     """Everything an estimator's fitted state depends on besides model and data."""
     parts: dict[str, Any] = {
         "ihvp": ihvp.value, "curvature": CurvatureName(params.curvature).value,
@@ -151,7 +162,7 @@ def fit_key_parts(model: ModelAdapter, params: InfluenceParams, ihvp: IHVPName) 
     return parts
 
 
-def fitted_estimator(model: ModelAdapter, params: InfluenceParams, context: FitContext,
+def fitted_estimator(model: ModelAdapter, params: IHVPParams, context: FitContext,
                      train: TrainingSet, *, cache: bool = True) -> IHVPEstimator:
     """Build the estimator and load its state from the store (fitting once on a miss).
 
@@ -186,7 +197,7 @@ def fitted_estimator(model: ModelAdapter, params: InfluenceParams, context: FitC
     return estimator
 
 
-def _relative_damping(curvature: CurvatureOperator, params: InfluenceParams, context: FitContext,
+def _relative_damping(curvature: CurvatureOperator, params: IHVPParams, context: FitContext,
                       train: TrainingSet, *, cache: bool) -> float:
     key = artifact_key("curvature-trace", context.fingerprint, CurvatureName(params.curvature).value,
                        curvature.model.param_names, params.fit_rows, params.seed)

@@ -23,7 +23,11 @@ Baselines `y'`:
   regularised by the training loss, mini-batches cycled in row order). A model fitted to
   its own soft predictions is stationary (`Σ J_iᵀ(p_i − y'_i) = 0`), so `θ̂(y') ≈ θ_u` and
   the path parameters are `θ_k = θ_u + t_k (θ̂ − θ_u)`; each step refits the curvature at
-  `θ_k` (only `θ_K = θ̂`'s fit is cached — the others depend on the query).
+  `θ_k` (only `θ_K = θ̂`'s fit is cached — the others depend on the query). The damping λ
+  is the one resolved at θ̂ for every step: it regularises one objective along the whole
+  path, and resolving it again would cost a curvature-trace pass per step.
+  `per_sample=True` unlearns each query on its own (row q equals the joint score of query
+  q alone); the joint mode unlearns the mean query loss once.
 - `prediction`: the model's own predictions at θ̂ (softmax probabilities / outputs);
   then `θ̂(y') = θ̂`, the path stays at θ̂ and K does not matter.
 - `uniform`: `1/C` per class (regression: the mean training target), evaluated at θ̂.
@@ -31,6 +35,13 @@ Baselines `y'`:
 Lemma 2.5 (influence functions as the special case): with the prediction baseline and
 K = 1, `d_i = p_i − e_{y_i} = ∂ℓ/∂f`, so `J_iᵀ d_i = ∇_θ ℓ_i` and the score is exactly
 `∇L_qᵀ (G + λI)⁻¹ ∇ℓ_i`, the influence-function score.
+
+Linear regression (`f = x̃ᵀθ`, squared error; the closed form the tests check): `G = (2/N) X̃ᵀX̃`
+is constant, `θ̂(y')` is exactly `θ_u`, and `∇L_q(θ_k) = 2 x̃_q r_q(θ_k)` is affine in `t`,
+so the K-step sum is `score_i = 2 r_q(θ_t̄) · x̃_qᵀ (G + λI)⁻¹ x̃_i · 2 (x̃_iᵀθ_u − y_i)` with
+`t̄ = (K+1)/(2K)`. Writing `x̃_iᵀθ_u − y_i = e_i + x̃_iᵀ(θ_u − θ̂)` (`e_i` the residual at θ̂)
+shows IIF = (a positive per-query rescaling of) IF plus a term driven by the unlearning step:
+the unlearning strength alone sets how far IIF departs from IF.
 
 Compression: `rank > 0` projects onto the top-`rank` eigenspace of the curvature (Fisher /
 Gauss-Newton low-rank compression, computed with the Arnoldi estimator). Supported tasks:
@@ -40,6 +51,7 @@ classification and regression (the targets must enter the loss gradient linearly
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -57,7 +69,9 @@ from attribution.methods.base import (
     MethodName,
     MethodParams,
     ParamsError,
+    Progress,
 )
+from attribution.methods.gradient_features import stage_progress
 from attribution.methods.influence import (
     IHVPChoice,
     InfluenceParams,
@@ -112,7 +126,7 @@ class IntegratedInfluenceParams(InfluenceParams):
         if self.rank == 0:
             return self
         return dataclasses.replace(self, ihvp=IHVPChoice.ARNOLDI, arnoldi_rank=self.rank,
-                                   arnoldi_iterations=max(self.arnoldi_iterations, self.rank))
+                                   arnoldi_iterations=max(self.arnoldi_iterations or 2 * self.rank, self.rank))
 
 
 # --------------------------------------------------------------------------- targets
@@ -188,15 +202,18 @@ class IntegratedInfluence(AttributionMethod):
         return self._estimator
 
     def score(self, queries: Batch, train: TrainingSet, *, per_sample: bool = False) -> Tensor:
-        path = self._path(queries, train)
-        scores = torch.zeros(len(queries) if per_sample else 1, len(train), dtype=torch.float32)
-        for k, (model, baseline) in enumerate(path):
-            estimator = self.final_estimator(train) if model is self.tracked else fitted_estimator(
-                model, self.params.estimator_params(), self.context, train, cache=False)
-            solved = estimator.solve(query_gradients(model, queries, per_sample=per_sample))
-            for start, deltas in self._delta_gradients(model, baseline, train, k, len(path)):
-                scores[:, start: start + deltas.shape[0]] += (solved @ deltas.to(solved.dtype).T).float().cpu() / len(path)
-        return scores
+        """`[Q, N]` (per_sample) or `[1, N]` (joint) path-integrated scores.
+
+        With the `unlearned` baseline the path depends on the query, so `per_sample` runs one
+        path per query (each unlearns only its own query); the θ̂ estimator and its damping
+        are fitted once and shared. The static baselines share one path at θ̂ for all queries.
+        """
+        if per_sample and len(queries) > 1 and Baseline(self.params.baseline) is Baseline.UNLEARNED:
+            rows = [self._path_scores(queries.slice(q, q + 1), train, False,
+                                      stage_progress(self.context.progress, q, len(queries)))
+                    for q in range(len(queries))]
+            return torch.cat(rows)
+        return self._path_scores(queries, train, per_sample, self.context.progress)
 
     def self_influence(self, train: TrainingSet) -> Tensor:
         """`u_iᵀ (G + λI)⁻¹ u_i`, `u_i = J_iᵀ d_i` at θ̂; the query-free `prediction`
@@ -205,16 +222,35 @@ class IntegratedInfluence(AttributionMethod):
         estimator = self.final_estimator(train)
         baseline = self._static_baseline(train)
         out = torch.empty(len(train), dtype=torch.float32)
-        for start, deltas in self._delta_gradients(self.tracked, baseline, train, 0, 1):
+        for start, deltas in self._delta_gradients(self.tracked, baseline, train, self.context.progress):
             out[start: start + deltas.shape[0]] = (estimator.solve(deltas) * deltas).sum(1).float().cpu()
         return out
 
     # ----------------------------------------------------------------- internals
+    def _path_scores(self, queries: Batch, train: TrainingSet, per_sample: bool, progress: Progress) -> Tensor:
+        """`[Q or 1, N]`: `(1/K) Σ_k ∇L_q(θ_k)ᵀ (G(θ_k) + λI)⁻¹ J_i(θ_k)ᵀ d_i` over one path."""
+        path = self._path(queries, train)
+        final = self.final_estimator(train)
+        scores = torch.zeros(len(queries) if per_sample else 1, len(train), dtype=torch.float32)
+        for k, (model, baseline) in enumerate(path):
+            estimator = final if model is self.tracked else self._path_estimator(model, train, final.damping)
+            solved = estimator.solve(query_gradients(model, queries, per_sample=per_sample))
+            for start, deltas in self._delta_gradients(model, baseline, train, stage_progress(progress, k, len(path))):
+                scores[:, start: start + deltas.shape[0]] += (solved @ deltas.to(solved.dtype).T).float().cpu() / len(path)
+        return scores
+
+    def _path_estimator(self, model: ModelAdapter, train: TrainingSet, damping: float) -> IHVPEstimator:
+        """A fresh (uncached: θ_k depends on the query) fit at θ_k with θ̂'s damping λ."""
+        params = dataclasses.replace(self.params.estimator_params(), damping=damping)
+        return fitted_estimator(model, params, self.context, train, cache=False)
+
     def _path(self, queries: Batch, train: TrainingSet) -> list[tuple[ModelAdapter, Callable[[Batch], Tensor]]]:
         """`(model at θ_k, baseline targets of a batch)` for k = 1..K (one entry when θ stays at θ̂)."""
         if Baseline(self.params.baseline) is not Baseline.UNLEARNED:
             return [(self.tracked, self._static_baseline(train))]
+        started = time.perf_counter()
         unlearned = unlearn(self.tracked, queries, train, self.params)
+        self.context.timings["unlearn_s"] = self.context.timings.get("unlearn_s", 0.0) + time.perf_counter() - started
         start, end = unlearned.flat_params(), self.tracked.flat_params()
         steps = self.params.steps
         models = [at_params(self.tracked, start + (k / steps) * (end - start)) for k in range(1, steps)]
@@ -234,7 +270,7 @@ class IntegratedInfluence(AttributionMethod):
         return lambda batch: mean.to(self.tracked.device).expand(len(batch), -1)
 
     def _delta_gradients(self, model: ModelAdapter, baseline: Callable[[Batch], Tensor], train: TrainingSet,
-                         step: int, steps: int) -> Iterator[tuple[int, Tensor]]:
+                         progress: Progress) -> Iterator[tuple[int, Tensor]]:
         """`(start, [b, P])` rows `J_i(θ)ᵀ d_i` over the training set, reporting progress."""
         total = max(len(train), 1)
         for start, batch in train.batches(self.params.batch_size):
@@ -247,7 +283,7 @@ class IntegratedInfluence(AttributionMethod):
                     deltas = target_delta(model, outputs, chunk.targets, soft)
                     parts.append(per_sample_output_vjp(model, outputs, deltas))
             yield start, torch.cat(parts)
-            self.context.progress((step + (start + len(batch)) / total) / steps)
+            progress((start + len(batch)) / total)
 
 
 def _uniform(probabilities: Tensor) -> Tensor:

@@ -13,13 +13,13 @@ from torch import Tensor, nn
 
 from attribution.data import Batch
 from attribution.evaluation import (
+    auc_difference,
     average_ranks,
     leakage_detection,
     leave_one_out,
     linear_datamodeling_score,
     loo_correlation,
     mirrored_correlation,
-    auc_difference,
     mislabel_report,
     pearson,
     recall_at_fraction,

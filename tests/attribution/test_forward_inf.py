@@ -247,12 +247,12 @@ def test_params_validation() -> None:
     with pytest.raises(ParamsError, match="unknown"):
         ForwardInfParams.from_dict({"alpha": 1.0})
     defaults = ForwardInfParams()
-    assert (defaults.k, defaults.alpha, defaults.chosen_optimizer) == (10, 1.0, "sgd")
+    assert (defaults.k, defaults.alpha, defaults.chosen_optimizer) == (1, 0.01, "sgd")
     relative = ForwardInfParams.from_dict({"normalize": "relative"})
     assert (relative.k, relative.alpha, relative.chosen_optimizer) == (1, 0.001, "normalized_sgd")
     relative_sgd = ForwardInfParams.from_dict({"normalize": "relative", "optimizer": "sgd"}).resolved()
     assert (relative_sgd.steps, relative_sgd.lr, relative_sgd.optimizer) == (1, 0.01, "sgd")
-    algorithm1 = ForwardInfParams.from_dict({"steps": 5, "lr": 0.01}).unlearning
+    algorithm1 = ForwardInfParams.from_dict({"steps": 5, "lr": 0.01}).gradient_unlearning
     assert (algorithm1.optimizer, algorithm1.steps, algorithm1.lr, algorithm1.ascent) == ("sgd", 5, 0.01, True)
 
 

@@ -1,0 +1,165 @@
+"""Forward-INF's hyperparameters: `ForwardInfParams`, its enums and the (K, α) defaults.
+
+The rationale for the defaults (measured leakage retrieval) is in `forward_inf`'s module
+docstring; Newton-step unlearning is described in `forward_inf_newton`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from enum import StrEnum
+
+from attribution.methods.base import MethodParams, Normalize, ParamsError
+from attribution.methods.forward_inf_engine import Unlearning
+from attribution.methods.forward_inf_newton import NewtonStep, removal_scale
+from attribution.methods.influence import IHVPParams
+
+
+class Direction(StrEnum):
+    ASCENT = "ascent"
+    DESCENT = "descent"
+
+
+class Optimizer(StrEnum):
+    SGD = "sgd"
+    NORMALIZED_SGD = "normalized_sgd"
+    ADAM = "adam"
+
+
+class SelfInfluenceMode(StrEnum):
+    UNLEARN = "unlearn"
+    GRADIENT_NORM = "gradient_norm"
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP64 = "fp64"
+
+
+class UnlearningRule(StrEnum):
+    GRADIENT = "gradient"  # Algorithm 1: K optimizer steps on the query loss
+    NEWTON = "newton"  # one step θ̂ ± α(G + λI)⁻¹∇L_q (`forward_inf_newton`)
+
+
+# The iHVP arguments (`IHVPParams`, shared with the influence method) only the Newton step uses.
+_IHVP_FIELDS = tuple(f for f in fields(IHVPParams) if f.name not in {g.name for g in fields(MethodParams)})
+
+
+# (K, α) when `steps`/`lr` are not given, per optimizer: one step in the first-order regime,
+# for raw and relative scores alike (`forward_inf` module docstring: measured across Q2–Q5).
+# An unset optimizer is "sgd", or "normalized_sgd" with normalize="relative".
+DEFAULTS: dict[Optimizer, tuple[int, float]] = {
+    Optimizer.SGD: (1, 0.01),
+    Optimizer.NORMALIZED_SGD: (1, 0.001),
+    Optimizer.ADAM: (1, 0.0001),
+}
+
+
+@dataclass(frozen=True)
+class ForwardInfParams(IHVPParams):
+    """Forward-INF hyperparameters.
+
+    `unlearning`: "gradient" (Algorithm 1, the fields below) or "newton" (one step
+    θ̂ ± α(G + λI)⁻¹∇L_q, `forward_inf_newton`: `lr` is the literal step α; unset, α = Q/N,
+    the removal scale, reached by a finite-difference step of length 10⁻³‖θ̂‖; `direction`, `layers`, `precision`, `self_influence_mode`, `chunk_size` apply;
+    the iHVP is chosen and fitted by the influence method's arguments `ihvp`, `curvature`,
+    `damping`, `cg_*`, `lissa_*`, `arnoldi_*`, `exact_max_params`, `fit_*` (inherited from
+    `IHVPParams`, rejected unless unlearning is "newton"); `optimizer`, `steps` ≠ 1 and
+    `auto` are rejected).
+    `steps` K and `lr` α of the unlearning run; `optimizer` "sgd" (plain: no momentum, no
+    weight decay — Algorithm 1), "normalized_sgd" (θ ± α g/‖g‖₂: SGD's direction, a step
+    of length α even for a memorised query) or "adam" (torch defaults, `maximize` for
+    ascent); unset, it is "sgd", or "normalized_sgd" with `normalize="relative"` (same
+    first-order ranking, measurable on memorised queries);
+    `layers`: parameter-name prefixes updated during unlearning (empty = every trainable
+    parameter); `auto`: choose optimizer/K/α/normalize by self-retrieval
+    (`forward_inf_auto`), overriding those four fields;
+    `self_influence_mode`: "unlearn" (K steps on the row alone, its own loss change) or
+    "gradient_norm" (first order, one step: α‖g_i‖² for SGD, α‖g_i‖₂ for normalized SGD,
+    α‖g_i‖₁ for Adam's sign-like first step);
+    `precision`: "fp32", or "fp64" (a float64 copy of the model) for small proxies whose
+    training losses sit below fp32 resolution (loss changes under ~1e-7 are rounding noise);
+    `chunk_size`: rows unlearned together (stacked) when computing self-influence; 0 sizes
+    chunks to ~2²⁴ stacked parameter elements.
+    Unset `steps`/`lr` take `DEFAULTS[optimizer]`; explicit values are used
+    as given. `ForwardInf` works with `resolved()`, where all three are explicit.
+    """
+
+    steps: int | None = None
+    lr: float | None = None
+    direction: Direction = Direction.ASCENT
+    optimizer: Optimizer | None = None
+    layers: tuple[str, ...] = ()
+    auto: bool = False
+    self_influence_mode: SelfInfluenceMode = SelfInfluenceMode.UNLEARN
+    precision: Precision = Precision.FP32
+    chunk_size: int = 0
+    unlearning: UnlearningRule = UnlearningRule.GRADIENT
+
+    def validate(self) -> None:
+        super().validate()
+        if self.steps is not None and not 1 <= self.steps <= 1000:
+            raise ParamsError("steps", "must be between 1 and 1000")
+        if self.lr is not None and not 0.0 < self.lr <= 1e6:
+            raise ParamsError("lr", "must be in (0, 1e6]")
+        if not 0 <= self.chunk_size <= 4096:
+            raise ParamsError("chunk_size", "must be between 0 (automatic) and 4096")
+        if any(not prefix for prefix in self.layers):
+            raise ParamsError("layers", "prefixes must be non-empty strings")
+        if self.newton:
+            if self.optimizer is not None:
+                raise ParamsError("optimizer", "does not apply to unlearning='newton' (one Newton step, no optimizer)")
+            if self.steps not in (None, 1):
+                raise ParamsError("steps", "unlearning='newton' takes a single Newton step: leave steps unset or 1")
+            if self.auto:
+                raise ParamsError("auto", "searches gradient-unlearning settings; it does not apply to "
+                                          "unlearning='newton'")
+            return
+        for f in _IHVP_FIELDS:
+            if getattr(self, f.name) != f.default:
+                raise ParamsError(f.name, "applies to unlearning='newton' only (the iHVP of the Newton step)")
+
+    @property
+    def newton(self) -> bool:
+        """True for Newton-step unlearning."""
+        return UnlearningRule(self.unlearning) is UnlearningRule.NEWTON
+
+    @property
+    def chosen_optimizer(self) -> Optimizer:
+        """`optimizer`, or its default: "normalized_sgd" for relative scores, else "sgd"."""
+        if self.optimizer is not None:
+            return self.optimizer
+        return Optimizer.NORMALIZED_SGD if self.normalize == Normalize.RELATIVE else Optimizer.SGD
+
+    @property
+    def k(self) -> int:
+        """K: `steps`, or the optimizer's default."""
+        return self.steps if self.steps is not None else DEFAULTS[self.chosen_optimizer][0]
+
+    @property
+    def alpha(self) -> float:
+        """α: `lr`, or the optimizer's default."""
+        return self.lr if self.lr is not None else DEFAULTS[self.chosen_optimizer][1]
+
+    def resolved(self) -> ForwardInfParams:
+        """The same setting with `optimizer`, `steps` and `lr` explicit (Newton: unchanged,
+        α = Q/N is resolved per query from the training-set size)."""
+        if self.newton:
+            return self
+        return replace(self, optimizer=self.chosen_optimizer, steps=self.k, lr=self.alpha)
+
+    def newton_step(self, num_queries: int, num_rows: int) -> NewtonStep:
+        """The Newton step for Q query samples and N rows: `lr` literal, or α = Q/N estimated by
+        a finite-difference step (`forward_inf_newton`)."""
+        alpha = self.lr if self.lr is not None else removal_scale(num_queries, num_rows)
+        return NewtonStep(alpha, self.lr, self.sign)
+
+    @property
+    def gradient_unlearning(self) -> Unlearning:
+        """A fresh unlearning run (its `log` counts skipped zero-gradient steps)."""
+        return Unlearning(str(self.chosen_optimizer), self.k, self.alpha, self.direction == Direction.ASCENT)
+
+    @property
+    def sign(self) -> float:
+        """+1 for ascent, −1 for descent: higher score always means "supports the query"."""
+        return 1.0 if self.direction == Direction.ASCENT else -1.0
