@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from attribution.artifacts import InMemoryArtifacts
 from attribution.data import Batch, TensorTrainingSet
 from attribution.methods.base import FitContext
+from attribution.methods.forward_inf_params import ForwardInfParams
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
 from attribution.tasks import ClassificationTask
@@ -51,6 +52,7 @@ QUERIES = 2  # the first on an empty cache (cold), then one new query (warm)
 PEER_MEMORY_BYTES = 8 * 2**30  # address-space cap of each peer's process
 PEER_TIMEOUT_S = 1800
 BATCH = 1024
+_FORWARD_INF = ForwardInfParams()  # the defaults our Forward-INF rows run with
 
 OURS: list[tuple[str, str, dict[str, Any]]] = [
     ("forward_inf", "forward_inf", {}),
@@ -323,7 +325,7 @@ def run(options: Options) -> Report:
         f"batch size {BATCH}; one new joint query = one test sample; cold = the first query on an empty artifact "
         f"store (includes every fit), warm = the next new query (another sample). Our methods run through "
         f"`attribution.pipeline.attribute` with default params except influence damping 0.01 (Forward-INF "
-        f"defaults: SGD K=10, α=1). One intra-op thread everywhere; times are CPU seconds of the process (robust "
+        f"defaults: SGD K={_FORWARD_INF.k}, α={_FORWARD_INF.alpha:g}). One intra-op thread everywhere; times are CPU seconds of the process (robust "
         f"when other jobs share the machine; wall seconds in the table). The target is read on the warm times of "
         f"IF and TracIn. Machine: {machine()}."
     )

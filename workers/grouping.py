@@ -30,7 +30,7 @@ from torch import Tensor
 
 from attribution.groups import group_scores, shard_group_ids
 from attribution.topk import bottom_k, top_k
-from service.db.repositories.jobs import RankedRow
+from service.db.repositories.queries import RankedRow
 from workers.cache import write_atomic
 from workers.loading import ShardedTrainingSet
 from workers.loading.errors import ShardError

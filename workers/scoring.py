@@ -27,6 +27,7 @@ from attribution.pipeline import attribute
 from attribution.topk import bottom_k, top_k
 from service.db.models import Dataset, Model, Query, QueryStatus
 from service.db.repositories import jobs as repo
+from service.db.repositories.queries import RankedRow
 from service.db.session import session_scope
 from service.settings import Settings
 from workers.cache import artifact_store, atomic_file
@@ -132,7 +133,7 @@ def _checkpoints(session: Any, query: Query, ids: Any, settings: Settings) -> li
 
 
 # ----------------------------------------------------------------------------- results
-def ranked_rows(scores: np.ndarray, train: ShardedTrainingSet, k: int) -> list[repo.RankedRow]:
+def ranked_rows(scores: np.ndarray, train: ShardedTrainingSet, k: int) -> list[RankedRow]:
     """Top-k (highest first) and bottom-k (lowest first) rows of each score row of `[Q, N]`.
 
     Ties go to the lower row index and NaN scores never rank (`attribution.topk`, which
@@ -149,7 +150,7 @@ def ranked_rows(scores: np.ndarray, train: ShardedTrainingSet, k: int) -> list[r
     indices = [index for _, _, pairs in picks for index, _ in pairs]
     ids, shards = iter(train.sample_ids(indices)), iter(train.shard_of_row(indices))
     return [
-        repo.RankedRow(kind=kind, sample=sample, rank=rank, index=index, sample_id=next(ids), shard=next(shards),
+        RankedRow(kind=kind, sample=sample, rank=rank, index=index, sample_id=next(ids), shard=next(shards),
                        score=score)
         for kind, sample, pairs in picks
         for rank, (index, score) in enumerate(pairs, start=1)

@@ -201,7 +201,7 @@ def page_of(rows: list[ItemT], *, limit: int, offset: int) -> Page[ItemT]:
 
 # ------------------------------------------------------------------ ORM -> response
 class RankedRowLike(Protocol):
-    """A stored ranked row: a `QueryResult` (ORM), or a `RankedResult` of its columns."""
+    """A stored ranked row: a `QueryResult` (ORM), or a `query_repo.RankedRow` of its columns."""
 
     @property
     def kind(self) -> str: ...

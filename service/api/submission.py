@@ -74,7 +74,7 @@ class Submitted:
 
     query: Query
     outcome: Outcome
-    results: Sequence[query_repo.RankedResult] | None = None
+    results: Sequence[query_repo.RankedRow] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def submit_query(
 
     source = query_repo.find_succeeded(session, tenant, checked.request_hash)
     if source is not None:
-        def cached_copy() -> tuple[Query, Sequence[query_repo.RankedResult]]:
+        def cached_copy() -> tuple[Query, Sequence[query_repo.RankedRow]]:
             return query_repo.add_cached_copy(
                 session, source, tenant=tenant, model_id=checked.model.id, dataset_id=checked.dataset.id,
                 samples=checked.samples, idempotency_key=idempotency_key, callback_url=body.callback_url,
@@ -273,7 +273,7 @@ def _same_request(earlier: Query, checked: _Validated, body: QueryCreate) -> Que
 
 def _insert(
     session: Session, tenant: str, idempotency_key: str | None, checked: _Validated, body: QueryCreate,
-    outcome: Outcome, create: Callable[[], tuple[Query, Sequence[query_repo.RankedResult] | None]],
+    outcome: Outcome, create: Callable[[], tuple[Query, Sequence[query_repo.RankedRow] | None]],
 ) -> Submitted:
     """Insert and commit a new query; if a concurrent request won the same Idempotency-Key,
     return that request's query instead (or 409 if its body differs)."""

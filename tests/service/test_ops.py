@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from service.__main__ import main, startup_problem
 from service.db.migrate import upgrade_head
 from service.settings import Settings
+from service.testing import ServiceProcesses
 from tests.service.conftest import (
     SHARD_SIZES,
     DataFiles,
@@ -26,8 +21,6 @@ from tests.service.conftest import (
     register_dataset,
     register_model,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.integration
@@ -121,35 +114,12 @@ def test_main_exits_with_a_clear_message(monkeypatch: pytest.MonkeyPatch, capsys
     assert "authentication off" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_python_m_service_migrates_the_embedded_database_and_serves(tmp_path: Path, data_files: DataFiles) -> None:
     root = _embedded_root(tmp_path, data_files)
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "API_KEYS")}
-    env.update(DATA_ROOT=str(root), PYTHONPATH=str(REPO_ROOT))
-    server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
-        response = httpx.post(f"{base}/v1/models", json={"name": "m", "uri": (root / "models" / "mlp.pt").as_uri(),
-                                                         "format": "torchscript", "task": "classification"})
+    with ServiceProcesses({"DATA_ROOT": str(root)}, log_dir=tmp_path / "logs", log_level="warning") as running:
+        response = running.client.post("/v1/models", json={
+            "name": "m", "uri": (root / "models" / "mlp.pt").as_uri(), "format": "torchscript",
+            "task": "classification"})
         assert response.status_code == 201, response.text
-        assert httpx.get(f"{base}/v1/models").json()["items"][0]["id"] == response.json()["id"]
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+        assert running.client.get("/v1/models").json()["items"][0]["id"] == response.json()["id"]

@@ -21,6 +21,7 @@ from rq.job import Job, JobStatus
 from service.api import submission
 from service.db.models import QueryStatus
 from service.db.repositories import jobs as job_repo
+from service.db.repositories import queries as query_repo
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.service.conftest import (
@@ -56,7 +57,7 @@ def finish(settings: Settings, query_id: str, scores: np.ndarray) -> None:
     for sample, vector in enumerate(matrix):
         order = np.argsort(-vector, kind="stable")
         for kind, ranked in (("top", order[:3]), ("bottom", order[::-1][:3])):
-            rows += [job_repo.RankedRow(kind=kind, sample=sample, rank=r + 1, index=int(i), sample_id=f"row-{i}",
+            rows += [query_repo.RankedRow(kind=kind, sample=sample, rank=r + 1, index=int(i), sample_id=f"row-{i}",
                                         shard=int(i >= SHARD_SIZES[0]), score=float(vector[i]))
                      for r, i in enumerate(ranked)]
     outcome = job_repo.QueryOutcome(rows=rows, num_scored=NUM_ROWS, scores_path=f"{query_id}.npy",

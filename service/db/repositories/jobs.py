@@ -18,22 +18,10 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session, noload
 
 from service.db.models import Dataset, Model, Query, QueryPart, QueryResult, QueryStatus, utcnow
+from service.db.repositories.queries import RankedRow
 
 _OPEN = (QueryStatus.QUEUED.value, QueryStatus.RUNNING.value)
 _RUNNING = QueryStatus.RUNNING.value
-
-
-@dataclass(frozen=True)
-class RankedRow:
-    """One row of a query's ranking (`kind` `top`/`bottom`, `sample` the query sample in per_sample mode)."""
-
-    kind: str
-    sample: int
-    rank: int
-    index: int
-    sample_id: str | None
-    shard: int
-    score: float
 
 
 @dataclass(frozen=True)

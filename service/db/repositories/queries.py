@@ -96,8 +96,9 @@ def add_query(session: Session, **fields: Any) -> Query:
 
 
 @dataclass(frozen=True, slots=True)
-class RankedResult:
-    """One stored ranked row of a query (the columns of `QueryResult` a response shows)."""
+class RankedRow:
+    """One ranked row of a query, the columns of `QueryResult` a response shows (`kind` `top`/`bottom`,
+    `sample` the query sample in per_sample mode)."""
 
     kind: str
     sample: int
@@ -108,7 +109,7 @@ class RankedResult:
     score: float
 
 
-RANKED_COLUMNS = tuple(f.name for f in fields(RankedResult))
+RANKED_COLUMNS = tuple(f.name for f in fields(RankedRow))
 _RESULTS = cast(Table, QueryResult.__table__)
 _RANKED = [_RESULTS.c[name] for name in RANKED_COLUMNS]
 _COPY_RANKED = insert(_RESULTS).from_select(  # a Core INSERT: the ORM would read the bound ids as rows
@@ -121,7 +122,7 @@ _COPY_RANKED_RETURNING = _COPY_RANKED.returning(*_RANKED)
 def add_cached_copy(
     session: Session, source: Query, *, tenant: str, model_id: str, dataset_id: str, samples: dict[str, Any] | None,
     idempotency_key: str | None, callback_url: str | None,
-) -> tuple[Query, list[RankedResult]]:
+) -> tuple[Query, list[RankedRow]]:
     """A new, already `succeeded` query answering from `source`'s stored result, and its
     ranked rows (ordered by kind, sample, rank).
 
@@ -153,7 +154,7 @@ def add_cached_copy(
     else:  # SQLite older than 3.35
         session.execute(_COPY_RANKED, ids)
         returned = session.execute(select(*_RANKED).where(_RESULTS.c.query_id == copy.id))
-    rows = sorted((RankedResult(*row) for row in returned), key=lambda r: (r.kind, r.sample, r.rank))
+    rows = sorted((RankedRow(*row) for row in returned), key=lambda r: (r.kind, r.sample, r.rank))
     return copy, rows
 
 
