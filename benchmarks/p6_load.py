@@ -142,6 +142,11 @@ def run(options: Options) -> Report:
                   latency_row("GET /v1/queries/{id} (polling, 1 client)", get_s)])
     report.note(f"All {total:,} POSTs took {submit_s:.1f} s ({total / submit_s:.0f} requests/s); every query was "
                 f"final {drain_s:.1f} s after the first POST.")
+    rate = total / submit_s
+    report.note(f"Latency under load is queueing: by Little's law a POST waits about clients ÷ throughput = "
+                f"{clients} ÷ {rate:.0f}/s ≈ {1000 * clients / rate:.0f} ms (measured p50 "
+                f"{1000 * percentile(post_s, 50):.0f} ms), with one API process serving a request every "
+                f"{1000 / rate:.0f} ms on 2 cores it shares with the 2 busy workers (P3 has the idle-server latency).")
     for failure in failures[:5]:
         report.note(f"rejected: {failure}")
     return report

@@ -1,6 +1,9 @@
 """Inverse-Hessian-vector-product estimators `V ↦ (G + λI)⁻¹ V`, one module each.
 
-`IHVPName` lists them; `build_estimator` constructs one from its name and knobs.
+`IHVPName` lists them; `build_estimator` constructs one from its name and knobs. With the
+Hessian curvature (`CurvatureName.HESSIAN`, indefinite) exact, cg and arnoldi apply and
+raise `NotPositiveDefiniteError` when `H + λI` is not positive definite; lissa, kfac and
+ekfac refuse it (each module says why).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from enum import StrEnum
 from attribution.curvature import CurvatureOperator
 from attribution.ihvp.arnoldi import DEFAULT_TOL as ARNOLDI_TOL
 from attribution.ihvp.arnoldi import ArnoldiIHVP
-from attribution.ihvp.base import IHVPEstimator
+from attribution.ihvp.base import IHVPEstimator, NotPositiveDefiniteError
 from attribution.ihvp.block_exact import BlockDiagonalExactIHVP
 from attribution.ihvp.cg import ConjugateGradientIHVP
 from attribution.ihvp.ekfac import EKFACIHVP
@@ -79,5 +82,6 @@ __all__ = [
     "IHVPName",
     "LissaDivergenceError",
     "LissaIHVP",
+    "NotPositiveDefiniteError",
     "build_estimator",
 ]

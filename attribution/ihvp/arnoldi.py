@@ -3,7 +3,8 @@ Influence Functions", AAAI 2022).
 
 Arnoldi iteration on the (symmetric, so Lanczos with full re-orthogonalisation) curvature
 `G` from a seeded random start builds an orthonormal Krylov basis `Q_n ∈ ℝ^{P×n}` and
-`T_n = Q_nᵀ G Q_n`; the top-`r` eigenpairs `(μ_k, y_k)` of `T_n` give Ritz vectors
+`T_n = Q_nᵀ G Q_n`; the top-`r` eigenpairs `(μ_k, y_k)` of `T_n` by magnitude `|μ_k|` (the
+paper's choice; for a positive semi-definite `G` the largest) give Ritz vectors
 `u_k = Q_n y_k` ≈ the top eigenvectors of `G`. The inverse is taken on that subspace only:
 
     (G + λI)⁻¹ v ≈ U diag(1/(μ + λ)) Uᵀ v,     U = [u_1 … u_r] ∈ ℝ^{P×r},
@@ -27,6 +28,12 @@ most `(tr(G) − Σθ)/λ`. Lanczos grows n (checked at 64, 128, 256, … steps)
 an invariant subspace is found, or n reaches `iterations` (default: min(P, 1024) and a
 1 GiB float64 basis). The uncaptured trace is stored, and a solve at a damping where the
 bound exceeds `tol` (a smaller λ than fitted, or the cap reached) warns. Memory `n·P`.
+
+Hessian. `H` is indefinite away from a minimum: Ritz values keep their sign, the inverse
+uses `μ + λ`, and loading a state with a kept `μ + λ ≤ 0` raises `NotPositiveDefiniteError`.
+The trace bound above needs `G ⪰ 0` (negative eigenvalues cancel in `tr(H)`), so with the
+Hessian the adaptive mode runs the full `iterations` steps (or stops on an invariant
+subspace) and, when that space is smaller than P, warns that no error bound is available.
 """
 
 from __future__ import annotations
@@ -47,8 +54,8 @@ BASIS_BUDGET = 2**27  # float64 entries of the Krylov basis in adaptive mode (1 
 
 
 class ArnoldiIHVP(IHVPEstimator):
-    """State: `eigenvalues` `[r]` (descending), `basis` `[r, P]` (orthonormal rows); adaptive
-    mode adds `uncaptured_trace` `[1]` (`tr(G) − Σθ`)."""
+    """State: `eigenvalues` `[r]` (descending magnitude), `basis` `[r, P]` (orthonormal rows);
+    adaptive mode on a positive semi-definite curvature adds `uncaptured_trace` `[1]` (`tr(G) − Σθ`)."""
 
     name = "arnoldi"
 
@@ -75,12 +82,19 @@ class ArnoldiIHVP(IHVPEstimator):
         self.error_bound = 0.0  # adaptive mode: the bound above at the last solve's damping
 
     def compute_state(self) -> dict[str, Tensor]:
-        trace = self.curvature.trace(self.train) if self.adaptive else None
+        psd = self.curvature.positive_semidefinite
+        trace = self.curvature.trace(self.train) if self.adaptive and psd else None
         values, basis = self._lanczos(trace)
-        order = torch.argsort(values, descending=True)
+        if self.adaptive and not psd and len(values) == self.iterations < self.num_params:
+            warnings.warn(
+                f"Arnoldi on the indefinite Hessian kept a {len(values)}-dimensional Krylov space of "
+                f"{self.num_params} dimensions with no error bound (the trace bound needs a positive semi-definite "
+                "curvature) — raise arnoldi_iterations, or use ihvp exact or cg", RuntimeWarning, stacklevel=2)
+        order = torch.argsort(values.abs(), descending=True)
         if trace is None:
             order = order[: self.rank]
-        state = {"eigenvalues": values[order].clamp(min=0), "basis": basis[order]}  # [r], [r, P]
+        kept = values[order]
+        state = {"eigenvalues": kept.clamp(min=0) if psd else kept, "basis": basis[order]}  # [r], [r, P]
         if trace is not None:
             uncaptured = max(trace - float(state["eigenvalues"].sum()), 0.0)
             state["uncaptured_trace"] = torch.tensor([uncaptured], dtype=torch.float64)
@@ -129,6 +143,10 @@ class ArnoldiIHVP(IHVPEstimator):
 
     def _captured(self, values: Tensor, trace: float) -> bool:
         return self.bound(values, max(trace - float(values.clamp(min=0).sum()), 0.0)) <= self.tol
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        super().load_state(state)
+        self.require_positive_definite(self.state["eigenvalues"])
 
     def _solve(self, vectors: Tensor) -> Tensor:
         basis = self.state["basis"]

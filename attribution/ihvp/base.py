@@ -1,7 +1,8 @@
 """Common interface of the inverse-Hessian-vector-product (iHVP) estimators.
 
 Every estimator approximates `(G + λI)⁻¹ V` for a batch of vectors `V ∈ ℝ^{M×P}`, with `G`
-the curvature of the training objective (`attribution.curvature`) and `λ > 0` the damping.
+the curvature of the training objective (`attribution.curvature`: Gauss-Newton, Fisher or
+the Hessian) and `λ > 0` the damping.
 Two phases, as in kronfluence: `fit(train)` computes the reusable state once (a dense
 eigendecomposition, Kronecker factors, a low-rank basis, a step size) and `solve(V)` runs
 per query. The state is a plain `{name: tensor}` dict so callers can cache it in an
@@ -13,6 +14,11 @@ float64 (the one exception, the exact inverse of a float32 model above 8,192 par
 is float32; a float64 model always gets float64 states); `solve` returns float64 whenever
 the model or the input is float64, float32 otherwise, so a float64 model keeps float64
 precision end to end.
+
+The Hessian is indefinite away from a minimum, and `H + λI` may then be too: the exact,
+block-exact and Arnoldi estimators check their damped eigenvalues when a state is loaded,
+CG checks `pᵀ(H + λI)p` along its search directions, and both raise
+`NotPositiveDefiniteError` (a `ValueError`) rather than return a meaningless solve.
 """
 
 from __future__ import annotations
@@ -25,6 +31,15 @@ from torch import Tensor
 
 from attribution.curvature import CurvatureOperator
 from attribution.data import TrainingSet
+
+
+class NotPositiveDefiniteError(ValueError):
+    """The damped curvature `H + λI` is not positive definite (the indefinite Hessian)."""
+
+    def __init__(self, damping: float, detail: str) -> None:
+        super().__init__(
+            f"the damped Hessian H + λI (λ = {damping:.3g}) is not positive definite: {detail} (H is indefinite "
+            "away from a minimum of the training loss) — raise `damping` or use curvature gauss_newton")
 
 
 class IHVPEstimator(ABC):
@@ -97,6 +112,12 @@ class IHVPEstimator(ABC):
         if self._train is None:
             raise RuntimeError(f"{self.name} estimator needs bind(train) before use")
         return self._train
+
+    def require_positive_definite(self, eigenvalues: Tensor) -> None:
+        """`NotPositiveDefiniteError` unless every damped eigenvalue `μ + λ` is positive."""
+        if eigenvalues.numel() and float(eigenvalues.min()) + self.damping <= 0:
+            raise NotPositiveDefiniteError(
+                self.damping, f"its smallest eigenvalue is μ + λ = {float(eigenvalues.min()) + self.damping:.3g}")
 
     def damped_matvec(self, vectors: Tensor) -> Tensor:
         """`[M, P]`: `(G + λI) V` over the bound rows."""

@@ -13,7 +13,9 @@ block-diagonal vs full is the cost of dropping cross-layer curvature, K-FAC/EK-F
 block-diagonal is the cost of the Kronecker factorisation inside each layer (for a single
 training row with one position per layer the factorisation is exact, `G_ll = S_l ⊗ A_l`,
 and both equal this inverse). Memory `Σ_l P_l²` float64 entries; the largest block is
-limited to `max_params` parameters. Same layer restrictions as K-FAC (no TorchScript).
+limited to `max_params` parameters. Same layer restrictions as K-FAC (no TorchScript). With
+the Hessian curvature the blocks are Hessian blocks (signed eigenvalues; a non-positive
+`μ + λ` raises `NotPositiveDefiniteError`, as in the exact estimator).
 """
 
 from __future__ import annotations
@@ -54,8 +56,14 @@ class BlockDiagonalExactIHVP(IHVPEstimator):
         state: dict[str, Tensor] = {}
         for i, block in enumerate(self.curvature.dense_blocks(self.train, self.blocks, torch.float64)):
             values, vectors = torch.linalg.eigh(0.5 * (block + block.T))
-            state[f"b{i}.values"], state[f"b{i}.vectors"] = values.clamp(min=0), vectors
+            state[f"b{i}.values"] = values.clamp(min=0) if self.curvature.positive_semidefinite else values
+            state[f"b{i}.vectors"] = vectors
         return state
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        super().load_state(state)
+        for i in range(len(self.blocks)):
+            self.require_positive_definite(self.state[f"b{i}.values"])
 
     def _solve(self, vectors: Tensor) -> Tensor:
         out = torch.zeros(vectors.shape, dtype=torch.float64, device=vectors.device)

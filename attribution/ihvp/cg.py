@@ -9,6 +9,12 @@ independently per row of `V` with its own step sizes:
 
 stopping a row once `‖r‖ ≤ tol·‖v‖`; converged rows leave the batched product.
 Nothing is fitted, so the state is empty and every query pays the iterations.
+
+CG needs `G + λI` positive definite. With the (indefinite) Hessian a search direction with
+`pₖᵀ(H + λI)pₖ ≤ 0` proves it is not, and raises `NotPositiveDefiniteError`; only the
+directions CG visits are checked, so an indefinite `H + λI` goes unnoticed when `v` has no
+component along its non-positive eigenvectors (the Krylov space then never reaches them, and
+the solve is still `(H + λI)⁻¹v`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from torch import Tensor
 
 from attribution.curvature import CurvatureOperator
-from attribution.ihvp.base import IHVPEstimator
+from attribution.ihvp.base import IHVPEstimator, NotPositiveDefiniteError
 
 
 class ConjugateGradientIHVP(IHVPEstimator):
@@ -51,7 +57,12 @@ class ConjugateGradientIHVP(IHVPEstimator):
         while bool(active.any()) and self.iterations < self.max_iter:
             idx = active.nonzero().squeeze(1)
             ap = self.damped_matvec(p[idx]).double()
-            alpha = rs[idx] / (p[idx] * ap).sum(1)
+            curvature = (p[idx] * ap).sum(1)
+            if bool((curvature <= 0).any()):
+                raise NotPositiveDefiniteError(
+                    self.damping, f"CG step {self.iterations + 1} met a direction p with pᵀ(H + λI)p = "
+                                  f"{float(curvature.min()):.3g} ≤ 0")
+            alpha = rs[idx] / curvature
             x[idx] += alpha[:, None] * p[idx]
             r[idx] -= alpha[:, None] * ap
             rs_new = (r[idx] * r[idx]).sum(1)

@@ -1,7 +1,9 @@
 """Exact damped inverse from the dense curvature: `(G + λI)⁻¹ = Q diag(1/(μ + λ)) Qᵀ`.
 
 `G = Q diag(μ) Qᵀ` is built densely (`CurvatureOperator.dense`) and eigendecomposed once;
-any damping is then a diagonal rescale. Precision: float64 for float64 models and up to
+any damping is then a diagonal rescale. Eigenvalues of a positive semi-definite curvature
+are clipped at 0 (rounding); the Hessian's keep their sign, and loading a state whose
+smallest `μ + λ` is ≤ 0 raises `NotPositiveDefiniteError`. Precision: float64 for float64 models and up to
 8,192 parameters, float32 above for float32 models (halves the `P²` memory). Memory is `P²`
 entries, so models above `max_params` parameters are refused.
 """
@@ -37,7 +39,12 @@ class ExactIHVP(IHVPEstimator):
         dtype = torch.float64 if wide else torch.float32
         dense = self.curvature.dense(self.train, dtype=dtype)
         values, vectors = torch.linalg.eigh(0.5 * (dense + dense.T))
-        return {"eigenvalues": values.clamp(min=0), "eigenvectors": vectors}
+        return {"eigenvalues": values.clamp(min=0) if self.curvature.positive_semidefinite else values,
+                "eigenvectors": vectors}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        super().load_state(state)
+        self.require_positive_definite(self.state["eigenvalues"])
 
     def _solve(self, vectors: Tensor) -> Tensor:
         q = self.state["eigenvectors"]

@@ -23,7 +23,8 @@ K-FAC is exact for a single linear layer under squared error (`H_i = 2I`, so
 `G = 2I ⊗ A = S ⊗ A`). Limitations: the factors are captured with forward hooks, which
 TorchScript modules do not support (a `ValueError` says so); every tracked parameter must
 belong to a supported layer (`ValueError` naming the others — restrict `layers`); grouped
-convolutions, non-zero padding modes and `padding="same"` are refused.
+convolutions, non-zero padding modes and `padding="same"` are refused; so is the Hessian
+curvature (indefinite: no output-Hessian square roots, a `ValueError`).
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ class KFACIHVP(IHVPEstimator):
 
     def __init__(self, curvature: CurvatureOperator, damping: float) -> None:
         super().__init__(curvature, damping)
+        if not curvature.positive_semidefinite:
+            raise ValueError(f"K-FAC/EK-FAC factor the Gauss-Newton curvature (Kronecker factors of output-Hessian "
+                             f"square roots); the {curvature.kind.value} curvature is indefinite and has no such "
+                             "factors — use ihvp exact, cg or arnoldi, or curvature gauss_newton")
         self.layers = kronecker_layers(curvature.model)
 
     def kronecker_factors(self) -> dict[str, Tensor]:

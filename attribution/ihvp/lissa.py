@@ -35,6 +35,15 @@ recursions usually run to the cap. After each solve `steps`, `converged` and
 `error_bound` (the bound on the relative error) describe the last recursion.
 
 The curvature rows (the first `max_rows` of the set) are held in memory as batches.
+
+Positive semi-definite curvatures only (Gauss-Newton, Fisher): the depth bound assumes every
+eigenvalue `μ ≥ 0` (slowest contraction `1 − αλ`), and the divergence check only catches
+super-linear growth. With an indefinite Hessian both fail silently (tanh MLP, 60 rows, 59
+parameters, `μ_min(H) = −0.011`): at λ = 1.5|μ_min| the recursion declared convergence at
+tol 0.01 with a true relative error of 0.029; at λ = 0.5|μ_min| (`H + λI` indefinite) the
+automatic scale's divergence (step 1,168) was absorbed by halving the scale, and the solve
+returned with a relative error of 1.01 behind a mere depth-cap warning. A `ValueError`
+therefore refuses the Hessian.
 """
 
 from __future__ import annotations
@@ -67,6 +76,10 @@ class LissaIHVP(IHVPEstimator):
     def __init__(self, curvature: CurvatureOperator, damping: float, *, depth: int = 1000,
                  scale: float | None = None, repeats: int = 1, seed: int = 0, tol: float = DEFAULT_TOL) -> None:
         super().__init__(curvature, damping)
+        if not curvature.positive_semidefinite:
+            raise ValueError(f"LiSSA needs a positive semi-definite curvature; the {curvature.kind.value} curvature "
+                             "is indefinite (its recursion's stopping and divergence checks fail silently) — use "
+                             "ihvp exact, cg or arnoldi, or curvature gauss_newton")
         if depth < 1 or repeats < 1:
             raise ValueError("depth and repeats must be positive")
         if scale is not None and not scale > 0:

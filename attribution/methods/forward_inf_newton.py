@@ -11,9 +11,9 @@ eq. 3) takes one Newton step on the query loss instead,
     θ'_q = θ̂ ± α s_q          (+: ascent, the query removed; −: descent, the query added)
     score_i = ±(L(θ'_q, z_i) − L(θ̂, z_i)) = α ∇Lᵢᵀ (G + λI)⁻¹ ∇L_q + O(α²)      [Q, N]
 
-with G the Gauss-Newton/Fisher curvature and λ the damping of `attribution.curvature` /
-`attribution.ihvp` (the estimator's fitted state is the influence method's cached artifact,
-shared with it). The first-order term is the influence function's score times α; the
+with G the Gauss-Newton/Fisher curvature or the Hessian H (`curvature: hessian`, Koh & Liang's
+own choice) and λ the damping of `attribution.curvature` / `attribution.ihvp` (the
+estimator's fitted state is the influence method's cached artifact, shared with it). The first-order term is the influence function's score times α; the
 training set is still only swept forward (no per-sample training gradients), so a query
 costs one iHVP on the cached fit plus one forward sweep.
 

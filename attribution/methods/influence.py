@@ -1,5 +1,5 @@
-"""Influence functions (Koh & Liang 2017) with Gauss-Newton / Fisher curvature and
-pluggable iHVP estimators.
+"""Influence functions (Koh & Liang 2017) with Gauss-Newton / Fisher / Hessian curvature
+and pluggable iHVP estimators.
 
     score(z_i, q) = ∇_θ L(q, θ̂)ᵀ (G + λI)⁻¹ ∇_θ ℓ(z_i, θ̂)
 
@@ -25,6 +25,17 @@ small-damping benefit while bounding the condition number that CG/LiSSA must han
 dense eigendecomposition makes self-influence cheap), else `ekfac` for eager models whose
 tracked parameters all sit in Linear/Conv2d layers, else `cg` (any model, TorchScript
 included, converges to the exact damped inverse).
+
+`curvature`: "gauss_newton" (default, positive semi-definite), "fisher" (empirical), or
+"hessian": Koh & Liang's actual Hessian H of the mean training loss, which keeps the
+second-derivative-of-the-network term the Gauss-Newton matrix drops (they coincide for models
+linear in θ, e.g. logistic regression). H is indefinite away from a minimum, so it works with
+the exact, cg and arnoldi estimators only (`auto` → exact, else cg); kfac/ekfac (Gauss-Newton
+factors) and lissa (its convergence checks assume a positive semi-definite curvature) are
+rejected as `params.curvature` errors, and a damped `H + λI` that is not positive definite
+fails the fit with a `ValueError` saying to raise `damping` or use gauss_newton. Its default
+damping uses `tr(H)`, exact up to 2,048 parameters, else a seeded Hutchinson estimate
+(`attribution.curvature`); a trace ≤ 0 asks for an explicit damping.
 """
 
 from __future__ import annotations
@@ -100,6 +111,16 @@ class IHVPParams(MethodParams):
         if self.arnoldi_rank is not None and self.arnoldi_iterations is not None \
                 and self.arnoldi_iterations < self.arnoldi_rank:
             raise ParamsError("arnoldi_iterations", "must be at least arnoldi_rank")
+        if CurvatureName(self.curvature) is CurvatureName.HESSIAN:
+            ihvp = IHVPChoice(self.ihvp)
+            if ihvp in (IHVPChoice.KFAC, IHVPChoice.EKFAC):
+                raise ParamsError("curvature", f"hessian does not work with ihvp {ihvp.value}: K-FAC/EK-FAC factor "
+                                               "the Gauss-Newton curvature, and the indefinite Hessian has no such "
+                                               "factors — use ihvp exact, cg, arnoldi or auto")
+            if ihvp is IHVPChoice.LISSA:
+                raise ParamsError("curvature", "hessian does not work with ihvp lissa: its convergence and divergence "
+                                               "checks assume a positive semi-definite curvature — use ihvp exact, "
+                                               "cg, arnoldi or auto")
 
 
 @dataclass(frozen=True)
@@ -135,12 +156,15 @@ def tracked_model(model: ModelAdapter, params: InfluenceParams) -> ModelAdapter:
 
 
 def resolve_ihvp(model: ModelAdapter, params: IHVPParams) -> IHVPName:
-    """The estimator `params.ihvp` names; `auto` → exact, else ekfac if supported, else cg."""
+    """The estimator `params.ihvp` names; `auto` → exact, else ekfac if supported (never for
+    the Hessian curvature), else cg."""
     choice = IHVPChoice(params.ihvp)
     if choice is not IHVPChoice.AUTO:
         return IHVPName(choice.value)
     if model.num_params <= params.exact_max_params:
         return IHVPName.EXACT
+    if CurvatureName(params.curvature) is CurvatureName.HESSIAN:
+        return IHVPName.CG
     try:
         kronecker_layers(model)
     except ValueError:
@@ -206,7 +230,9 @@ def _relative_damping(curvature: CurvatureOperator, params: IHVPParams, context:
                                                                       dtype=torch.float64)})["trace"]
     damping = DEFAULT_RELATIVE_DAMPING * float(trace[0]) / curvature.num_params
     if not damping > 0:
-        raise ValueError("the curvature has zero trace (the loss is flat here); give an explicit damping")
+        raise ValueError(f"the default damping 0.01·tr(C)/P needs a positive trace, but the {curvature.kind.value} "
+                         f"curvature's trace is {float(trace[0]):.3g} here (a flat loss, or an indefinite Hessian away "
+                         "from a minimum); give an explicit damping")
     return damping
 
 

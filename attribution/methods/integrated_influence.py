@@ -44,7 +44,8 @@ shows IIF = (a positive per-query rescaling of) IF plus a term driven by the unl
 the unlearning strength alone sets how far IIF departs from IF.
 
 Compression: `rank > 0` projects onto the top-`rank` eigenspace of the curvature (Fisher /
-Gauss-Newton low-rank compression, computed with the Arnoldi estimator). Supported tasks:
+Gauss-Newton low-rank compression, computed with the Arnoldi estimator; with the Hessian the
+top-`rank` eigenvalues by magnitude). Supported tasks:
 classification and regression (the targets must enter the loss gradient linearly).
 """
 

@@ -148,7 +148,7 @@ def test_layers_restrict_the_tracked_parameters_and_progress_is_reported(digits_
 
 @pytest.mark.parametrize(("raw", "field"), [
     ({"ihvp": "newton"}, "ihvp"),
-    ({"curvature": "hessian"}, "curvature"),
+    ({"curvature": "diagonal"}, "curvature"),
     ({"damping": -1.0}, "damping"),
     ({"arnoldi_rank": 64, "arnoldi_iterations": 10}, "arnoldi_iterations"),
     ({"fit_rows": 0}, "fit_rows"),
