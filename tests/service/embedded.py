@@ -5,11 +5,12 @@ classifier (`tests.workers.support.toy_problem`) saved as TorchScript, and polli
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -60,6 +61,28 @@ def write_shards(settings: Settings, sizes: list[int], groups: list[Any] | None 
         paths.append(path)
         start = stop
     return paths
+
+
+def module_service(name: str) -> tuple[Callable[..., Settings], Callable[..., Iterator[TestClient]]]:
+    """Module-scoped fixtures `settings` (a fresh embedded data root named `name`) and `http`
+    (a client of tenant a on it); a test module binds them with `settings, http = module_service(...)`."""
+
+    @pytest.fixture(scope="module")
+    def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+        return embedded_settings(tmp_path_factory.mktemp(name) / "data")
+
+    @pytest.fixture(scope="module")
+    def http(settings: Settings) -> Iterator[TestClient]:
+        with client(settings) as session:
+            yield session
+
+    return settings, http
+
+
+def register_toy(settings: Settings, http: TestClient) -> dict[str, str]:
+    """`{"model": id, "dataset": id}`: the toy classifier and two 30-row shards, registered."""
+    return {"model": register_model(http, save_model(settings, toy().module, "toy.pt")),
+            "dataset": register_dataset(http, write_shards(settings, [30, 30]))}
 
 
 def client(settings: Settings, tenant: str = "a") -> TestClient:

@@ -5,7 +5,6 @@ the eager module, with the exact and the CG inverse)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -19,21 +18,12 @@ from tests.service.conftest import assert_error
 NEWTON: dict[str, Any] = {"unlearning": "newton", "damping": 0.01}
 
 
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return e.embedded_settings(tmp_path_factory.mktemp("newton") / "data")
-
-
-@pytest.fixture(scope="module")
-def http(settings: Settings) -> Iterator[TestClient]:
-    with e.client(settings) as client:
-        yield client
+settings, http = e.module_service("newton")
 
 
 @pytest.fixture(scope="module")
 def ids(settings: Settings, http: TestClient) -> dict[str, str]:
-    return {"model": e.register_model(http, e.save_model(settings, e.toy().module, "toy.pt")),
-            "dataset": e.register_dataset(http, e.write_shards(settings, [30, 30]))}
+    return e.register_toy(settings, http)
 
 
 def body(ids: dict[str, str], mode: str = "per_sample", **params: Any) -> dict[str, Any]:

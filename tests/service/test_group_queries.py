@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,7 @@ USER_GROUPS = [f"user-{c}" for c in LETTERS]
 FIRST_ROW = {"user-a": 1, "user-b": 0, "user-c": 20, "user-d": 36}
 
 
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return e.embedded_settings(tmp_path_factory.mktemp("groups") / "data")
-
-
-@pytest.fixture(scope="module")
-def http(settings: Settings) -> Iterator[TestClient]:
-    with e.client(settings) as client:
-        yield client
+settings, http = e.module_service("groups")
 
 
 @pytest.fixture(scope="module")
