@@ -1,20 +1,23 @@
 """P6 — API under load: 1,000 queries POSTed by 50 concurrent clients, Postgres + Redis, 2 workers.
 
-Deployment: `python -m service` + 2 `python -m workers` (subprocesses, 127.0.0.1) on a bench
-Postgres database and Redis db 6. Queries are cheap (MLP 64→64→10, 500 training rows)
-and mixed: each client draws its samples from a pool of 200 test points, so some requests
-repeat an earlier one (answered from the stored result once that one succeeded, or queued
-again before) and the rest are new; every request carries a unique `Idempotency-Key`, and
-10% of them are retried with the same key (must return the same id, not a new query).
-Checks: every POST accepted (202), every retry returned its original id, the database
-holds exactly the accepted queries (none lost or duplicated), and every one reaches a final
-status (polled with a bounded deadline). Reports p50/p99 POST latency under load and of the
-GETs used for polling.
+Deployment: `python -m service --processes N` (`--api-processes N`, default 1) + 2
+`python -m workers` (subprocesses, 127.0.0.1) on a bench Postgres database and Redis db 6.
+Queries are cheap (MLP 64→64→10, 500 training rows) and mixed: each client draws its samples
+from a pool of 200 test points, so some requests repeat an earlier one (answered from the
+stored result once that one succeeded, or queued again before) and the rest are new; every
+request carries a unique `Idempotency-Key`, and 10% of them are retried with the same key
+(must return the same id, not a new query). Checks: every POST accepted (202), every retry
+returned its original id, the database holds exactly the accepted queries (none lost or
+duplicated), and every one reaches a final status (polled with a bounded deadline). Reports
+p50/p99 POST latency under load and of the GETs used for polling.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import functools
+import os
 import random
 import tempfile
 import time
@@ -73,7 +76,7 @@ async def _load(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[l
     return post_s, accepted, replays, failures
 
 
-def run(options: Options) -> Report:
+def run(options: Options, api_processes: int = 1) -> Report:
     total, clients = (100, 10) if options.quick else (1000, 50)
     report = Report(STUDY, "P6 — API under load", options.quick)
     x, y = blobs(ROWS + POOL, seed=6)
@@ -83,7 +86,8 @@ def run(options: Options) -> Report:
         root = Path(tmp) / "data"
         weights = save_safetensors(module, root / "mlp.safetensors")
         shards = write_shards(root / "shards", x[:ROWS], y[:ROWS], rows_per_shard=250)
-        with Deployment(root, db="attribution_bench_p6", redis_db=6, workers=2, worker_threads=1) as d:
+        with Deployment(root, db="attribution_bench_p6", redis_db=6, workers=2, api_processes=api_processes,
+                        worker_threads=1) as d:
             model_id, dataset_id = d.register(weights, shards)
             bodies = []
             for _ in range(total):
@@ -116,8 +120,10 @@ def run(options: Options) -> Report:
     statuses = {s: sum(1 for v in final.values() if v == s) for s in ("succeeded", "failed", "canceled")}
     unique = len(set(ids)) == len(ids)
     db_matches = listed == set(ids)
+    api = "one API process" if api_processes == 1 else f"{api_processes} API processes"
     report.setup = (
-        f"`python -m service` + 2 × `python -m workers` (one intra-op thread each) on Postgres "
+        f"`python -m service --processes {api_processes}` ({api}) + 2 × `python -m workers` "
+        f"(one intra-op thread each) on Postgres "
         f"(`attribution_bench_p6`) and Redis (db 6), 127.0.0.1. {total:,} Forward-INF queries (SGD K=3, α=0.01, "
         f"one sample each, drawn from a pool of {POOL} test points, so repeats and new queries mix) POSTed by "
         f"{clients} concurrent `httpx.AsyncClient`s, each request with its own `Idempotency-Key`; "
@@ -145,8 +151,9 @@ def run(options: Options) -> Report:
     rate = total / submit_s
     report.note(f"Latency under load is queueing: by Little's law a POST waits about clients ÷ throughput = "
                 f"{clients} ÷ {rate:.0f}/s ≈ {1000 * clients / rate:.0f} ms (measured p50 "
-                f"{1000 * percentile(post_s, 50):.0f} ms), with one API process serving a request every "
-                f"{1000 / rate:.0f} ms on 2 cores it shares with the 2 busy workers (P3 has the idle-server latency).")
+                f"{1000 * percentile(post_s, 50):.0f} ms), with {api} serving a request every "
+                f"{1000 / rate:.0f} ms on {os.cpu_count()} cores shared with the 2 busy workers "
+                f"(P3 has the idle-server latency).")
     for failure in failures[:5]:
         report.note(f"rejected: {failure}")
     return report
@@ -166,7 +173,11 @@ def _listed_ids(client: httpx.Client) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> Report:
-    return run_study(run, __doc__ or STUDY, argv)
+    """`python -m benchmarks.p6_load [--api-processes N] [--quick] [--out DIR]`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--api-processes", type=int, default=1, help="processes of `python -m service` (default 1)")
+    known, rest = parser.parse_known_args(argv)
+    return run_study(functools.partial(run, api_processes=known.api_processes), __doc__ or STUDY, rest)
 
 
 if __name__ == "__main__":

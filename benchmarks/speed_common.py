@@ -193,10 +193,11 @@ class Deployment(ServiceProcesses):
     flushed on entry. Logs go to `<data_root>/logs/`.
     """
 
-    def __init__(self, data_root: Path, *, db: str, redis_db: int, workers: int = 1,
+    def __init__(self, data_root: Path, *, db: str, redis_db: int, workers: int = 1, api_processes: int = 1,
                  env: dict[str, str] | None = None, worker_threads: int | None = None) -> None:
         settings = {"DATA_ROOT": str(data_root), "DEVICE": "cpu", "ALLOWED_ARCHITECTURES": SERVICE_ARCHITECTURE, **(env or {})}
-        super().__init__(settings, workers=workers, log_level="warning", worker_threads=worker_threads)
+        super().__init__(settings, workers=workers, processes=api_processes, log_level="warning",
+                         worker_threads=worker_threads)
         self.data_root, self.db, self.redis_db = data_root, db, redis_db
 
     def __enter__(self) -> Self:

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="unset: in-process worker")
     data_root: Path = Field(default=Path("./data"), description="the only directory file:// URIs may point into")
     api_keys: str | None = Field(default=None, description="key1:tenant1,key2:tenant2; unset: auth off (loopback only)")
+    api_processes: int = Field(default=1, ge=1,
+                               description="processes of `python -m service`; > 1 needs DATABASE_URL and REDIS_URL")
 
     queue_name: str = "attribution"
     job_timeout_s: int = 3600

@@ -1,12 +1,12 @@
 """Run the real service and workers as subprocesses, for tests, benchmarks and demos.
 
-`ServiceProcesses(env, workers=k)` starts `python -m service` on a free loopback port and
-k × `python -m workers`, configured only through the environment, exactly as an operator
-runs the product: the children get this process's environment without its service
-settings (`DATABASE_URL`, `REDIS_URL`, `API_KEYS`, `DATA_ROOT`), plus `env`, with the
-repository on `PYTHONPATH`. `with ServiceProcesses(...) as running:` returns once `/readyz`
-answers 200 (database and queue reachable); `running.url` / `running.client` reach the
-API. Workers can be stopped and added between rounds (`stop_workers`, `add_workers`,
+`ServiceProcesses(env, workers=k, processes=n)` starts `python -m service --processes n` on a
+free loopback port and k × `python -m workers`, configured only through the environment,
+exactly as an operator runs the product: the children get this process's environment without
+its service settings (`DATABASE_URL`, `REDIS_URL`, `API_KEYS`, `DATA_ROOT`), plus `env`, with
+the repository on `PYTHONPATH`. `with ServiceProcesses(...) as running:` returns once
+`/readyz` answers 200 (database and queue reachable); `running.url` / `running.client` reach
+the API. Workers can be stopped and added between rounds (`stop_workers`, `add_workers`,
 `wait_workers` until they listen on RQ). On exit it stops exactly the processes it started
 (SIGTERM to all, then SIGKILL after a grace period). Each process logs to
 `<log_dir>/<name>.log`. `wait_final` polls queries until they reach a final status.
@@ -78,12 +78,15 @@ class ServiceProcesses:
     deployment with separate workers; embedded mode needs only `DATA_ROOT`). `log_dir`
     defaults to `<DATA_ROOT>/logs`. `worker_threads` sets `OMP_NUM_THREADS` /
     `MKL_NUM_THREADS` of the workers (one intra-op thread each: k workers use k cores).
+    `processes`: API processes (`--processes`; > 1 needs `DATABASE_URL` and `REDIS_URL`);
+    SIGTERM to the API stops all of them.
     """
 
-    def __init__(self, env: Mapping[str, str], *, workers: int = 0, log_dir: Path | None = None,
+    def __init__(self, env: Mapping[str, str], *, workers: int = 0, processes: int = 1, log_dir: Path | None = None,
                  log_level: str = "info", worker_threads: int | None = None, ready_timeout: float = 90.0) -> None:
         self.env = child_env(env)
         self.initial_workers = workers
+        self.processes = processes
         self.log_dir = log_dir or Path(env["DATA_ROOT"]) / "logs"
         self.log_level = log_level
         self.worker_threads = worker_threads
@@ -99,7 +102,8 @@ class ServiceProcesses:
     def __enter__(self) -> Self:
         try:
             self.service = self._spawn("service", [sys.executable, "-m", "service", "--host", "127.0.0.1",
-                                                   "--port", str(self.port), "--log-level", self.log_level])
+                                                   "--port", str(self.port), "--log-level", self.log_level,
+                                                   "--processes", str(self.processes)])
             self.add_workers(self.initial_workers)
             self._wait_ready()
         except BaseException:

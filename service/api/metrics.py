@@ -12,11 +12,19 @@ Collected at scrape time:
 - `attribution_cache_hits_total` / `attribution_cache_misses_total`: the workers' Redis cache
   of training-set losses and fit artifacts (`workers.cache.cache_stats`).
 A part that cannot be collected (database or Redis down) is left out of that scrape.
+
+Several API processes (`python -m service --processes N`, N > 1, which sets
+`PROMETHEUS_MULTIPROC_DIR` to a private directory for its worker processes): each process
+writes the recorded counters and histograms to its own files there, and every scrape sums
+those of all processes (prometheus_client's multiprocess mode, `MultiProcessCollector`), so
+any process answers `/metrics` with the totals. The state collected at scrape time is read
+once, by the process answering.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 
@@ -27,6 +35,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,19 +49,27 @@ log = logging.getLogger(__name__)
 
 JOB_DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 UNMATCHED_ROUTE = "<unmatched>"
+# Read by prometheus_client when it is first imported: set, every process writes its values to files there.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class ServiceMetrics:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.registry = CollectorRegistry()
+        shared_dir = os.environ.get(MULTIPROCESS_DIR_ENV)
+        # One process: the recorded metrics live in this registry. Several: in the shared
+        # directory, which the registry reads back summed over all processes.
+        recorded = None if shared_dir else self.registry
         self.requests = Counter("attribution_http_requests", "HTTP requests by route template and status",
-                                ["method", "route", "status"], registry=self.registry)
+                                ["method", "route", "status"], registry=recorded)
         self.latency = Histogram("attribution_http_request_duration_seconds", "HTTP request latency",
-                                 ["method", "route"], registry=self.registry)
+                                 ["method", "route"], registry=recorded)
         self.result_cache_hits = Counter("attribution_result_cache_hits",
-                                         "queries answered from an identical succeeded query", registry=self.registry)
+                                         "queries answered from an identical succeeded query", registry=recorded)
         self.result_cache_misses = Counter("attribution_result_cache_misses",
-                                           "queries enqueued as new jobs", registry=self.registry)
+                                           "queries enqueued as new jobs", registry=recorded)
+        if shared_dir:
+            MultiProcessCollector(self.registry, path=shared_dir)
         self.registry.register(_StateCollector(settings, sessions))
 
     def render(self) -> bytes:
