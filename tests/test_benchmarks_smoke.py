@@ -22,6 +22,7 @@ STUDIES = [
     "q5_lds_linear",
     "q6_lds_neural",
     "q7_ihvp",
+    "q8_lm_tracing",
 ]
 
 

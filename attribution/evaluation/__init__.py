@@ -2,7 +2,8 @@
 
 Leave-one-out ground truth (`loo`), the Linear Datamodeling Score (`lds`), the mirrored
 influence correlation (`mirrored`), duplicate/leakage detection (`leakage`) and mislabel
-detection from self-influence (`mislabel`); `stats` holds the shared correlations.
+detection from self-influence (`mislabel`), proponent retrieval — MRR and precision@k, fact
+tracing — (`retrieval`); `stats` holds the shared correlations.
 """
 
 from attribution.evaluation.lds import (
@@ -23,6 +24,7 @@ from attribution.evaluation.mislabel import (
     recall_at_fraction,
     roc_auc,
 )
+from attribution.evaluation.retrieval import mean_reciprocal_rank, precision_at_k, proponent_ranks
 from attribution.evaluation.stats import average_ranks, pearson, spearman
 
 __all__ = [
@@ -40,9 +42,12 @@ __all__ = [
     "leave_one_out",
     "linear_datamodeling_score",
     "loo_correlation",
+    "mean_reciprocal_rank",
     "mirrored_correlation",
     "mislabel_report",
     "pearson",
+    "precision_at_k",
+    "proponent_ranks",
     "query_losses",
     "recall_at_fraction",
     "retrained_losses",

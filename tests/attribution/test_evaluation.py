@@ -19,9 +19,12 @@ from attribution.evaluation import (
     leave_one_out,
     linear_datamodeling_score,
     loo_correlation,
+    mean_reciprocal_rank,
     mirrored_correlation,
     mislabel_report,
     pearson,
+    precision_at_k,
+    proponent_ranks,
     recall_at_fraction,
     retrained_losses,
     roc_auc,
@@ -92,6 +95,30 @@ def test_leakage_ranks() -> None:
     assert result.top_k_rate[2] == pytest.approx(2 / 3)
     several = leakage_detection(scores, torch.tensor([[0, 1], [0, 2], [2, 3]]))
     assert several.ranks.tolist() == [1, 1, 2]
+
+
+def test_proponent_retrieval_mrr_and_precision_at_k() -> None:
+    """Hand-ranked: ties go to the lower index, NaN never ranks, k defaults to |R_q|."""
+    scores = torch.tensor([
+        [0.9, 0.1, 0.8, 0.7, 0.2],  # order 0, 2, 3, 4, 1; proponents {2, 4} → ranks 2, 4
+        [0.3, 0.5, 0.5, NAN, 0.1],  # order 1, 2, 0, 4 (3 is NaN); proponents {2, 3} → rank 2
+        [NAN, NAN, NAN, NAN, 0.0],  # order 4; proponent {0} is NaN → rank N + 1 = 6
+    ])
+    relevant = torch.tensor([
+        [False, False, True, False, True],
+        [False, False, True, True, False],
+        [True, False, False, False, False],
+    ])
+    assert proponent_ranks(scores, relevant).tolist() == [2, 2, 6]
+    assert mean_reciprocal_rank(scores, relevant) == pytest.approx((1 / 2 + 1 / 2 + 1 / 6) / 3)
+    # k_q = |R_q| = 2, 2, 1: top-2 {0, 2} → 1/2; top-2 {1, 2} → 1/2; top-1 {4} → 0.
+    assert precision_at_k(scores, relevant) == pytest.approx(1 / 3)
+    # k = 3: {0, 2, 3} → 1/3; {1, 2, 0} → 1/3; {4} and padding → 0.
+    assert precision_at_k(scores, relevant, k=3) == pytest.approx(2 / 9)
+    with pytest.raises(ValueError, match="at least one relevant row"):
+        mean_reciprocal_rank(scores, torch.zeros(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must both be"):
+        precision_at_k(scores, relevant[:, :4])
 
 
 def _ridge(x: Tensor, y: Tensor, lam: float = 0.1) -> Callable[[Tensor], ModelAdapter]:
