@@ -14,7 +14,6 @@ Targets: Forward-INF top-1 = 100% and ≥ 30× faster than IF and TracIn at equa
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,22 +26,10 @@ from benchmarks.common import fit_context
 from benchmarks.leakage_setup import LeakedDigits, TrainedModel, leaked_digits, train_models
 from benchmarks.plots import labelled_points
 from benchmarks.report import Report
-from benchmarks.runner import describe, scores
+from benchmarks.runner import Variant, describe, scores
 
 STUDY = "q3_leakage"
 SPEED_QUERIES = 5
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the table: a method with fixed params, or the best of `grid` on validation."""
-
-    label: str
-    method: str
-    params: dict[str, Any] = field(default_factory=dict)
-    grid: tuple[dict[str, Any], ...] = ()
-    one_query_at_a_time: bool = False  # methods whose per-sample path shares work across queries
-    max_queries: int | None = None  # evaluate on the first queries only (costly methods)
 
 
 def forward_inf_grid(quick: bool) -> tuple[dict[str, Any], ...]:

@@ -18,7 +18,7 @@ minute): Forward-INF MRR above TracIn's and ≥ 4× TracIn's queries per minute.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from benchmarks.lm_facts import (
 )
 from benchmarks.plots import labelled_points
 from benchmarks.report import Report, format_value
-from benchmarks.runner import describe, scores
+from benchmarks.runner import Variant, describe, scores
 
 STUDY = "q8_lm_tracing"
 SPEED_QUERIES = 3
@@ -48,18 +48,6 @@ PAPER = "Forward-INF paper, Table 3 (MT5, FTRACE-TREx)"
 PAPER_MRR = {"Forward-INF": 0.21, "TracIn": 0.166}
 SPEED_TARGET = 4.0
 COSTLY_QUERIES = 3
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the table: a method with fixed params, or the best of `grid` on the validation facts."""
-
-    label: str
-    method: str
-    params: dict[str, Any] = field(default_factory=dict)
-    grid: tuple[dict[str, Any], ...] = ()
-    max_queries: int | None = None  # costly methods: the first evaluated queries only, one at a time
-    context: str = ""  # the fitted artifacts to share (default: the method's own)
 
 
 def forward_inf_grid(quick: bool) -> tuple[dict[str, Any], ...]:
@@ -74,8 +62,10 @@ def forward_inf_grid(quick: bool) -> tuple[dict[str, Any], ...]:
 def variants(quick: bool) -> list[Variant]:
     relative = {"normalize": "relative"}
     costly = [  # one CG solve per query (> 1 minute each on 2 cores): full mode only
-        Variant("influence, library defaults (CG)", "influence", max_queries=COSTLY_QUERIES),
-        Variant("Forward-INF, Newton step (CG)", "forward_inf", {"unlearning": "newton"}, max_queries=COSTLY_QUERIES,
+        Variant("influence, library defaults (CG)", "influence", one_query_at_a_time=True,
+                max_queries=COSTLY_QUERIES),
+        Variant("Forward-INF, Newton step (CG)", "forward_inf", {"unlearning": "newton"}, one_query_at_a_time=True,
+                max_queries=COSTLY_QUERIES,
                 context="influence"),  # shares the influence method's fitted iHVP (same curvature and damping)
     ]
     return [
@@ -123,7 +113,7 @@ def query_scores(contexts: Contexts, corpus: FactCorpus, variant: Variant, param
     """Scores `[Q, N]` of the queries of `facts`: one batched call, or one call per query for the
     costly variants (then also their seconds per query)."""
     model, context = contexts.trained.model, contexts(variant)
-    if variant.max_queries is None:
+    if not variant.one_query_at_a_time:
         return scores(model, variant.method, params, corpus.train, context, corpus.queries(facts)).scores, float("nan")
     runs = [scores(model, variant.method, params, corpus.train, context, corpus.queries(facts[k: k + 1]))
             for k in range(len(facts))]
@@ -162,7 +152,7 @@ def evaluate(contexts: Contexts, corpus: FactCorpus, variant: Variant, report: R
                       for p, m in zip(variant.grid, grid_mrr, strict=True)])
     facts = corpus.evaluated[: variant.max_queries] if variant.max_queries else corpus.evaluated
     score, seconds = query_scores(contexts, corpus, variant, params, facts)
-    if variant.max_queries is None:
+    if not variant.one_query_at_a_time:
         seconds = single_query_seconds(contexts, corpus, variant, params)
     relevant = corpus.proponents(facts)
     result = Result(variant, params, mean_reciprocal_rank(score, relevant), precision_at_k(score, relevant),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -13,6 +13,23 @@ from attribution.methods.registry import parse_params
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
 from benchmarks.cli import Stopwatch
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a study's method table: `method` with fixed `params`, or the best point of
+    `grid` on the study's validation points. `one_query_at_a_time`: score each query in its own
+    call (methods whose per-sample path would share work across queries, or costly ones timed per
+    query); `max_queries`: evaluate on the first queries only; `context`: the name of the fitted
+    artifacts to share (default: the method's own)."""
+
+    label: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    grid: tuple[dict[str, Any], ...] = ()
+    one_query_at_a_time: bool = False
+    max_queries: int | None = None
+    context: str = ""
 
 
 @dataclass(frozen=True)
