@@ -61,21 +61,26 @@ class Task(ABC):
         return _logits(model(inputs))
 
     def model_kwargs(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Keyword inputs as the model receives them: a 2-D padding mask becomes an additive bias.
+        """Keyword inputs as the model receives them, with the attention mask as an additive bias.
 
-        A Hugging Face `attention_mask` `[B, T]` (1 = token, 0 = padding) is turned into the 4-D
-        additive mask `[B, 1, 1, T]` (bidirectional) or `[B, 1, T, T]` (causal tasks: padding and
-        the future both masked), 0 where attention is allowed and the float32 minimum elsewhere.
-        Transformers uses a 4-D mask as given, whatever the attention implementation (eager,
-        SDPA), while its own 2-D → 4-D conversion branches on the mask's values
-        (`padding_mask.all()`), which `torch.func.vmap` cannot trace. The rewrite is structural
-        (no data-dependent control flow), so it runs inside `vmap` too, and it gives the same
+        A Hugging Face `attention_mask` `[B, T]` (1 = token, 0 = padding) becomes the 4-D
+        additive mask `[B, 1, 1, T]` (bidirectional) or `[B, 1, T, T]` (causal tasks: padding
+        and the future both masked), 0 where attention is allowed and the float32 minimum
+        elsewhere; a causal task's `input_ids` without a mask (right-padded rows, see
+        `workers.loading.batches`) get the plain causal bias `[1, 1, T, T]`. Transformers uses
+        a 4-D mask as given, whatever the attention implementation (eager, SDPA), while its
+        own mask preparation branches on the values (`padding_mask.all()`, "is there padding
+        and no mask?"), which `torch.func.vmap` cannot trace. The rewrite is structural (no
+        data-dependent control flow), so it also runs inside `vmap`, and it gives the same
         outputs as the 2-D mask at every unpadded position.
         """
         mask = inputs.get("attention_mask")
-        if not isinstance(mask, Tensor) or mask.dim() != 2:
-            return dict(inputs)
-        return {**inputs, "attention_mask": additive_attention_mask(mask, causal=self.causal)}
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            return {**inputs, "attention_mask": additive_attention_mask(mask, causal=self.causal)}
+        ids = inputs.get("input_ids")
+        if self.causal and mask is None and isinstance(ids, Tensor) and ids.dim() == 2:
+            return {**inputs, "attention_mask": additive_attention_mask(torch.ones_like(ids[:1]), causal=True)}
+        return dict(inputs)
 
     @abstractmethod
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
