@@ -263,6 +263,30 @@ class ShardedTrainingSet:
                 found[row] = None if ids is None else _as_label(ids[row - self.offsets[position]])
         return [found[row] for row in rows]
 
+    def texts_at(self, rows: Sequence[int]) -> list[str | None]:
+        """The text of each global row (prompt + completion for instruction rows); `None` for
+        rows of shards without text. Each shard is read once, from its first to its last
+        requested row (a ranking asks for a few rows: top and bottom k)."""
+        wanted: dict[int, list[int]] = {}
+        for row, position in zip(rows, self.shard_of_row(rows), strict=True):
+            wanted.setdefault(position, []).append(row)
+        found: dict[int, str | None] = {}
+        for position, shard_rows in wanted.items():
+            shard, base = self.shards[position], self.offsets[position]
+            lo, hi = min(shard_rows) - base, max(shard_rows) - base + 1
+            reader = open_reader(shard.path, shard.format, num_rows=shard.num_samples)
+            try:
+                texts: list[str] = []
+                for chunk in reader.iter_rows(lo, hi, 4096):
+                    if chunk.text is None:
+                        break
+                    texts.extend(chunk.text)
+            finally:
+                reader.close()
+            for row in shard_rows:
+                found[row] = texts[row - base - lo] if texts else None
+        return [found[row] for row in rows]
+
     def column_values(self, name: str) -> list[str | None]:
         """A per-row label column (`group`, `ids`) over the set's range, `None` for shards without it."""
         out: list[str | None] = []
