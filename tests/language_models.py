@@ -50,7 +50,14 @@ def word_tokenizer() -> Any:
 
 def causal_lm(architecture: str, *, seed: int = 0) -> torch.nn.Module:
     """A 1-layer, 16-wide causal LM of `architecture` (gpt2 | llama | qwen2), default attention."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     size = len(vocabulary())

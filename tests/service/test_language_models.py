@@ -18,7 +18,14 @@ from fastapi.testclient import TestClient
 
 from service.db.session import session_scope
 from service.settings import Settings
-from tests.language_models import CAUSAL_ARCHITECTURES, CORPUS, PROMPTS, causal_lm, save_folder, write_jsonl
+from tests.language_models import (
+    CAUSAL_ARCHITECTURES,
+    CORPUS,
+    PROMPTS,
+    causal_lm,
+    save_folder,
+    write_jsonl,
+)
 from tests.service.embedded import module_service, run
 from workers.loading import load_model
 from workers.loading.samples import samples_to_batch

@@ -13,8 +13,15 @@ import torch.nn.functional as F
 
 from attribution.model import ModelAdapter
 from attribution.tasks import task_for
-from tests.language_models import CAUSAL_ARCHITECTURES, CONTEXT, CORPUS, PROMPTS, causal_lm, save_folder, \
-    sequence_classifier
+from tests.language_models import (
+    CAUSAL_ARCHITECTURES,
+    CONTEXT,
+    CORPUS,
+    PROMPTS,
+    causal_lm,
+    save_folder,
+    sequence_classifier,
+)
 from workers.loading.batches import InputSpec, split_by_tokens, text_batch
 from workers.loading.models import build_module, load_tokenizer_from
 from workers.loading.readers import Rows
