@@ -115,8 +115,7 @@ def compute_scores(
     context.timings["load_s"] = time.perf_counter() - started
     scores = attribute(model, query.method, params, train, context, queries=queries,
                        per_sample=query.mode == "per_sample", self_influence=bool(query.self_influence))
-    if spec.tokenizer is not None and spec.max_length is not None:
-        context.extras.update(max_length=spec.max_length, truncated_rows=train.truncated_rows())
+    context.extras.update(train.text_extras())
     context.timings["total_s"] = time.perf_counter() - started
     return Computed(scores.detach().float().cpu(), train, dict(context.timings), dict(context.extras))
 

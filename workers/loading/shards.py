@@ -142,6 +142,12 @@ class ShardedTrainingSet:
                 pass
         return 0 if self._truncated is None else int(self._truncated.sum())
 
+    def text_extras(self) -> dict[str, int]:
+        """What a result reports about tokenization: `max_length` and `truncated_rows` (text only)."""
+        if self.spec.tokenizer is None or self.spec.max_length is None:
+            return {}
+        return {"max_length": self.spec.max_length, "truncated_rows": self.truncated_rows()}
+
     @classmethod
     def for_dataset(
         cls, dataset_row: Any, spec: InputSpec, settings: Settings, *,
