@@ -31,7 +31,6 @@ from workers.loading import load_model
 from workers.loading.samples import samples_to_batch
 
 settings, http = module_service("lm")
-pytestmark = pytest.mark.slow
 
 # Every method a text query can use, each with relative scores where the method has them
 # (gradient_similarity's default cosine is already normalised).
