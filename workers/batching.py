@@ -41,6 +41,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import noload
 
 from attribution.data import Batch, TrainingSet
+from attribution.interrupts import interruptible
 from attribution.methods.base import FitContext, MethodName, Normalize
 from attribution.methods.forward_inf import ForwardInf, ForwardInfParams
 from attribution.methods.forward_inf_engine import (
@@ -139,8 +140,10 @@ def run_batch(members: list[Member], model_row: Model, dataset_row: Dataset, set
     progress = ProgressWriter(lambda f: _write_progress(ids, f, settings), [m.lease for m in members],
                               timeout_s=settings.job_timeout_s)
     try:
-        results = with_retries(lambda: compute_batch([m.query for m in members], model_row, dataset_row, settings,
-                                                     progress=progress), settings, what=f"batch {ids[0]}: compute")
+        with interruptible(progress.check):
+            results = with_retries(lambda: compute_batch([m.query for m in members], model_row, dataset_row,
+                                                         settings, progress=progress),
+                                   settings, what=f"batch {ids[0]}: compute")
         for member, (scores, train, timings) in zip(members, results, strict=True):
             if member.lease.lost:
                 log.info("query %s: lease lost; its batched result is dropped", member.query.id)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attribution.interrupts import interruptible
 from attribution.methods.base import FitContext
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
@@ -64,8 +65,9 @@ def compute_scores(
     query: Query, model_row: Model, dataset_row: Dataset, settings: Settings, *,
     row_start: int, row_stop: int, progress: ProgressWriter,
 ) -> Computed:
-    """Scores `[Q, row_stop - row_start]` of the query's method on that row range; the method
-    reads the rows through `CheckedRows`, so `progress.check()` can stop it at any batch."""
+    """Scores `[Q, row_stop - row_start]` of the query's method on that row range. The method
+    reads the rows through `CheckedRows` and runs `interruptible`, so `progress.check()` can
+    stop it at any training batch or solver/unlearning iteration."""
     started = time.perf_counter()
     model = load_model(model_row, settings)
     spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
@@ -83,8 +85,10 @@ def compute_scores(
         checkpoints=checkpoints, checkpoint_lrs=[float(v) for v in checkpoint_lrs or []],
     )
     context.timings["load_s"] = time.perf_counter() - started
-    scores = attribute(model, query.method, params, CheckedRows(train, progress.check), context, queries=queries,
-                       per_sample=query.mode == "per_sample", self_influence=bool(query.self_influence))
+    with interruptible(progress.check):
+        scores = attribute(model, query.method, params, CheckedRows(train, progress.check), context,
+                           queries=queries, per_sample=query.mode == "per_sample",
+                           self_influence=bool(query.self_influence))
     context.timings["total_s"] = time.perf_counter() - started
     return Computed(scores.detach().float().cpu(), train, dict(context.timings), dict(context.extras))
 

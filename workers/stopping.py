@@ -6,11 +6,13 @@ on and raises otherwise:
   job holds was taken over by another worker (`HeldLease.lost`);
 - `TimedOut` once the job has run `JOB_TIMEOUT_S` seconds.
 The query's status is read back at most once a second (with the progress write). The
-methods report progress per training batch, but some loops (an iHVP fit, a LiSSA
-recursion, an unlearning path) read the training rows without reporting; `CheckedRows`
-wraps the job's training set so every batch read from it also calls `check()`. So a job
-stops within about one training batch (plus one second) of being canceled, losing its
-lease or running out of time, whatever the method and its parameters.
+methods report progress per training batch of a sweep, but other loops do not: curvature
+fits, CG and Arnoldi iterations read the training rows without reporting, and a LiSSA
+recursion or K unlearning steps read none. So the job checks at every training batch it
+reads (`CheckedRows` wraps its training set) and at every iteration of those in-memory loops
+(`attribution.interrupts.check_interrupt`, active inside `interruptible(check)`): it stops
+within about one batch or iteration (plus one second) of being canceled, losing its lease
+or running out of time, whatever the method and its parameters.
 A transient database error while writing progress skips that write (`workers.retrying`).
 """
 
