@@ -5,20 +5,18 @@ are retried, never failing the query (or a whole Forward-INF batch)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
-from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import OperationalError
 
 from service.api.app import create_app
 from service.db.session import get_engine
 from service.settings import Settings, get_settings
+from tests.dbfaults import sets_status, starts_with, terminate_backends_when
 from tests.workers import jobfixtures as jf
 from workers import jobs
 
@@ -88,47 +86,13 @@ def test_job_timeout_stops_the_job_and_fails_the_query(rq_settings: Settings, mo
 
 
 # ----------------------------------------------------------------------------- database blips
-@contextmanager
-def terminate_backends_when(settings: Settings, fires: Callable[[str, Any], bool]) -> Iterator[list[str]]:
-    """Once, just before the job's engine runs a statement for which `fires(statement, params)`
-    is true, terminate every other connection to the test database (as an administrator would),
-    so that statement runs on a dead connection. Yields the statements that fired."""
-    engine = get_engine(settings)
-    admin = create_engine(settings.database_url or "", isolation_level="AUTOCOMMIT")
-    fired: list[str] = []
-
-    def before(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
-        if fired or not fires(statement, params):
-            return
-        fired.append(statement)
-        with admin.connect() as c:
-            c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
-
-    event.listen(engine, "before_cursor_execute", before)
-    try:
-        yield fired
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
-        admin.dispose()
-
-
-def _sets_status(value: str) -> Callable[[str, Any], bool]:
-    return lambda statement, params: (statement.startswith("UPDATE queries SET status")
-                                      and isinstance(params, dict) and params.get("status") == value)
-
-
-def _writes_progress(statement: str, params: Any) -> bool:
-    return statement.startswith("UPDATE queries SET progress")
-
-
 PARAMS = {"steps": 3, "lr": 0.5}
 
 
 def test_connection_terminated_while_storing_the_result_is_retried(rq_settings: Settings) -> None:
     reg = jf.register_toy(rq_settings)
     query_id = jf.insert_query(rq_settings, reg, params=PARAMS)
-    with terminate_backends_when(rq_settings, _sets_status("succeeded")) as fired:
+    with terminate_backends_when(get_engine(rq_settings), sets_status("succeeded")) as fired:
         jobs.run_query(query_id)
     query = jf.fetch(rq_settings, query_id)
     assert fired and query.status == "succeeded", query.error
@@ -138,7 +102,7 @@ def test_connection_terminated_while_storing_the_result_is_retried(rq_settings: 
 def test_connection_terminated_during_a_progress_write_does_not_fail_the_job(rq_settings: Settings) -> None:
     reg = jf.register_toy(rq_settings)
     query_id = jf.insert_query(rq_settings, reg, params=PARAMS)
-    with terminate_backends_when(rq_settings, _writes_progress) as fired:
+    with terminate_backends_when(get_engine(rq_settings), starts_with("UPDATE queries SET progress")) as fired:
         jobs.run_query(query_id)
     query = jf.fetch(rq_settings, query_id)
     assert fired and query.status == "succeeded", query.error
@@ -149,7 +113,7 @@ def test_connection_terminated_mid_batch_fails_no_query_of_the_batch(rq_settings
     ids = [jf.insert_query(rq_settings, reg, params=PARAMS, samples={"x": reg.toy.x_test[i:i + 1].tolist(),
                                                                      "y": reg.toy.y_test[i:i + 1].tolist()})
            for i in range(3)]
-    with terminate_backends_when(rq_settings, _sets_status("succeeded")) as fired:
+    with terminate_backends_when(get_engine(rq_settings), sets_status("succeeded")) as fired:
         jobs.run_query(ids[0])  # claims the other two: one sweep for the three
     queries = [jf.fetch(rq_settings, i) for i in ids]
     assert fired
