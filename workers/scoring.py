@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attribution.interrupts import interruptible
 from attribution.methods.base import FitContext
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
@@ -32,7 +32,6 @@ from service.db.session import session_scope
 from service.settings import Settings
 from workers.cache import artifact_store, atomic_file
 from workers.grouping import labels_path, row_groups, write_labels
-from workers.leases import HeldLease
 from workers.loading import (
     ShardedTrainingSet,
     input_spec,
@@ -41,40 +40,11 @@ from workers.loading import (
     samples_to_batch,
 )
 from workers.loading.errors import ModelLoadError
+from workers.stopping import CheckedRows, ProgressWriter
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PARAMS = ("checkpoint_model_ids", "checkpoint_lrs")
-
-
-class Canceled(Exception):
-    """The query was canceled (or this job lost its lease) while it ran; nothing is written."""
-
-
-class ProgressWriter:
-    """`FitContext.progress`: records progress at most `1 / min_interval_s` times a second.
-
-    Each write also reads the query's status back, so a client's cancel (or a lost lease)
-    stops the method at its next progress report by raising `Canceled`.
-    """
-
-    def __init__(self, write: Callable[[float], str | None], lease: HeldLease | None, min_interval_s: float = 0.5) -> None:
-        self.write = write
-        self.lease = lease
-        self.min_interval_s = min_interval_s
-        self.last = float("-inf")
-
-    def __call__(self, fraction: float) -> None:
-        if self.lease is not None and self.lease.lost:
-            raise Canceled("the job's lease was taken over by another worker")
-        now = time.monotonic()
-        if now - self.last < self.min_interval_s:
-            return
-        self.last = now
-        value = min(max(float(fraction), 0.0), 1.0)
-        status = self.write(value)
-        if status is None or QueryStatus(status) != QueryStatus.RUNNING:
-            raise Canceled(f"the query is {status or 'gone'}")
 
 
 @dataclass
@@ -93,9 +63,11 @@ def amp_dtype(settings: Settings, model: ModelAdapter) -> torch.dtype | None:
 
 def compute_scores(
     query: Query, model_row: Model, dataset_row: Dataset, settings: Settings, *,
-    row_start: int, row_stop: int, progress: Callable[[float], None],
+    row_start: int, row_stop: int, progress: ProgressWriter,
 ) -> Computed:
-    """Scores `[Q, row_stop - row_start]` of the query's method on that row range."""
+    """Scores `[Q, row_stop - row_start]` of the query's method on that row range. The method
+    reads the rows through `CheckedRows` and runs `interruptible`, so `progress.check()` can
+    stop it at any training batch or solver/unlearning iteration."""
     started = time.perf_counter()
     model = load_model(model_row, settings)
     spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
@@ -113,8 +85,10 @@ def compute_scores(
         checkpoints=checkpoints, checkpoint_lrs=[float(v) for v in checkpoint_lrs or []],
     )
     context.timings["load_s"] = time.perf_counter() - started
-    scores = attribute(model, query.method, params, train, context, queries=queries,
-                       per_sample=query.mode == "per_sample", self_influence=bool(query.self_influence))
+    with interruptible(progress.check):
+        scores = attribute(model, query.method, params, CheckedRows(train, progress.check), context,
+                           queries=queries, per_sample=query.mode == "per_sample",
+                           self_influence=bool(query.self_influence))
     context.extras.update(train.text_extras())
     context.timings["total_s"] = time.perf_counter() - started
     return Computed(scores.detach().float().cpu(), train, dict(context.timings), dict(context.extras))
