@@ -1,13 +1,15 @@
 """The bundled digits demo (`examples/digits_demo.py build`) served by the real `python -m service`.
 
-`DemoService`: the demo's data root (model, two shards, `queries.json` with the five leaked
-test points and the row index of each one's planted copy) and a running embedded service on
-it, with auth on (`API_KEYS`) unless `auth=False`. Used by the client, CLI and UI tests.
+`build_demo` trains it once; `demo_service` serves a copy of it. `DemoService`: the data root
+(model, two shards, `queries.json` with the five leaked test points and the row index of each
+one's planted copy) and a running embedded service on it, with auth on (`API_KEYS`) unless
+`auth=False`. Used by the client, CLI and result-page tests.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,10 +37,16 @@ class DemoService:
         return [self.uri("train-000.npz"), self.uri("train-001.npz")]
 
 
+def build_demo(root: Path) -> Path:
+    """`root/example`: the demo's model, shards and `queries.json` (trained once, seconds)."""
+    return digits_demo.build(root)
+
+
 @contextmanager
-def demo_service(root: Path, *, auth: bool = True) -> Iterator[DemoService]:
-    """Build the demo under `root` and serve it (embedded: SQLite, in-process worker)."""
-    example = digits_demo.build(root)
+def demo_service(built: Path, root: Path, *, auth: bool = True) -> Iterator[DemoService]:
+    """Serve a copy of the built demo `built` (an `example` folder) from the fresh data root
+    `root` (embedded: its own SQLite database, in-process worker)."""
+    example = Path(shutil.copytree(built, root / "example"))
     env = {"DATA_ROOT": str(root)} | ({"API_KEYS": f"{API_KEY}:demo"} if auth else {})
     with ServiceProcesses(env) as running:
         yield DemoService(url=running.url, api_key=API_KEY if auth else None, example=example,

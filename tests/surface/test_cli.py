@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from service.testing import REPO_ROOT, child_env
-from tests.client.demo import DemoService
+from tests.surface.demo import DemoService
 
 pytestmark = pytest.mark.slow
 

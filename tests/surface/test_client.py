@@ -21,7 +21,7 @@ from attribution_client import (
 )
 from attribution_client.models import SERVER_SCHEMAS, ApiModel
 from service.testing import free_port
-from tests.client.demo import DemoService
+from tests.surface.demo import DemoService
 
 pytestmark = pytest.mark.slow
 
