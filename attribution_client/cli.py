@@ -122,7 +122,9 @@ def _describe(query: Query) -> str:
     if query.result is not None:
         lines += ["top:", ranked_table(query.result.top)]
         if query.result.timings:
-            lines.append("timings: " + ", ".join(f"{k} {v}" for k, v in query.result.timings.items()))
+            lines.append("timings (s): " + ", ".join(
+                f"{k.removesuffix('_s')} {v:.3g}" if isinstance(v, int | float) else f"{k} {v}"
+                for k, v in query.result.timings.items()))
     return "\n".join(lines)
 
 
