@@ -54,8 +54,7 @@ class RankedView:
 
     @property
     def text(self) -> str | None:
-        sent = getattr(self.row, "preview", None)
-        return str(sent) if sent else (self.preview.text if self.preview else None)
+        return self.row.preview or (self.preview.text if self.preview else None)
 
 
 def query_page(session: Session, settings: Settings, query: Query, sample: int) -> str:
