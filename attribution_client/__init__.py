@@ -20,6 +20,7 @@ from attribution_client.handle import AsyncQueryHandle, QueryHandle
 from attribution_client.models import (
     Dataset,
     Model,
+    Provenance,
     Query,
     QueryResult,
     RankedRow,
@@ -28,7 +29,7 @@ from attribution_client.models import (
 )
 
 __all__ = [
-    "ApiError", "AsyncClient", "AsyncQueryHandle", "AttributionError", "Client", "Dataset", "Model", "Query",
+    "ApiError", "AsyncClient", "AsyncQueryHandle", "AttributionError", "Client", "Dataset", "Model", "Provenance", "Query",
     "QueryFailed", "QueryHandle", "QueryResult", "RankedRow", "SampleResult", "ServiceUnreachable", "Shard",
     "WaitTimeout",
 ]

@@ -72,6 +72,32 @@ class SampleResult(ApiModel):
     bottom: list[RankedRow]
 
 
+class Worker(ApiModel):
+    host: str
+    pid: int
+    device: str
+    torch: str
+    python: str
+
+
+class CodeVersion(ApiModel):
+    version: str
+    commit: str | None
+
+
+class Provenance(ApiModel):
+    """What produced a result: model/dataset hashes, resolved params, code, worker, timings."""
+
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    method: str
+    params: dict[str, Any]
+    code: CodeVersion
+    worker: Worker
+    num_parts: int
+    timings: dict[str, float]
+
+
 class QueryResult(ApiModel):
     top: list[RankedRow]
     bottom: list[RankedRow]
@@ -81,6 +107,7 @@ class QueryResult(ApiModel):
     extras: dict[str, Any]
     scores_shape: list[int] | None
     per_sample: list[SampleResult] | None
+    provenance: Provenance | None = None
 
 
 class Query(ApiModel):
@@ -112,4 +139,5 @@ class Query(ApiModel):
 SERVER_SCHEMAS: dict[type[ApiModel], str] = {
     Model: "ModelOut", Shard: "ShardOut", Dataset: "DatasetOut", RankedRow: "RankedRow",
     SampleResult: "SampleResult", QueryResult: "QueryResultOut", Query: "QueryOut",
+    Provenance: "ProvenanceOut", Worker: "WorkerOut", CodeVersion: "CodeOut",
 }

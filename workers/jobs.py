@@ -81,8 +81,8 @@ def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:
                                   row_stop=int(dataset_row.num_samples), progress=ProgressWriter(write, lease))
         if lease.lost:
             raise Canceled("the job's lease was taken over by another worker")
-        stored = store_result(query, computed.scores.numpy(), computed.train, settings,
-                              timings=computed.timings, extras=computed.extras)
+        stored = store_result(query, computed.scores.numpy(), computed.train, settings, timings=computed.timings,
+                              extras=computed.extras, model_row=model_row, dataset_row=dataset_row)
         log.info("query %s: %s", query_id, "succeeded" if stored else "no longer running; result dropped")
     except Canceled as exc:
         log.info("query %s stopped: %s", query_id, exc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from service.api.ui.previews import Preview, dataset_rows, query_samples
 from service.db.models import Dataset, Model, Query, QueryStatus
 from service.db.repositories import jobs as job_repo
 from service.settings import Settings
+from service.version import package_version
 
 TEMPLATES = Path(__file__).parent / "templates"
 REFRESH_SECONDS = 2
@@ -34,15 +34,7 @@ def _environment() -> Environment:
 
 
 def render(template: str, **context: Any) -> str:
-    return _environment().get_template(template).render(version=service_version(), **context)
-
-
-@cache
-def service_version() -> str:
-    try:
-        return metadata.version("attribution-service")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return _environment().get_template(template).render(version=package_version(), **context)
 
 
 @dataclass(frozen=True)
@@ -105,10 +97,18 @@ def _provenance(out: QueryOut, model: Model | None, dataset: Dataset | None) -> 
         ("self_influence", out.self_influence), ("cached", out.cached),
         ("source query", out.source_query_id or "—"),
         ("created", out.created_at), ("started", out.started_at or "—"), ("finished", out.finished_at or "—"),
-        ("service version", service_version()),
     ]
     if out.result is not None:
         items += [("rows scored", out.result.num_scored), ("scores shape", out.result.scores_shape)]
+    recorded = out.result.provenance if out.result is not None else None
+    if recorded is not None:  # what the worker recorded when it stored the result
+        worker = recorded.worker
+        items += [("code version", f"{recorded.code.version} (commit {recorded.code.commit or 'unknown'})"),
+                  ("worker", f"{worker.host} pid {worker.pid}, device {worker.device}, torch {worker.torch}, "
+                             f"Python {worker.python}"),
+                  ("part jobs", recorded.num_parts)]
+    else:
+        items.append(("service version (this page)", package_version()))
     return [(label, str(value)) for label, value in items]
 
 
