@@ -8,8 +8,10 @@
 FROM python:3.11-slim AS base
 
 ARG TORCH_VERSION=2.13.0
+# Recorded in every result's provenance (`docker build --build-arg SOURCE_COMMIT=$(git rev-parse HEAD)`).
+ARG SOURCE_COMMIT=
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DATA_ROOT=/data
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DATA_ROOT=/data SOURCE_COMMIT=${SOURCE_COMMIT}
 
 WORKDIR /app
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
