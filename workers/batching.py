@@ -149,7 +149,8 @@ def run_batch(members: list[Member], model_row: Model, dataset_row: Dataset, set
                 log.info("query %s: lease lost; its batched result is dropped", member.query.id)
                 continue
             store = partial(store_result, member.query, scores.numpy(), train, settings, timings=timings,
-                            extras={"batched_queries": len(members), **train.text_extras()})
+                            extras={"batched_queries": len(members), **train.text_extras()},
+                            model_row=model_row, dataset_row=dataset_row)
             stored = with_retries(store, settings, what=f"query {member.query.id}: store")
             log.info("query %s: %s", member.query.id, "succeeded" if stored else "no longer running; result dropped")
     except Canceled as exc:

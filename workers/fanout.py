@@ -274,7 +274,8 @@ def merge_query(query_id: str) -> None:
         spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
         train = ShardedTrainingSet.for_dataset(dataset_row, spec, settings, verify=False, prefetch=False)
         timings["merge_read_s"] = time.perf_counter() - started
-        store_result(query, merged, train, settings, timings=timings, extras=extras)
+        store_result(query, merged, train, settings, timings=timings, extras=extras, model_row=model_row,
+                     dataset_row=dataset_row)
         log.info("query %s: merged %d parts in %.3f s (process cpu %.3f s)", query_id, len(parts),
                  time.perf_counter() - started, time.process_time() - cpu_started)
     except Exception as exc:

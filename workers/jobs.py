@@ -108,7 +108,8 @@ def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:
             raise Canceled("the job's lease was taken over by another worker")
         stored = with_retries(
             lambda: store_result(query, computed.scores.numpy(), computed.train, settings,
-                                 timings=computed.timings, extras=computed.extras),
+                                 timings=computed.timings, extras=computed.extras,
+                                 model_row=model_row, dataset_row=dataset_row),
             settings, what=f"query {query_id}: store")
         log.info("query %s: %s", query_id, "succeeded" if stored else "no longer running; result dropped")
     except Canceled as exc:

@@ -40,6 +40,7 @@ from workers.loading import (
     samples_to_batch,
 )
 from workers.loading.errors import ModelLoadError
+from workers.provenance import provenance_record
 from workers.stopping import CheckedRows, ProgressWriter
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def store_result(query: Query, scores: np.ndarray, train: ShardedTrainingSet, settings: Settings, *,
-                 timings: dict[str, float], extras: dict[str, Any]) -> bool:
-    """Write the score file and, in one transaction, the ranked rows and `succeeded`.
+                 timings: dict[str, float], extras: dict[str, Any], model_row: Model, dataset_row: Dataset) -> bool:
+    """Write the score file and, in one transaction, the ranked rows, the provenance record
+    (`workers.provenance`) and `succeeded`.
 
     `scores` is `[Q, N]`; the file holds `[N]` unless the query is per_sample. A grouped query
     (`group_by` shard/group, see `workers.grouping`) stores and ranks the `[Q, G]` group
@@ -164,7 +166,8 @@ def store_result(query: Query, scores: np.ndarray, train: ShardedTrainingSet, se
         write_labels(path, groups)
     rows = groups.ranked(matrix, k) if groups is not None else ranked_rows(matrix, train, k)
     outcome = repo.QueryOutcome(rows=rows, num_scored=num_scored, scores_path=name,
-                                scores_shape=list(stored.shape), timings=timings, extras=_jsonable(extras))
+                                scores_shape=list(stored.shape), timings=timings, extras=_jsonable(extras),
+                                provenance=provenance_record(query, model_row, dataset_row, settings, timings))
     with session_scope(settings) as session:
         done = repo.complete(session, query.id, outcome)
     if not done:
