@@ -161,7 +161,7 @@ class ModelAdapter:
             unsq = {k: v.unsqueeze(0) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.unsqueeze(0)  # type: ignore[attr-defined]
             state = {**frozen, **params, **buffers}
             if isinstance(unsq, dict):
-                out = functional_call(module, state, args=(), kwargs=unsq)
+                out = functional_call(module, state, args=(), kwargs=task.model_kwargs(unsq))
             else:
                 out = functional_call(module, state, (unsq,))
             return task.per_sample_loss(_logits(out), target.unsqueeze(0)).sum()

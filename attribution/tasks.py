@@ -52,12 +52,35 @@ class Task(ABC):
     """
 
     name: TaskName
+    causal: bool = False  # attention may only look back (decoder LMs)
 
     def forward(self, model: torch.nn.Module, inputs: Inputs) -> Tensor:
         """Model outputs for a batch: `[B, ...]` logits or predictions."""
         if isinstance(inputs, Mapping):
-            return _logits(model(**inputs))
+            return _logits(model(**self.model_kwargs(inputs)))
         return _logits(model(inputs))
+
+    def model_kwargs(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Keyword inputs as the model receives them, with the attention mask as an additive bias.
+
+        A Hugging Face `attention_mask` `[B, T]` (1 = token, 0 = padding) becomes the 4-D
+        additive mask `[B, 1, 1, T]` (bidirectional) or `[B, 1, T, T]` (causal tasks: padding
+        and the future both masked), 0 where attention is allowed and the float32 minimum
+        elsewhere; a causal task's `input_ids` without a mask (right-padded rows, see
+        `workers.loading.batches`) get the plain causal bias `[1, 1, T, T]`. Transformers uses
+        a 4-D mask as given, whatever the attention implementation (eager, SDPA), while its
+        own mask preparation branches on the values (`padding_mask.all()`, "is there padding
+        and no mask?"), which `torch.func.vmap` cannot trace. The rewrite is structural (no
+        data-dependent control flow), so it also runs inside `vmap`, and it gives the same
+        outputs as the 2-D mask at every unpadded position.
+        """
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            return {**inputs, "attention_mask": additive_attention_mask(mask, causal=self.causal)}
+        ids = inputs.get("input_ids")
+        if self.causal and mask is None and isinstance(ids, Tensor) and ids.dim() == 2:
+            return {**inputs, "attention_mask": additive_attention_mask(torch.ones_like(ids[:1]), causal=True)}
+        return dict(inputs)
 
     @abstractmethod
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -106,10 +129,13 @@ class CausalLMTask(Task):
     """Mean next-token cross-entropy per sequence.
 
     `outputs` are logits `[B, T, V]`; `targets` are token ids `[B, T]` aligned with the
-    inputs, with `-100` at positions to ignore (padding). Position t predicts t+1.
+    inputs, with `-100` at positions to ignore (padding, and a prompt's tokens when only a
+    completion counts). Position t predicts t+1:
+    `L(z) = −(1/|C|) Σ_{t+1 ∈ C} log p_θ(x_{t+1} | x_{≤t})`, C the counted positions.
     """
 
     name = TaskName.CAUSAL_LM
+    causal = True
 
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         logits = _at_least_fp32(outputs[:, :-1, :])
@@ -120,6 +146,16 @@ class CausalLMTask(Task):
         ).reshape(labels.shape)
         counted = (labels != -100).sum(dim=1).clamp(min=1)
         return token_loss.sum(dim=1) / counted
+
+
+def additive_attention_mask(mask: Tensor, *, causal: bool) -> Tensor:
+    """`[B, T]` 0/1 padding mask → additive float32 bias `[B, 1, 1, T]` or, causal, `[B, 1, T, T]`."""
+    keys = mask[:, None, None, :].bool()
+    if causal:
+        length = mask.shape[1]
+        keys = keys & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    bias = torch.zeros(keys.shape, dtype=torch.float32, device=mask.device)
+    return bias.masked_fill(~keys, torch.finfo(torch.float32).min)
 
 
 _TASKS: dict[TaskName, type[Task]] = {

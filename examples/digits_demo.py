@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import torch
 import torch.nn.functional as F
+from demo_http import check, poll
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -67,20 +65,14 @@ def build(data_root: Path) -> Path:
     return out
 
 
-def _check(response: httpx.Response) -> dict[str, Any]:
-    if response.status_code >= 400:
-        sys.exit(f"{response.request.method} {response.request.url} -> {response.status_code}: {response.text}")
-    return response.json()  # type: ignore[no-any-return]
-
-
 def query(url: str, data_root: Path) -> None:
     example = data_root / "example"
     queries = json.loads((example / "queries.json").read_text())
     uri = lambda name: (example / name).resolve().as_uri()  # noqa: E731
     with httpx.Client(base_url=url, timeout=60) as client:
-        model = _check(client.post("/v1/models", json={
+        model = check(client.post("/v1/models", json={
             "name": "digits-mlp", "uri": uri("mlp.pt"), "format": "torchscript", "task": "classification"}))
-        dataset = _check(client.post("/v1/datasets", json={
+        dataset = check(client.post("/v1/datasets", json={
             "name": "digits-train", "shards": [{"uri": uri("train-000.npz")}, {"uri": uri("train-001.npz")}]}))
         print(f"registered model {model['id']} ({model['num_parameters']} parameters) "
               f"and dataset {dataset['id']} ({dataset['num_samples']} rows)")
@@ -88,8 +80,8 @@ def query(url: str, data_root: Path) -> None:
         for i, (x, y, copy) in enumerate(zip(queries["x"], queries["y"], queries["copy_index"], strict=True)):
             body = {"model_id": model["id"], "dataset_id": dataset["id"], "method": "forward_inf",
                     "samples": {"x": [x], "y": [y]}, "top_k": 5, "params": {"normalize": "relative"}}
-            posted = _check(client.post("/v1/queries", json=body))
-            result = _poll(client, posted["id"])
+            posted = check(client.post("/v1/queries", json=body))
+            result = poll(client, posted["id"])
             top = result["result"]["top"]
             rank = next((row["rank"] for row in top if row["index"] == copy), None)
             found += rank == 1
@@ -100,18 +92,6 @@ def query(url: str, data_root: Path) -> None:
                 print(f"  #{row['rank']} row {row['index']:5d} ({row['sample_id']}, shard {row['shard']}) "
                       f"score {row['score']:+.4f}{mark}")
         print(f"\nleaked copies ranked first: {found}/{len(queries['x'])}")
-
-
-def _poll(client: httpx.Client, query_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        body = _check(client.get(f"/v1/queries/{query_id}"))
-        if body["status"] in ("succeeded", "failed", "canceled"):
-            if body["status"] != "succeeded":
-                sys.exit(f"query {query_id} {body['status']}: {body.get('error')}")
-            return body
-        time.sleep(0.2)
-    sys.exit(f"query {query_id} did not finish in time")
 
 
 def main() -> None:

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["none", "bf16", "fp16"] = "none"
     sweep_batch_size: int = 1024
+    # Text batches hold at most this many padded tokens (rows × longest row), whatever a
+    # method's `batch_size`: memory of LM passes grows with tokens, not rows.
+    token_budget: int = Field(default=16_384, ge=1)
     # A worker running a joint forward_inf query also claims up to this many − 1 queued ones
     # with the same model, dataset and sweep params and sweeps the data once for all
     # (`workers.batching`); 1 turns batching off.

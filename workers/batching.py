@@ -144,7 +144,7 @@ def run_batch(members: list[Member], model_row: Model, dataset_row: Dataset, set
                 log.info("query %s: lease lost; its batched result is dropped", member.query.id)
                 continue
             stored = store_result(member.query, scores.numpy(), train, settings, timings=timings,
-                                  extras={"batched_queries": len(members)})
+                                  extras={"batched_queries": len(members), **train.text_extras()})
             log.info("query %s: %s", member.query.id, "succeeded" if stored else "no longer running; result dropped")
     except Canceled as exc:
         log.info("batch %s stopped: %s", ids, exc)

@@ -255,12 +255,16 @@ def merge_query(query_id: str) -> None:
         matrices = []
         timings: dict[str, float] = {}
         extras: dict[str, Any] = {}
+        truncated = 0
         for p in parts:
             scores, meta = _load_part(settings.scores_dir / (p.scores_path or ""), p.row_stop - p.row_start)
             matrices.append(scores)
             for name, seconds in meta["timings"].items():
                 timings[name] = timings.get(name, 0.0) + float(seconds)
-            extras = extras or meta["extras"]
+            truncated += int(meta["extras"].get("truncated_rows", 0))
+            extras = extras or dict(meta["extras"])
+        if "truncated_rows" in extras:
+            extras["truncated_rows"] = truncated  # a count over all parts, not the first part's
         merged = np.concatenate(matrices, axis=1)
         extras["num_parts"] = len(parts)
         model = load_model(model_row, settings)

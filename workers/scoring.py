@@ -28,7 +28,7 @@ from attribution.pipeline import attribute
 from attribution.topk import bottom_k, top_k
 from service.db.models import Dataset, Model, Query, QueryStatus
 from service.db.repositories import jobs as repo
-from service.db.repositories.queries import RankedRow
+from service.db.repositories.queries import PREVIEW_CHARS, RankedRow
 from service.db.session import session_scope
 from service.settings import Settings
 from workers.cache import artifact_store, atomic_file
@@ -120,6 +120,7 @@ def compute_scores(
     context.timings["load_s"] = time.perf_counter() - started
     scores = attribute(model, query.method, params, train, context, queries=queries,
                        per_sample=query.mode == "per_sample", self_influence=bool(query.self_influence))
+    context.extras.update(train.text_extras())
     context.timings["total_s"] = time.perf_counter() - started
     return Computed(scores.detach().float().cpu(), train, dict(context.timings), dict(context.extras))
 
@@ -154,9 +155,10 @@ def ranked_rows(scores: np.ndarray, train: ShardedTrainingSet, k: int) -> list[R
         picks.append(("bottom", sample, bottom_k(values, k, offset=train.row_start).as_pairs()))
     indices = [index for _, _, pairs in picks for index, _ in pairs]
     ids, shards = iter(train.sample_ids(indices)), iter(train.shard_of_row(indices))
+    previews = iter(text if text is None else text[:PREVIEW_CHARS] for text in train.texts_at(indices))
     return [
         RankedRow(kind=kind, sample=sample, rank=rank, index=index, sample_id=next(ids), shard=next(shards),
-                       score=score)
+                  score=score, preview=next(previews))
         for kind, sample, pairs in picks
         for rank, (index, score) in enumerate(pairs, start=1)
     ]

@@ -153,7 +153,7 @@ class StackedModel:
         """`[B]` per-sample losses with one (unstacked) parameter set."""
         state = {**self.fixed, **params}
         if isinstance(inputs, Mapping):
-            out = functional_call(self.model.module, state, args=(), kwargs=dict(inputs))
+            out = functional_call(self.model.module, state, args=(), kwargs=self.model.task.model_kwargs(inputs))
         else:
             out = functional_call(self.model.module, state, (inputs,))
         return self.model.task.per_sample_loss(_logits(out), targets)

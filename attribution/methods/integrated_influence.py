@@ -45,8 +45,9 @@ the unlearning strength alone sets how far IIF departs from IF.
 
 Compression: `rank > 0` projects onto the top-`rank` eigenspace of the curvature (Fisher /
 Gauss-Newton low-rank compression, computed with the Arnoldi estimator; with the Hessian the
-top-`rank` eigenvalues by magnitude). Supported tasks:
-classification and regression (the targets must enter the loss gradient linearly).
+top-`rank` eigenvalues by magnitude). Supported tasks: classification, regression and causal
+LMs (next-token cross-entropy: a soft target per position; the targets enter the loss
+gradient linearly in all three).
 """
 
 from __future__ import annotations
@@ -132,20 +133,45 @@ class IntegratedInfluenceParams(InfluenceParams):
 
 # --------------------------------------------------------------------------- targets
 def target_delta(model: ModelAdapter, outputs: Tensor, targets: Tensor, baseline: Tensor) -> Tensor:
-    """`[B, K]` `d_i = ∂ℓ/∂f(y_i) − ∂ℓ/∂f(y'_i)` for soft baseline targets `[B, K]`."""
+    """`[B, K]` `d_i = ∂ℓ/∂f(y_i) − ∂ℓ/∂f(y'_i)` for soft baseline targets `[B, K]`.
+
+    Causal LMs (`K = T·V`, the loss the mean cross-entropy over the counted positions C):
+    position t predicts token t+1, so `d_{i,t} = (y'_{i,t} − e_{x_{t+1}}) / |C_i|` where t+1 is
+    counted and 0 elsewhere (padding, prompt tokens, the last position).
+    """
     if model.task.name is TaskName.CLASSIFICATION:
         return baseline - F.one_hot(targets.long().reshape(-1), outputs.shape[1]).to(baseline.dtype)
     if model.task.name is TaskName.REGRESSION:
         return 2.0 * (baseline - targets.reshape(targets.shape[0], -1).to(baseline.dtype))
-    raise ValueError("integrated influence supports classification and regression tasks only")
+    if model.task.name is TaskName.CAUSAL_LM:
+        rows, length = targets.shape
+        soft = baseline.reshape(rows, length, -1)
+        following = torch.full_like(targets, -100)
+        following[:, :-1] = targets[:, 1:]  # the token position t predicts
+        counted = following != -100
+        hard = F.one_hot(following.clamp(min=0).long(), soft.shape[-1]).to(soft.dtype)
+        weight = counted.to(soft.dtype) / counted.sum(dim=1, keepdim=True).clamp(min=1).to(soft.dtype)
+        return ((soft - hard) * weight.unsqueeze(-1)).reshape(rows, -1)
+    raise ValueError(f"integrated influence does not support the {model.task.name} task")
 
 
 def predictions(model: ModelAdapter, batch: Batch) -> Tensor:
-    """`[B, K]` soft targets a model predicts: class probabilities or regression outputs."""
+    """`[B, K]` soft targets a model predicts: class probabilities (per position for causal LMs,
+    flattened to `K = T·V`) or regression outputs."""
     with torch.no_grad():
         outputs = flat_outputs(model, batch)
     outputs = outputs.to(torch.promote_types(outputs.dtype, torch.float32))
+    if model.task.name is TaskName.CAUSAL_LM:
+        rows = outputs.shape[0]
+        return outputs.reshape(rows, batch.targets.shape[1], -1).softmax(dim=-1).reshape(rows, -1)
     return outputs.softmax(dim=1) if model.task.name is TaskName.CLASSIFICATION else outputs
+
+
+def uniform_targets(model: ModelAdapter, batch: Batch) -> Tensor:
+    """`[B, K]` the uniform distribution over classes (over the vocabulary at each position)."""
+    soft = predictions(model, batch)
+    classes = soft.shape[1] // batch.targets.shape[1] if model.task.name is TaskName.CAUSAL_LM else soft.shape[1]
+    return torch.full_like(soft, 1.0 / classes)
 
 
 def cycled_batches(train: TrainingSet, batch_size: int, max_rows: int | None) -> Iterator[Batch]:
@@ -265,8 +291,8 @@ class IntegratedInfluence(AttributionMethod):
     def _static_baseline(self, train: TrainingSet) -> Callable[[Batch], Tensor]:
         if Baseline(self.params.baseline) is not Baseline.UNIFORM:
             return lambda batch: predictions(self.tracked, batch)
-        if self.tracked.task.name is TaskName.CLASSIFICATION:
-            return lambda batch: _uniform(predictions(self.tracked, batch))
+        if self.tracked.task.name in (TaskName.CLASSIFICATION, TaskName.CAUSAL_LM):
+            return lambda batch: uniform_targets(self.tracked, batch)
         mean = _mean_target(train)
         return lambda batch: mean.to(self.tracked.device).expand(len(batch), -1)
 
@@ -285,10 +311,6 @@ class IntegratedInfluence(AttributionMethod):
                     parts.append(per_sample_output_vjp(model, outputs, deltas))
             yield start, torch.cat(parts)
             progress((start + len(batch)) / total)
-
-
-def _uniform(probabilities: Tensor) -> Tensor:
-    return torch.full_like(probabilities, 1.0 / probabilities.shape[1])
 
 
 def _mean_target(train: TrainingSet) -> Tensor:

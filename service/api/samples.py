@@ -1,7 +1,9 @@
 """JSON-level checks of a query's `samples` object before it reaches the model.
 
 `samples` is one of `{"x": [...], "y": [...]}` (numbers nested to the model's input
-shape; `y` optional), `{"text": ["..."]}` (`y` optional) or `{"refs": [{"dataset_id": "...", "index": 17}]}`.
+shape; `y` optional), `{"text": ["..."]}` (`y` optional), `{"prompt": ["..."], "completion": ["..."]}`
+(causal LMs: only the completion's tokens count in the query loss) or
+`{"refs": [{"dataset_id": "...", "index": 17}]}`.
 These checks need no model: finite numbers only (Python's JSON parser accepts `NaN` and
 `Infinity`; they are refused here), rectangular (non-ragged) arrays, storable text, sample
 counts within the server's limit. Whether the samples fit the model is checked afterwards
@@ -14,7 +16,7 @@ from typing import Any
 
 from service.api.errors import InvalidInput
 
-_FORMS = ({"x"}, {"x", "y"}, {"text"}, {"text", "y"}, {"refs"})
+_FORMS = ({"x"}, {"x", "y"}, {"text"}, {"text", "y"}, {"prompt", "completion"}, {"refs"})
 _MAX_DEPTH = 8
 _MAX_ABS = 1.0e308
 
@@ -27,14 +29,23 @@ def check_samples(samples: dict[str, Any], *, max_samples: int) -> int:
     """Validate the samples object's structure; returns the number of query samples."""
     keys = set(samples)
     if keys not in _FORMS:
-        unknown = sorted(keys - {"x", "y", "text", "refs"})
+        unknown = sorted(keys - {"x", "y", "text", "prompt", "completion", "refs"})
         if unknown:
-            raise _invalid(f"samples.{unknown[0]}", "unknown field; use x or text (each with optional y), or refs")
-        raise _invalid("samples", "give exactly one of x or text (each with optional y), or refs")
+            raise _invalid(f"samples.{unknown[0]}", "unknown field; use x or text (each with optional y), "
+                                                     "prompt with completion, or refs")
+        raise _invalid("samples", "give exactly one of x or text (each with optional y), prompt with completion, or refs")
     if "refs" in keys:
         return _check_refs(samples["refs"], max_samples)
+    if "prompt" in keys:
+        count = _check_text(samples["prompt"], "samples.prompt", max_samples)
+        if _check_text(samples["completion"], "samples.completion", max_samples) != count:
+            raise _invalid("samples.completion", f"has {len(samples['completion'])} entries but samples.prompt has {count}")
+        if not all(samples["completion"]):
+            raise _invalid("samples.completion", "every completion needs at least one character (its tokens are the loss)")
+        return count
     inputs = "x" if "x" in keys else "text"
-    count = _check_rows(samples["x"], "samples.x", max_samples) if inputs == "x" else _check_text(samples["text"], max_samples)
+    count = _check_rows(samples["x"], "samples.x", max_samples) if inputs == "x" \
+        else _check_text(samples["text"], "samples.text", max_samples)
     if "y" in samples:
         labels = _check_rows(samples["y"], "samples.y", max_samples)
         if labels != count:
@@ -76,20 +87,20 @@ def _array_shape(value: Any, field: str, depth: int) -> tuple[int, ...]:
     return (len(value), *(inner or ()))
 
 
-def _check_text(value: Any, max_samples: int) -> int:
+def _check_text(value: Any, field: str, max_samples: int) -> int:
     if not isinstance(value, list) or not value:
-        raise _invalid("samples.text", "must be a non-empty list of strings")
+        raise _invalid(field, "must be a non-empty list of strings")
     if len(value) > max_samples:
-        raise _invalid("samples.text", f"at most {max_samples} query samples are allowed, got {len(value)}")
+        raise _invalid(field, f"at most {max_samples} query samples are allowed, got {len(value)}")
     for i, text in enumerate(value):
         if not isinstance(text, str):
-            raise _invalid(f"samples.text[{i}]", "must be a string")
+            raise _invalid(f"{field}[{i}]", "must be a string")
         if "\x00" in text:
-            raise _invalid(f"samples.text[{i}]", "must not contain NUL characters")
+            raise _invalid(f"{field}[{i}]", "must not contain NUL characters")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise _invalid(f"samples.text[{i}]", "must be valid Unicode text") from None
+            raise _invalid(f"{field}[{i}]", "must be valid Unicode text") from None
     return len(value)
 
 

@@ -135,6 +135,8 @@ class RankedRow(BaseModel):
                                               "(the shard position for `shard`, the `group` value for `group`)")
     shard: int = Field(description="the row's shard; grouped queries: the shard holding the group's first row")
     score: float
+    preview: str | None = Field(default=None, description="the first 200 characters of a text row's training text "
+                                                          "(prompt + completion for instruction rows); null otherwise")
 
 
 class SampleResult(BaseModel):
@@ -217,6 +219,8 @@ class RankedRowLike(Protocol):
     def shard(self) -> int: ...
     @property
     def score(self) -> float: ...
+    @property
+    def preview(self) -> str | None: ...
 
 
 def query_out(query: Query, *, with_result: bool = True, results: Sequence[RankedRowLike] | None = None) -> QueryOut:
@@ -243,7 +247,8 @@ def _result_out(query: Query, ranked: Sequence[RankedRowLike]) -> QueryResultOut
     for row in ranked:  # ordered by (kind, rank)
         ranking = rankings.setdefault(row.sample, {"top": [], "bottom": []})
         ranking.setdefault(row.kind, []).append(RankedRow(
-            rank=row.rank, index=row.index, sample_id=row.sample_id, shard=row.shard, score=row.score))
+            rank=row.rank, index=row.index, sample_id=row.sample_id, shard=row.shard, score=row.score,
+            preview=row.preview))
     samples = sorted(rankings)
     first = rankings[samples[0]] if samples else {"top": [], "bottom": []}
     per_sample = None

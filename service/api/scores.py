@@ -78,21 +78,27 @@ def scores_json(query_id: str, scores: np.ndarray, groups: list[str] | None = No
     return out
 
 
-def scores_csv(scores: np.ndarray, groups: list[str] | None = None) -> Iterator[str]:
+def scores_csv(scores: np.ndarray, groups: list[str] | None = None,
+               previews: dict[int, str] | None = None) -> Iterator[str]:
     """CSV, one line per training row in global index order (per group for grouped queries).
 
     `[N]`: header `index,score`; `[Q, N]`: header `index,sample_0,...,sample_{Q-1}`; grouped
-    queries add a `group` column (the group id) after `index`.
+    queries add a `group` column (the group id) after `index`; text datasets (`previews`, the
+    ranked rows' text previews by index) add a last column `preview`, empty for unranked rows.
     """
     matrix = np.asarray(scores).reshape(1, -1) if scores.ndim == 1 else np.asarray(scores)
     header = ["score"] if scores.ndim == 1 else [f"sample_{q}" for q in range(matrix.shape[0])]
+    if previews:
+        header.append("preview")
     yield ("index," if groups is None else "index,group,") + ",".join(header) + "\n"
     columns = matrix.T
     for start in range(0, columns.shape[0], _CSV_ROWS_PER_CHUNK):
         block = columns[start:start + _CSV_ROWS_PER_CHUNK]
         yield "".join(
             f"{start + i}," + ("" if groups is None else f"{_csv_field(groups[start + i])},")
-            + ",".join(f"{float(v):.9g}" for v in row) + "\n" for i, row in enumerate(block)
+            + ",".join(f"{float(v):.9g}" for v in row)
+            + ("" if not previews else "," + _csv_field(previews.get(start + i, ""))) + "\n"
+            for i, row in enumerate(block)
         )
 
 

@@ -188,6 +188,8 @@ class QueryResult(Base):
     sample_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
     shard: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
+    preview: Mapped[str | None] = mapped_column(Text, nullable=True,
+                                                comment="first characters of a text row (language-model datasets)")
 
     query: Mapped[Query] = relationship(back_populates="results")
 

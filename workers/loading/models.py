@@ -191,7 +191,8 @@ def _load_hf(path: Path, task: str) -> torch.nn.Module:
     auto = (transformers.AutoModelForCausalLM if task == TaskName.CAUSAL_LM
             else transformers.AutoModelForSequenceClassification)
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False,
-                              "use_safetensors": has_safetensors, "dtype": torch.float32}
+                              "use_safetensors": has_safetensors, "dtype": torch.float32,
+                              "attn_implementation": attention_implementation(config)}
     if not has_safetensors:
         kwargs["weights_only"] = True  # pytorch_model.bin: tensors only, never Python objects
     try:
@@ -204,20 +205,48 @@ def _load_hf(path: Path, task: str) -> torch.nn.Module:
     return module
 
 
+def attention_implementation(config: Any) -> str:
+    """The attention kernel a folder is served with: its own choice when it is `eager` or `sdpa`,
+    else `sdpa` (FlashAttention and other CUDA-only kernels from a GPU training run do not
+    load on every worker, and the scores do not depend on the kernel). Either works under
+    `torch.func`: `Task.model_kwargs` hands the model 4-D additive masks."""
+    requested = None
+    if isinstance(config, dict):
+        requested = config.get("attn_implementation") or config.get("_attn_implementation")
+    return requested if requested in ("eager", "sdpa") else "sdpa"
+
+
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _saved_tokenizer_class(path: Path) -> str | None:
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("tokenizer_class") if isinstance(config, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def load_tokenizer_from(path: Path) -> Any:
     """The folder's tokenizer (local files only), with a pad token; `None` if the folder has none."""
     if not path.is_dir() or not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return None
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        # A folder whose tokenizer was saved as a plain `tokenizers` tokenizer (a custom
+        # vocabulary) is read as saved; AutoTokenizer would pick the architecture's own
+        # tokenizer class from config.json (e.g. Qwen2's) and re-interpret tokenizer.json.
+        loader = PreTrainedTokenizerFast if _saved_tokenizer_class(path) in _GENERIC_TOKENIZERS else AutoTokenizer
+        tokenizer = loader.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError("uri", f"the folder's tokenizer does not load: {_first_line(exc)}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError("uri", "the tokenizer has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # batches are right-padded (see workers.loading.batches)
     return tokenizer
 
 

@@ -13,7 +13,9 @@ memory, never a whole shard:
 - `.parquet`: `pyarrow` `iter_batches` over the row groups that overlap the range (`tabular.py`).
 - `.pt`: a safetensors file (lazy slices through `safe_open`) or a `torch.save` tensor dict
   read with `weights_only=True` and `mmap=True` (tensors only; Python objects are refused).
-- `.jsonl`: one JSON object per non-empty line with a `text` field (optional `y`, `id`) (`tabular.py`).
+- `.jsonl`: one JSON object per non-empty line with a `text` field, or `prompt` and
+  `completion` fields (instruction data: the loss counts the completion only), optional `y`,
+  `id` (`tabular.py`).
 """
 
 from __future__ import annotations
@@ -32,16 +34,23 @@ import numpy as np
 from workers.loading.errors import ShardError
 
 SHARD_FORMATS = {".npz": "npz", ".parquet": "parquet", ".pt": "pt", ".safetensors": "pt", ".jsonl": "jsonl"}
-COLUMNS = ("x", "y", "ids", "group", "text")
+COLUMNS = ("x", "y", "ids", "group", "text", "prompt", "completion")
+TEXT_COLUMNS = ("text", "prompt", "completion")
 
 
 @dataclass
 class Rows:
-    """A chunk of consecutive rows: numeric `x` `[n, ...]` / `y` `[n, ...]` and/or `text` (n strings)."""
+    """A chunk of consecutive rows: numeric `x` `[n, ...]` / `y` `[n, ...]` and/or `text` (n strings).
+
+    Prompt/completion rows keep their whole text in `text` (`prompt + completion`) and the
+    prompt in `prompt`, so `text[i][len(prompt[i]):]` is row i's completion: the only part a
+    causal LM's loss counts (`batches.py`).
+    """
 
     x: np.ndarray | None = None
     y: np.ndarray | None = None
     text: list[str] | None = None
+    prompt: list[str] | None = None
 
     def __len__(self) -> int:
         if self.text is not None:
@@ -53,12 +62,16 @@ class Rows:
             None if self.x is None else self.x[start:stop],
             None if self.y is None else self.y[start:stop],
             None if self.text is None else self.text[start:stop],
+            None if self.prompt is None else self.prompt[start:stop],
         )
 
     @staticmethod
     def concat(parts: list[Rows]) -> Rows:
         if len(parts) == 1:
             return parts[0]
+        if any(p.prompt is not None for p in parts) and all(p.text is not None for p in parts):
+            # plain text rows beside prompt/completion rows: an empty prompt, the whole text counts
+            parts = [p if p.prompt is not None else Rows(p.x, p.y, p.text, [""] * len(p)) for p in parts]
         first = parts[0]
         for part in parts[1:]:
             if (part.x is None) != (first.x is None) or (part.text is None) != (first.text is None) \
@@ -70,6 +83,7 @@ class Rows:
             None if first.x is None else np.concatenate([p.x for p in parts]),
             None if first.y is None else np.concatenate([p.y for p in parts]),
             None if first.text is None else [t for p in parts for t in p.text],  # type: ignore[union-attr]
+            None if first.prompt is None else [t for p in parts for t in p.prompt],  # type: ignore[union-attr]
         )
 
 
@@ -197,7 +211,7 @@ class NpzReader(ShardReader):
         self.members: dict[str, _NpyMember] = {}
         for info in self.archive.infolist():
             key = info.filename.removesuffix(".npy")
-            if key not in COLUMNS or key == "text":
+            if key not in COLUMNS or key in TEXT_COLUMNS:
                 continue
             with self.archive.open(info) as stream:
                 shape, fortran, dtype = _read_npy_header(stream, info.filename)
@@ -297,7 +311,7 @@ class PtReader(ShardReader):
             self.tensors = _torch_load_tensors(path)
             keys = set(self.tensors)
             lengths = {k: int(v.shape[0]) for k, v in self.tensors.items() if k in COLUMNS and v.dim() > 0}
-        if "text" in keys:
+        if keys & set(TEXT_COLUMNS):
             raise ShardError("uri", ".pt shards hold tensors only; put text in .jsonl or .parquet")
         self.columns = keys & set(COLUMNS)
         if not {"x", "y"} <= self.columns:

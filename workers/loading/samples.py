@@ -1,9 +1,11 @@
 """Query samples (`samples` of `POST /v1/queries`) → a `Batch` the registered model accepts.
 
-Three forms (API.md "Queries"): inline numbers `{"x": [...], "y": [...]}` (`y` optional:
+Four forms (API.md "Queries"): inline numbers `{"x": [...], "y": [...]}` (`y` optional:
 classification then explains the model's own predicted class, causal LMs their tokens),
-`{"text": [...]}` for Hugging Face models (causal LMs; classifiers also need `y`), and
-`{"refs": [{"dataset_id", "index"}]}` naming training rows of the tenant's datasets.
+`{"text": [...]}` for Hugging Face models (causal LMs; classifiers also need `y`),
+`{"prompt": [...], "completion": [...]}` for causal LMs (the loss counts the completion's
+tokens only), and `{"refs": [{"dataset_id", "index"}]}` naming training rows of the
+tenant's datasets.
 `parse_samples` builds the batch and runs one forward pass, so a sample that does not
 fit the model is refused at submission with the field named; the job rebuilds the same
 batch with `samples_to_batch`.
@@ -61,9 +63,11 @@ def _build(samples: Any, spec: InputSpec, model_row: Any, settings: Settings, se
         return _inline_numbers(samples, spec)
     if keys in ({"text"}, {"text", "y"}):
         return _inline_text(samples, spec)
+    if keys == {"prompt", "completion"}:
+        return _prompt_completion(samples, spec), True
     if keys == {"refs"}:
         return _referenced_rows(samples["refs"], spec, model_row, settings, session), True
-    raise SamplesError("samples", "give exactly one of x (with optional y), text or refs")
+    raise SamplesError("samples", "give exactly one of x (with optional y), text, prompt with completion, or refs")
 
 
 def _numbers(value: Any, field: str, *, count: int | None = None) -> np.ndarray:
@@ -112,6 +116,19 @@ def _inline_text(samples: dict[str, Any], spec: InputSpec) -> tuple[Batch, bool]
     except LoadError as exc:
         raise SamplesError(exc.field, exc.message) from None
     return batch, y is not None or spec.task == TaskName.CAUSAL_LM
+
+
+def _prompt_completion(samples: dict[str, Any], spec: InputSpec) -> Batch:
+    prompts, completions = samples["prompt"], samples["completion"]
+    if spec.task != TaskName.CAUSAL_LM:
+        raise SamplesError("samples.prompt", "prompt/completion samples need a causal_lm model")
+    if spec.tokenizer is None:
+        raise SamplesError("samples.prompt", "text samples need a Hugging Face model with a tokenizer in its folder")
+    try:
+        return rows_to_batch(Rows(text=[p + c for p, c in zip(prompts, completions, strict=True)], prompt=prompts),
+                             spec, field="samples.completion")
+    except LoadError as exc:
+        raise SamplesError(exc.field, exc.message) from None
 
 
 def _referenced_rows(refs: Any, spec: InputSpec, model_row: Any, settings: Settings, session: Session) -> Batch:
@@ -170,7 +187,7 @@ def _forward(model: ModelAdapter, batch: Batch, field: str) -> torch.Tensor:
 
 def _check_against_model(batch: Batch, labelled: bool, samples: dict[str, Any], model: ModelAdapter,
                          spec: InputSpec) -> None:
-    field = "samples.x" if "x" in samples else "samples.text" if "text" in samples else "samples.refs"
+    field = next((f"samples.{name}" for name in ("x", "text", "completion") if name in samples), "samples.refs")
     vocabulary = getattr(getattr(model.module, "config", None), "vocab_size", None)
     if spec.token_inputs and isinstance(vocabulary, int):
         tokens = _as_tensor(batch.inputs)
@@ -196,6 +213,11 @@ def _check_against_model(batch: Batch, labelled: bool, samples: dict[str, Any], 
             raise SamplesError(label_field, f"targets have shape {list(batch.targets.shape[1:])} per sample; the model "
                                f"predicts {list(outputs.shape[1:])}")
     else:
+        counted = (batch.targets[:, 1:] != -100).any(dim=1)
+        if not bool(counted.all()):
+            row = int((~counted).nonzero()[0])
+            raise SamplesError(f"{label_field}[{row}]", "has no token the loss can count (a completion needs at least one "
+                               "token within the model's context length, a text at least two tokens)")
         vocabulary = outputs.shape[-1]
         tokens = batch.targets[batch.targets != -100]
         if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocabulary):

@@ -4,8 +4,10 @@
 pickles) and hashes it. `ShardedTrainingSet` is the `attribution.data.TrainingSet` the
 methods sweep: global row `i` is position `i` across the shards in registration order;
 it reads shard by shard through the format readers (see `readers.py` for how each format
-streams), assembles exact `batch_size` batches across shard boundaries, and prepares the
-next batch on a background thread while the model works on the current one.
+streams), assembles exact `batch_size` batches across shard boundaries (text batches are
+further split to at most `token_budget` padded tokens), and prepares the next batch on a
+background thread while the model works on the current one. Text rows cut to the model's
+context length are recorded (`truncated_rows`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from attribution.data import Batch
 from attribution.tasks import TaskName
 from service.settings import Settings
-from workers.loading.batches import InputSpec, rows_to_batch
+from workers.loading.batches import InputSpec, rows_to_batch, split_by_tokens, text_batch
 from workers.loading.errors import ShardError
 from workers.loading.hashing import cached_sha256, file_sha256
 from workers.loading.readers import SHARD_FORMATS, Rows, open_reader
@@ -89,8 +91,9 @@ class ShardSpec:
 class ShardedTrainingSet:
     """Rows `[row_start, row_stop)` of the concatenated shards, streamed (a `TrainingSet`).
 
-    `batches(b)` yields `(local_start, Batch)` with exactly `b` rows per batch except the last,
-    in global row order; local row `j` is global row `row_start + j`.
+    `batches(b)` yields `(local_start, Batch)` in global row order, `b` rows per batch except
+    the last (text: fewer where `b` rows would exceed `token_budget` padded tokens); local row
+    `j` is global row `row_start + j`.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class ShardedTrainingSet:
         token_inputs: bool | None = None,
         max_length: int | None = None,
         prefetch: bool = True,
+        token_budget: int = 16384,
     ) -> None:
         self.shards = [s if isinstance(s, ShardSpec) else ShardSpec(Path(s[0]), s[1], int(s[2])) for s in shards]
         self.offsets = [0]
@@ -121,6 +125,28 @@ class ShardedTrainingSet:
             tokenizer=tokenizer, max_length=max_length,
         )
         self.prefetch = prefetch
+        self.token_budget = token_budget
+        self._truncated: np.ndarray | None = None  # [len] bool, allocated by the first text batch
+        self._tokenized: np.ndarray | None = None  # [len] bool: rows whose truncation is known
+
+    def truncated_rows(self) -> int:
+        """Text rows of the range longer than `max_length` tokens, whose tail was cut.
+
+        Known from the sweeps so far; rows no sweep has tokenized yet (a method that served
+        its training-side features from the store) are tokenized now, without the model.
+        """
+        if self.spec.tokenizer is None or self.spec.max_length is None:
+            return 0
+        if self._tokenized is None or not self._tokenized.all():
+            for _ in self._batches(self.token_budget):
+                pass
+        return 0 if self._truncated is None else int(self._truncated.sum())
+
+    def text_extras(self) -> dict[str, int]:
+        """What a result reports about tokenization: `max_length` and `truncated_rows` (text only)."""
+        if self.spec.tokenizer is None or self.spec.max_length is None:
+            return {}
+        return {"max_length": self.spec.max_length, "truncated_rows": self.truncated_rows()}
 
     @classmethod
     def for_dataset(
@@ -144,7 +170,8 @@ class ShardedTrainingSet:
                 raise ShardError(field, "shard file changed since the dataset was registered; register it again")
             specs.append(ShardSpec(path, shard.format, int(shard.num_samples)))
         return cls(specs, row_start=row_start, row_stop=row_stop, task=spec.task, tokenizer=spec.tokenizer,
-                   token_inputs=spec.token_inputs, max_length=spec.max_length, prefetch=prefetch)
+                   token_inputs=spec.token_inputs, max_length=spec.max_length, prefetch=prefetch,
+                   token_budget=settings.token_budget)
 
     def __len__(self) -> int:
         return self.row_stop - self.row_start
@@ -164,12 +191,25 @@ class ShardedTrainingSet:
             count += len(rows)
             while count >= batch_size:
                 merged = Rows.concat(pending)
-                yield emitted, rows_to_batch(merged.slice(0, batch_size), self.spec)
+                yield from self._encoded(emitted, merged.slice(0, batch_size))
                 emitted += batch_size
                 count -= batch_size
                 pending = [merged.slice(batch_size, batch_size + count)] if count else []
         if count:
-            yield emitted, rows_to_batch(Rows.concat(pending), self.spec)
+            yield from self._encoded(emitted, Rows.concat(pending))
+
+    def _encoded(self, start: int, rows: Rows) -> Iterator[tuple[int, Batch]]:
+        """Rows from local index `start` as batches; text is tokenized, its truncation recorded."""
+        if rows.text is None:
+            yield start, rows_to_batch(rows, self.spec)
+            return
+        encoded = text_batch(rows, self.spec)
+        if self._truncated is None or self._tokenized is None:
+            self._truncated, self._tokenized = np.zeros(len(self), dtype=bool), np.zeros(len(self), dtype=bool)
+        self._truncated[start: start + len(rows)] = encoded.truncated
+        self._tokenized[start: start + len(rows)] = True
+        for offset, piece in split_by_tokens(encoded.batch, self.token_budget):
+            yield start + offset, piece
 
     def _rows(self, chunk: int) -> Iterator[Rows]:
         """Raw row chunks of the range, shard by shard."""
@@ -227,6 +267,30 @@ class ShardedTrainingSet:
             ids = self._column(position, "ids")
             for row in shard_rows:
                 found[row] = None if ids is None else _as_label(ids[row - self.offsets[position]])
+        return [found[row] for row in rows]
+
+    def texts_at(self, rows: Sequence[int]) -> list[str | None]:
+        """The text of each global row (prompt + completion for instruction rows); `None` for
+        rows of shards without text. Each shard is read once, from its first to its last
+        requested row (a ranking asks for a few rows: top and bottom k)."""
+        wanted: dict[int, list[int]] = {}
+        for row, position in zip(rows, self.shard_of_row(rows), strict=True):
+            wanted.setdefault(position, []).append(row)
+        found: dict[int, str | None] = {}
+        for position, shard_rows in wanted.items():
+            shard, base = self.shards[position], self.offsets[position]
+            lo, hi = min(shard_rows) - base, max(shard_rows) - base + 1
+            reader = open_reader(shard.path, shard.format, num_rows=shard.num_samples)
+            try:
+                texts: list[str] = []
+                for chunk in reader.iter_rows(lo, hi, 4096):
+                    if chunk.text is None:
+                        break
+                    texts.extend(chunk.text)
+            finally:
+                reader.close()
+            for row in shard_rows:
+                found[row] = texts[row - base - lo] if texts else None
         return [found[row] for row in rows]
 
     def column_values(self, name: str) -> list[str | None]:

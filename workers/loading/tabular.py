@@ -1,5 +1,6 @@
 """Row readers for the tabular shard formats: `.parquet` (pyarrow, row group by row group)
-and `.jsonl` (one JSON object per line with a `text` field, optional `y` and `id`)."""
+and `.jsonl` (one JSON object per line with a `text` field, or `prompt` and `completion`
+fields, optional `y` and `id`)."""
 
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ class ParquetReader(ShardReader):
             raise ShardError("uri", f"not a valid parquet file: {exc.__class__.__name__}") from None
         names = set(self.file.schema_arrow.names)
         self.columns = names & set(COLUMNS)
-        if not ({"x", "y"} <= names or "text" in names):
-            raise ShardError("uri", f"parquet shard needs columns x and y, or text (found: {', '.join(sorted(names)) or 'none'})")
+        self.text_columns = text_columns(names)
+        if not ({"x", "y"} <= names or self.text_columns):
+            raise ShardError("uri", "parquet shard needs columns x and y, text, or prompt and completion "
+                                    f"(found: {', '.join(sorted(names)) or 'none'})")
         self.num_rows = int(self.file.metadata.num_rows)
-        self.data_columns = [c for c in ("x", "y", "text") if c in self.columns]
-        if "text" in self.columns and "x" in self.columns:
-            self.data_columns.remove("x")
+        self.data_columns = [c for c in ("y", *self.text_columns) if c in self.columns]
+        if "x" in self.columns and not self.text_columns:
+            self.data_columns.insert(0, "x")
 
     def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[Rows]:
         groups: list[int] = []
@@ -57,10 +60,11 @@ class ParquetReader(ShardReader):
                     return
                 continue
             part = record_batch.slice(lo, hi - lo)
-            yield Rows(
+            texts = {name: _arrow_text(part.column(name), name) for name in self.text_columns}
+            yield text_rows(
+                texts,
                 x=_arrow_numeric(part.column("x"), "x") if "x" in self.data_columns else None,
                 y=_arrow_numeric(part.column("y"), "y") if "y" in self.data_columns else None,
-                text=_arrow_text(part.column("text")) if "text" in self.data_columns else None,
             )
             if position >= stop:
                 return
@@ -99,14 +103,33 @@ def _arrow_numeric(array: Any, name: str) -> np.ndarray:
     return np.asarray(array.to_numpy(zero_copy_only=False)).reshape(shape)
 
 
-def _arrow_text(array: Any) -> list[str]:
+def _arrow_text(array: Any, name: str) -> list[str]:
     import pyarrow as pa
 
     if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
-        raise ShardError("uri", f"column text must hold strings, not {array.type}")
+        raise ShardError("uri", f"column {name} must hold strings, not {array.type}")
     if array.null_count:
-        raise ShardError("uri", "column text has missing values")
+        raise ShardError("uri", f"column {name} has missing values")
     return array.to_pylist()
+
+
+def text_columns(names: set[str]) -> tuple[str, ...]:
+    """The text columns a shard uses: `("text",)`, `("prompt", "completion")` or `()`."""
+    if "text" in names:
+        return ("text",)
+    if {"prompt", "completion"} <= names:
+        return ("prompt", "completion")
+    if "prompt" in names or "completion" in names:
+        raise ShardError("uri", "text rows need both prompt and completion (or a single text field)")
+    return ()
+
+
+def text_rows(texts: dict[str, list[str]], *, x: np.ndarray | None = None, y: np.ndarray | None = None) -> Rows:
+    """`Rows` from text columns: `text`, or `text = prompt + completion` with `prompt`."""
+    if "prompt" in texts:
+        whole = [p + c for p, c in zip(texts["prompt"], texts["completion"], strict=True)]
+        return Rows(x=x, y=y, text=whole, prompt=texts["prompt"])
+    return Rows(x=x, y=y, text=texts.get("text"))
 
 
 
@@ -116,19 +139,22 @@ class JsonlReader(ShardReader):
 
     def __init__(self, path: Path, *, num_rows: int | None = None) -> None:
         self.path = path
-        count, has_y, has_id = 0, None, None
+        count, fields = 0, None
         for number, record in self._records():
             if num_rows is not None and count == 1:
                 count = num_rows
                 break
-            keys = ("y" in record, "id" in record)
-            if has_y is None:
-                has_y, has_id = keys
-            elif keys != (has_y, has_id):
-                raise ShardError("uri", f"line {number}: every line needs the same fields (y / id present on some lines only)")
+            keys = (text_columns(set(record)), "y" in record, "id" in record)
+            if fields is None:
+                fields = keys
+            elif keys != fields:
+                raise ShardError("uri", f"line {number}: every line needs the same fields (text or prompt/completion, "
+                                        "y, id)")
             count += 1
         self.num_rows = count
-        self.columns = {"text"} | ({"y"} if has_y else set()) | ({"ids"} if has_id else set())
+        texts, has_y, has_id = fields or (("text",), False, False)
+        self.text_columns: tuple[str, ...] = texts
+        self.columns = set(texts) | ({"y"} if has_y else set()) | ({"ids"} if has_id else set())
 
     def _records(self) -> Iterator[tuple[int, dict[str, Any]]]:
         with open(self.path, encoding="utf-8") as handle:
@@ -140,8 +166,12 @@ class JsonlReader(ShardReader):
                         record = json.loads(line)
                     except ValueError:
                         raise ShardError("uri", f"line {number} is not valid JSON") from None
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise ShardError("uri", f"line {number} needs a string field 'text'")
+                    if not isinstance(record, dict):
+                        raise ShardError("uri", f"line {number} must be a JSON object")
+                    names = text_columns(set(record)) if "text" in record or "prompt" in record or "completion" in record else ()
+                    if not names or not all(isinstance(record[n], str) for n in names):
+                        raise ShardError("uri", f"line {number} needs a string field 'text' (or string fields "
+                                                "'prompt' and 'completion')")
                     if "y" in record and (isinstance(record["y"], bool) or not isinstance(record["y"], int | float)):
                         raise ShardError("uri", f"line {number}: y must be a number")
                     if "id" in record and (isinstance(record["id"], bool) or not isinstance(record["id"], str | int)):
@@ -151,22 +181,25 @@ class JsonlReader(ShardReader):
                 raise ShardError("uri", "the file is not UTF-8 text") from None
 
     def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[Rows]:
-        texts: list[str] = []
+        texts: dict[str, list[str]] = {name: [] for name in self.text_columns}
         labels: list[float] = []
         with_y = "y" in self.columns
+        pending = 0
         for row, (_, record) in enumerate(self._records()):
             if row < start:
                 continue
             if row >= stop:
                 break
-            texts.append(record["text"])
+            for name, values in texts.items():
+                values.append(record[name])
             if with_y:
                 labels.append(record["y"])
-            if len(texts) == chunk:
-                yield Rows(text=texts, y=np.asarray(labels) if with_y else None)
-                texts, labels = [], []
-        if texts:
-            yield Rows(text=texts, y=np.asarray(labels) if with_y else None)
+            pending += 1
+            if pending == chunk:
+                yield text_rows(texts, y=np.asarray(labels) if with_y else None)
+                texts, labels, pending = {name: [] for name in self.text_columns}, [], 0
+        if pending:
+            yield text_rows(texts, y=np.asarray(labels) if with_y else None)
 
     def column(self, name: str) -> list[Any] | None:
         if name != "ids" or "ids" not in self.columns:

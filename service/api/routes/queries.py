@@ -86,7 +86,8 @@ def get_query(query_id: str, session: SessionDep, tenant: TenantDep) -> Response
 
 @router.get("/{query_id}/scores", response_model=None, responses={
     200: {"description": "json: {query_id, shape, scores} (+ groups: the column group ids of grouped queries); "
-                         "csv: index,score or index,sample_0,... (grouped: index,group,...); npy: float32 array"},
+                         "csv: index,score or index,sample_0,... (grouped: index,group,...; text datasets: a last "
+                         "column preview, filled for the ranked rows); npy: float32 array"},
 })
 def get_scores(
     query_id: str, settings: SettingsDep, session: SessionDep, tenant: TenantDep,
@@ -94,13 +95,15 @@ def get_scores(
 ) -> Response:
     """The full score vector `[N]` (or `[Q, N]` in per_sample mode) in global row order; 409 until succeeded.
     Grouped queries (`group_by` shard/group): `[G]` (or `[Q, G]`) group scores in group order."""
-    path = score_files.score_file(settings, _owned(session, tenant, query_id, with_results=False))
+    query = _owned(session, tenant, query_id, with_results=format == "csv")
+    path = score_files.score_file(settings, query)
     if format == "npy":
         return FileResponse(path, media_type="application/octet-stream", filename=f"{query_id}.npy")
     scores = score_files.load_scores(path)
     groups = score_files.group_labels(path, scores)
     if format == "csv":
-        return StreamingResponse(score_files.scores_csv(scores, groups), media_type="text/csv",
+        previews = {row.index: row.preview for row in query.results if row.preview is not None}
+        return StreamingResponse(score_files.scores_csv(scores, groups, previews), media_type="text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="{query_id}.csv"'})
     return JSONResponse(score_files.scores_json(query_id, scores, groups))
 

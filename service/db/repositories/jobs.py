@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session, noload
 
 from service.db.models import Dataset, Model, Query, QueryPart, QueryResult, QueryStatus, utcnow
-from service.db.repositories.queries import RankedRow
+from service.db.repositories.queries import RANKED_COLUMNS, RankedRow
 
 _OPEN = (QueryStatus.QUEUED.value, QueryStatus.RUNNING.value)
 _RUNNING = QueryStatus.RUNNING.value
@@ -106,8 +106,7 @@ def complete(session: Session, query_id: str, outcome: QueryOutcome) -> bool:
     session.execute(delete(QueryResult).where(QueryResult.query_id == query_id))
     if outcome.rows:
         session.execute(insert(QueryResult), [
-            {"query_id": query_id, "kind": r.kind, "sample": r.sample, "rank": r.rank, "index": r.index,
-             "sample_id": r.sample_id, "shard": r.shard, "score": r.score} for r in outcome.rows
+            {"query_id": query_id, **{name: getattr(r, name) for name in RANKED_COLUMNS}} for r in outcome.rows
         ])
     return True
 

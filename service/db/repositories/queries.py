@@ -107,8 +107,10 @@ class RankedRow:
     sample_id: str | None
     shard: int
     score: float
+    preview: str | None = None  # the first `PREVIEW_CHARS` characters of a text row
 
 
+PREVIEW_CHARS = 200
 RANKED_COLUMNS = tuple(f.name for f in fields(RankedRow))
 _RESULTS = cast(Table, QueryResult.__table__)
 _RANKED = [_RESULTS.c[name] for name in RANKED_COLUMNS]
