@@ -118,10 +118,12 @@ class TrackStar(AttributionMethod):
         if params.optimizer_state is not None and context.second_moment is None:
             raise ValueError("params.optimizer_state is set but FitContext.second_moment is empty; "
                              "the service resolves the file into the context")
-        self._scratch: tempfile.TemporaryDirectory[str] | None = None
-        if context.feature_files is None:
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None  # removed with the instance
+        if context.feature_files is not None:
+            self.files = context.feature_files
+        else:
             self._scratch = tempfile.TemporaryDirectory(prefix="trackstar-")
-        self.files = context.feature_files or FeatureFiles(Path(self._scratch.name))  # type: ignore[union-attr]
+            self.files = FeatureFiles(Path(self._scratch.name))
         self._fitted: tuple[GradientFeaturizer, Path] | None = None
 
     def fit(self, train: TrainingSet) -> None:
