@@ -10,8 +10,9 @@ worker's streaming loader (`workers.loading.ShardedTrainingSet`), a small MLP 64
 - TrackStar query: a new query (another sample each repetition) through
   `attribution.pipeline.attribute` with the features built — a fresh method instance finds
   the files, computes and projects the query gradient and streams one `[1, d] × [d, N]`
-  product over the memory-mapped Φ. Median wall seconds on 2 intra-op threads (target < 1 s
-  at N = 10⁶), CPU seconds beside it;
+  product over the memory-mapped Φ. Median wall seconds (target < 1 s at N = 10⁶), CPU
+  seconds beside it; one intra-op thread, as P1/P2 (with 2 threads on a shared 2-core
+  machine, OpenMP waits cost a tiny MLP's forward pass 100× its single-thread time);
 - Forward-INF: the same query answered by a sweep (SGD K = 5, α = 0.01, base losses cached
   beforehand, as a warm service worker has them);
 - FAISS (when `faiss-cpu` imports): an exact inner-product index (`IndexFlatIP`) over the
@@ -47,7 +48,8 @@ STUDY = "p7_feature_query"
 TARGET_S = 1.0
 HIDDEN = (64,)
 BATCH = 1024
-THREADS = 2
+THREADS = 1  # as P1/P2: small ops on a shared 2-core machine lose to OpenMP waits with 2 threads
+FINF_REPEATS = 3
 SHARDS = 8
 
 
@@ -115,7 +117,7 @@ def run(options: Options) -> Report:
             with Clock() as base:  # caches L(θ̂, ·), as a warm worker has it
                 attribute(adapter, "forward_inf", finf_params, train, finf_context, queries=queries[0])
             finf_clocks, finf_timings = [], []
-            for batch in queries:
+            for batch in queries[:FINF_REPEATS]:
                 with Clock() as c:
                     attribute(adapter, "forward_inf", finf_params, train, finf_context, queries=batch)
                 finf_clocks.append(c)
@@ -143,8 +145,9 @@ def run(options: Options) -> Report:
         f"Rademacher projection to d = {dim}, second moment estimated on 4,096 rows, gradient batch {BATCH}; "
         f"features Φ [{n:,}, {dim}] float32 = {feature_bytes / 2**20:,.0f} MiB on disk (read memory-mapped; "
         f"in the page cache after the build). Forward-INF: SGD K = 5, α = 0.01, same batch, base losses cached "
-        f"beforehand (first call {base.wall:.1f} s). {repeats} new single-sample joint queries, medians; "
-        f"{THREADS} intra-op threads. Machine: {machine()}."
+        f"beforehand (first call {base.wall:.1f} s). {repeats} new single-sample joint queries for TrackStar, the "
+        f"first {min(FINF_REPEATS, repeats)} of them for Forward-INF, medians; {THREADS} intra-op thread. "
+        f"Machine: {machine()}."
     )
     report.figure(f"TrackStar query at N = {n:,}, features built, wall s", query_wall,
                   "—", "BENCHMARKS.md P7", f"< {TARGET_S:g} s", query_wall < TARGET_S)
