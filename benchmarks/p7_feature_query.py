@@ -169,6 +169,12 @@ def run(options: Options) -> Report:
                      f"{search_cpu:.3f}", f"index built in {faiss_result['build']:.1f} s (Φ copied into memory); "
                                           f"top-10 {'equals' if same else 'differs from'} TrackStar's"])
         report.figure("FAISS IndexFlatIP top-10 search, wall s", search_wall, "—", "this run (optional extra)")
+        report.note(f"FAISS is not used by the service's `trackstar` method: an exact `IndexFlatIP` search computes "
+                    f"the same N·d products ({search_wall:.3f} s here, after copying Φ into memory in "
+                    f"{faiss_result['build']:.1f} s) as the streamed product over the memory map, and the "
+                    "approximate indexes (IVF, HNSW) return only a top-k, while every query result includes the "
+                    "full `[N]` score vector (`GET /v1/queries/{id}/scores`). `pip install faiss-cpu` (1.15.1) "
+                    "installs offline here; it is the `faiss` extra, for this benchmark only.")
     else:
         report.note("FAISS: `faiss-cpu` is not importable in this interpreter, so its row is absent "
                     "(`pip install -e .[faiss]`, or see benchmarks/README.md for a side venv).")
