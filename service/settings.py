@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         return self.service_dir / "scores"
 
     @property
+    def features_dir(self) -> Path:
+        """Fitted training features as files (`attribution.feature_files`); shared by every
+        worker, like the score files (workers on several machines share DATA_ROOT)."""
+        return self.service_dir / "features"
+
+    @property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attribution.feature_files import FeatureFiles
 from attribution.interrupts import interruptible
 from attribution.methods.base import FitContext
 from attribution.model import ModelAdapter
@@ -36,6 +37,7 @@ from workers.loading import (
     ShardedTrainingSet,
     input_spec,
     load_model,
+    load_second_moment,
     load_tokenizer,
     samples_to_batch,
 )
@@ -76,6 +78,7 @@ def compute_scores(
     params = dict(query.params or {})
     checkpoint_ids = params.get("checkpoint_model_ids")
     checkpoint_lrs = params.get("checkpoint_lrs")
+    optimizer_state = params.get("optimizer_state")
     with session_scope(settings) as session:
         queries = None if query.self_influence else samples_to_batch(
             query.samples or {}, model_row=model_row, model=model, settings=settings, session=session)
@@ -84,6 +87,8 @@ def compute_scores(
         fingerprint=f"{model_row.sha256}:{dataset_row.sha256}:{model_row.task}:{row_start}-{row_stop}",
         store=artifact_store(settings), progress=progress, amp_dtype=amp_dtype(settings, model),
         checkpoints=checkpoints, checkpoint_lrs=[float(v) for v in checkpoint_lrs or []],
+        feature_files=FeatureFiles(settings.features_dir),
+        second_moment=load_second_moment(optimizer_state, settings.data_root) if optimizer_state else None,
     )
     context.timings["load_s"] = time.perf_counter() - started
     with interruptible(progress.check):

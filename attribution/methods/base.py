@@ -25,8 +25,10 @@ from torch import Tensor
 
 from attribution.artifacts import ArtifactStore
 from attribution.data import Batch, TrainingSet
+from attribution.feature_files import FeatureFiles
 from attribution.methods.limits import first_excess
 from attribution.model import ModelAdapter
+from attribution.optimizer_state import SecondMoment
 
 Progress = Callable[[float], None]
 
@@ -42,6 +44,7 @@ class MethodName(StrEnum):
     TRAK = "trak"
     INTEGRATED_INFLUENCE = "integrated_influence"
     GRADIENT_SIMILARITY = "gradient_similarity"
+    TRACKSTAR = "trackstar"
 
 
 class Normalize(StrEnum):
@@ -166,6 +169,12 @@ class FitContext:
     checkpoint_lrs: list[float] = field(default_factory=list)
     # Autocast dtype for forward sweeps on CUDA (bf16/fp16); None: full precision.
     amp_dtype: torch.dtype | None = None
+    # Where large fitted arrays (training features [N, d]) live as files; None: a temporary
+    # directory per method instance (nothing reused across instances).
+    feature_files: FeatureFiles | None = None
+    # The optimizer's second moment (Adam exp_avg_sq) the service resolved from
+    # `params.optimizer_state`; None: methods that use it estimate it instead.
+    second_moment: SecondMoment | None = None
 
 
 class AttributionMethod(ABC):

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 from attribution.methods.base import MethodParams, ParamsError
 from attribution.methods.gradient_features import CheckpointFeatureParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
+from attribution.methods.trackstar import TrackStarParams
 from service import queue
 from service.api.errors import (
     Conflict,
@@ -56,7 +57,7 @@ from service.db.repositories import models as model_repo
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
 from workers.grouping import GROUP_COLUMN
-from workers.loading import parse_samples
+from workers.loading import optimizer_state_sha256, parse_samples
 from workers.loading.errors import LoadError
 from workers.loading.shards import shards_without_column
 
@@ -149,6 +150,9 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
         "self_influence": body.self_influence, "top_k": body.top_k, "group_by": body.group_by,
         "group_reduce": group_reduce,
     }
+    optimizer_sha = _optimizer_state_sha(settings, params)
+    if optimizer_sha is not None:  # only then, so every other request keeps its hash
+        request["optimizer_state_sha256"] = optimizer_sha
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return _Validated(model, dataset, params, params_dict, body.samples,
                       hashlib.sha256(canonical.encode()).hexdigest(), group_reduce)
@@ -226,6 +230,17 @@ def _checkpoint_shas(session: Session, tenant: str, model: Model, params: Method
                                code="invalid_params")
         shas.append(checkpoint.sha256)
     return shas
+
+
+def _optimizer_state_sha(settings: Settings, params: MethodParams) -> str | None:
+    """sha256 of the optimizer-state file TrackStar's `params.optimizer_state` names (None
+    without one); 422 naming the field unless it is a readable safetensors file under the data root."""
+    if not isinstance(params, TrackStarParams) or params.optimizer_state is None:
+        return None
+    try:
+        return optimizer_state_sha256(params.optimizer_state, settings.data_root)
+    except LoadError as exc:
+        raise invalid_from_load_error(exc) from exc
 
 
 def _check_group_by(settings: Settings, body: QueryCreate, dataset: Dataset) -> None:

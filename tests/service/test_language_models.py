@@ -42,6 +42,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("gradient_similarity", {}),
     ("influence", {"normalize": "relative"}),
     ("integrated_influence", {"normalize": "relative"}),
+    ("trackstar", {}),  # a cosine, already normalised
 ]
 INSTRUCTION_ROWS = [{"prompt": p, "completion": c} for p, c in PROMPTS]
 
