@@ -26,6 +26,7 @@ from torch import Tensor
 from attribution.artifacts import ArtifactStore
 from attribution.data import Batch, TrainingSet
 from attribution.feature_files import FeatureFiles
+from attribution.methods.limits import first_excess
 from attribution.model import ModelAdapter
 from attribution.optimizer_state import SecondMoment
 
@@ -64,7 +65,7 @@ class MethodParams:
     """Base of every method's parameters dataclass.
 
     Subclasses add fields with defaults and validate them in `validate()` (raising
-    `ParamsError`). `from_dict` rejects unknown keys and wrong types by name.
+    `ParamsError`); every cost-scaling field is bounded by `limits.MAXIMUMS` first. `from_dict` rejects unknown keys and wrong types by name.
     """
 
     normalize: Normalize = Normalize.NONE
@@ -76,8 +77,12 @@ class MethodParams:
         self.validate()
 
     def _check_common(self) -> None:
-        if self.batch_size < 1 or self.batch_size > 65536:
-            raise ParamsError("batch_size", "must be between 1 and 65536")
+        if self.batch_size < 1:
+            raise ParamsError("batch_size", "must be at least 1")
+        excess = first_excess(self)
+        if excess is not None:
+            name, value, maximum = excess
+            raise ParamsError(name, f"must be at most {maximum} (got {value}); the limits are in the README")
 
     def validate(self) -> None:
         """Subclass hook: raise `ParamsError` for out-of-range values."""

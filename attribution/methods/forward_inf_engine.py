@@ -34,6 +34,7 @@ from torch.func import functional_call, vmap
 
 from attribution.data import Batch, TrainingSet
 from attribution.device import autocast
+from attribution.interrupts import check_interrupt
 from attribution.model import ModelAdapter, Params
 from attribution.tasks import Inputs, _logits
 
@@ -121,6 +122,7 @@ def unlearn_copy(model: ModelAdapter, queries: Batch, how: Unlearning) -> ModelA
         param.requires_grad_(name in tracked)
     opt = how.make(list(copy.live_params()))
     for _ in range(how.steps):
+        check_interrupt()
         opt.zero_grad(set_to_none=True)
         copy.loss(queries).mean().backward()
         opt.step()
@@ -191,6 +193,7 @@ class StackedModel:
         }
         opt = how.make(list(stacked.values()), stacked=True)
         for _ in range(how.steps):
+            check_interrupt()
             opt.zero_grad(set_to_none=True)
             self.own_losses(stacked, queries).sum().backward()
             opt.step()

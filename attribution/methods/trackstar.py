@@ -73,7 +73,6 @@ from attribution.projection import RandomProjector
 
 ADAM_EPS = 1e-8
 ESTIMATE_EPS_FRACTION = 1e-3
-MAX_FIT_ROWS = 1_000_000
 GRADIENT_CHUNK_ELEMENTS = 1 << 22  # [rows, P] per-sample gradients per vmap call (64 to 1,024 rows)
 CHUNK_BYTES = 256 << 20  # rows of Φ per product call: zero-copy views of the memory map
 FEATURES_KIND = "trackstar"
@@ -97,8 +96,8 @@ class TrackStarParams(GradientFeatureParams):
         super().validate()
         if self.normalize is Normalize.RELATIVE:
             raise ParamsError("normalize", "trackstar scores are cosines, already normalised; use normalize='none'")
-        if not 1 <= self.fit_rows <= MAX_FIT_ROWS:
-            raise ParamsError("fit_rows", f"must be between 1 and {MAX_FIT_ROWS}")
+        if self.fit_rows < 1:  # the maximum is in attribution.methods.limits
+            raise ParamsError("fit_rows", "must be at least 1")
         if self.eps is not None and not self.eps >= 0:
             raise ParamsError("eps", "must be ≥ 0")
         if self.optimizer_state is not None and not self.optimizer_state.startswith("file://"):

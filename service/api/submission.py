@@ -17,7 +17,9 @@ Order of work, cheapest first:
    one commit; the response is built from those rows (`Submitted.results`), not read back;
 5. otherwise the samples are checked against the model (`parse_samples`), the row is
    inserted `queued` and committed, then `workers.jobs.run_query(id)` is enqueued with
-   `job_id = id`; if the queue is down the row is marked failed and the answer is 503.
+   `job_id = id`; if the queue is down the row is marked failed (its Idempotency-Key freed,
+   so a retry with the key creates a fresh query) and the answer is 503 `queue_unavailable`.
+   A connection lost during the commit answers 503 `commit_unknown` (`service.api.storing`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from service.api.errors import (
 )
 from service.api.samples import check_samples
 from service.api.schemas import QueryCreate
+from service.api.storing import commit_created
 from service.db.models import Dataset, Model, Query
 from service.db.repositories import datasets as dataset_repo
 from service.db.repositories import models as model_repo
@@ -59,6 +62,8 @@ from workers.loading.errors import LoadError
 from workers.loading.shards import shards_without_column
 
 RUN_QUERY_JOB = "workers.jobs.run_query"
+RETRY_WITH_KEY = ("retry with the same Idempotency-Key header: it returns the query if it was stored and "
+                  "creates it otherwise (without a key a retry may create a duplicate)")
 
 
 class Outcome(StrEnum):
@@ -294,7 +299,7 @@ def _insert(
     return that request's query instead (or 409 if its body differs)."""
     try:
         query, results = create()
-        session.commit()
+        commit_created(session, what="query", recovery=RETRY_WITH_KEY)
     except IntegrityError:
         session.rollback()
         earlier = query_repo.find_by_idempotency_key(session, tenant, idempotency_key) if idempotency_key else None
@@ -309,5 +314,7 @@ def _enqueue(session: Session, settings: Settings, query: Query) -> None:
         queue.enqueue(RUN_QUERY_JOB, query.id, job_id=query.id, settings=settings)
     except queue.QueueUnavailable as exc:
         query_repo.fail_unstarted(session, query, f"not started: the job queue is unreachable ({exc})")
-        session.commit()
-        raise DependencyDown("the job queue is unreachable; retry later", code="queue_unavailable") from exc
+        commit_created(session, what="failure of the unqueued query", recovery=RETRY_WITH_KEY)
+        raise DependencyDown(f"the job queue is unreachable: query {query.id} was recorded as failed, not run; "
+                             "retry later (a retry with the same Idempotency-Key creates a new query)",
+                             code="queue_unavailable") from exc
