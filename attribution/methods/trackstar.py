@@ -52,6 +52,7 @@ from torch import Tensor
 from attribution.curvature import curvature_batches
 from attribution.data import Batch, TrainingSet
 from attribution.feature_files import EntryWriter, FeatureFiles, read_array, streamed_product
+from attribution.interrupts import check_interrupt
 from attribution.methods.base import (
     AttributionMethod,
     FitContext,
@@ -170,6 +171,7 @@ class TrackStar(AttributionMethod):
         total = torch.zeros(tracked.num_params, dtype=torch.float64, device=tracked.device)
         rows = 0
         for batch in curvature_batches(train, self.params.batch_size, self.params.fit_rows):
+            check_interrupt()  # no progress reports in this loop
             grads = tracked.per_sample_grads(batch, chunk_size=gradient_chunk(tracked.num_params))
             total += grads.double().square().sum(dim=0)
             rows += len(batch)
