@@ -206,7 +206,6 @@ class TrackStar(AttributionMethod):
         self.context.progress(1.0)
         return scores
 
-
     def query_features(self, queries: Batch, train: TrainingSet) -> Tensor:
         """`[Q, k]` unit features φ(z_q) of each query sample (fitting on `train` first if needed)."""
         featurizer, _ = self._fit(train)
