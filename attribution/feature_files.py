@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from attribution.artifacts import canonical_json
+from attribution.interrupts import check_interrupt
 
 ARGUMENTS_FILE = "arguments.json"
 
@@ -106,6 +107,7 @@ def streamed_product(query: Tensor, rows: np.ndarray, chunk_rows: int) -> Tensor
     query = query.float()
     out = torch.empty(query.shape[0], rows.shape[0], dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_rows):
+        check_interrupt()  # the caller's cancel / time limit (this loop reports no progress)
         block = torch.from_numpy(rows[start: start + chunk_rows])
         out[:, start: start + block.shape[0]] = query @ block.T
     return out

@@ -52,6 +52,7 @@ from torch import Tensor
 from attribution.curvature import curvature_batches
 from attribution.data import Batch, TrainingSet
 from attribution.feature_files import EntryWriter, FeatureFiles, read_array, streamed_product
+from attribution.interrupts import check_interrupt
 from attribution.methods.base import (
     AttributionMethod,
     FitContext,
@@ -73,7 +74,6 @@ from attribution.projection import RandomProjector
 
 ADAM_EPS = 1e-8
 ESTIMATE_EPS_FRACTION = 1e-3
-MAX_FIT_ROWS = 1_000_000
 GRADIENT_CHUNK_ELEMENTS = 1 << 22  # [rows, P] per-sample gradients per vmap call (64 to 1,024 rows)
 CHUNK_BYTES = 256 << 20  # rows of Φ per product call: zero-copy views of the memory map
 FEATURES_KIND = "trackstar"
@@ -97,8 +97,8 @@ class TrackStarParams(GradientFeatureParams):
         super().validate()
         if self.normalize is Normalize.RELATIVE:
             raise ParamsError("normalize", "trackstar scores are cosines, already normalised; use normalize='none'")
-        if not 1 <= self.fit_rows <= MAX_FIT_ROWS:
-            raise ParamsError("fit_rows", f"must be between 1 and {MAX_FIT_ROWS}")
+        if self.fit_rows < 1:  # the maximum is in attribution.methods.limits
+            raise ParamsError("fit_rows", "must be at least 1")
         if self.eps is not None and not self.eps >= 0:
             raise ParamsError("eps", "must be ≥ 0")
         if self.optimizer_state is not None and not self.optimizer_state.startswith("file://"):
@@ -171,6 +171,7 @@ class TrackStar(AttributionMethod):
         total = torch.zeros(tracked.num_params, dtype=torch.float64, device=tracked.device)
         rows = 0
         for batch in curvature_batches(train, self.params.batch_size, self.params.fit_rows):
+            check_interrupt()  # no progress reports in this loop
             grads = tracked.per_sample_grads(batch, chunk_size=gradient_chunk(tracked.num_params))
             total += grads.double().square().sum(dim=0)
             rows += len(batch)
@@ -204,7 +205,6 @@ class TrackStar(AttributionMethod):
         self.context.timings["trackstar_query_s"] = time.perf_counter() - started
         self.context.progress(1.0)
         return scores
-
 
     def query_features(self, queries: Batch, train: TrainingSet) -> Tensor:
         """`[Q, k]` unit features φ(z_q) of each query sample (fitting on `train` first if needed)."""
