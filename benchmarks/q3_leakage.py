@@ -103,8 +103,11 @@ def study_model(trained: TrainedModel, data: LeakedDigits, options: Options, rep
     points = Points(validation=torch.arange(len(data.evaluated), len(queries)),
                     evaluated=torch.arange(len(data.evaluated)))
 
+    def hits(scores_: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return (leakage_detection(scores_, copies[index]).ranks == 1).double()
+
     def top1(scores_: torch.Tensor, index: torch.Tensor) -> float:
-        return leakage_detection(scores_, copies[index]).top1
+        return float(hits(scores_, index).mean())
 
     module = trained.module
     problem = PeerProblem(module, trained.trajectory.modules, trained.trajectory.lrs, data.x_train, data.y_train)
@@ -113,7 +116,7 @@ def study_model(trained: TrainedModel, data: LeakedDigits, options: Options, rep
     outcomes = [evaluate(e, points, top1, lambda text: print(f"  {trained.name}: {text}", flush=True))
                 for e in progress(entries, f"{trained.name}: entries")]
     write_tables(report, f"{trained.name} (test accuracy {trained.test_accuracy:.3f}): every entry", outcomes, "top-1")
-    bootstrap_figures(report, trained.name, outcomes, points, top1, "top-1")
+    bootstrap_figures(report, trained.name, outcomes, points, top1, "top-1", hits)
     defaults = {o.entry.label: o.default_value for o in outcomes}
     report.figure(f"{trained.name}: Forward-INF, library defaults top-1", f"{defaults['forward_inf']:.0%}",
                   "top-1 100% (CIFAR-10 ResNet-18)", "Forward-INF paper, Table 2", "100%", defaults["forward_inf"] >= 1.0)
