@@ -80,6 +80,7 @@ class Outcome:
     tuned_value: float = math.nan
     scores: dict[str, Tensor] = field(default_factory=dict)  # "default" / "tuned" → scores of all points
     errors: dict[str, str] = field(default_factory=dict)  # config key → error line
+    validation: dict[str, float] = field(default_factory=dict)  # config description → validation value
 
 
 def key(config: Config) -> str:
@@ -123,6 +124,7 @@ def evaluate(entry: Entry, points: Points, statistic: Statistic,
         if s is None:
             continue
         v = value(s, points.validation)
+        outcome.validation[describe(config)] = v
         if not math.isnan(v) and (math.isnan(outcome.tuned_validation) or v > outcome.tuned_validation):
             outcome.tuned, outcome.tuned_validation = config, v
     if outcome.tuned is not None:
@@ -191,6 +193,10 @@ def write_tables(report: Report, title: str, outcomes: list[Outcome], metric: st
                      _fmt(o.tuned_validation), _fmt(o.tuned_value), failed or ""])
     report.table(title, ["entry", "library", f"{metric}, library defaults", f"tuned: chosen config (of {BUDGET})",
                          f"{metric} on validation", f"{metric}, tuned", "failed configurations"], rows)
+    report.table(f"{title}: {metric} of every configuration on the validation points (what chose the tuned column)",
+                 ["entry", "configuration: validation value"],
+                 [[o.entry.label, "; ".join(f"{c}: {_fmt(v)}" for c, v in o.validation.items())]
+                  for o in outcomes if o.validation])
 
 
 def bootstrap_figures(report: Report, tag: str, outcomes: list[Outcome], points: Points, statistic: Statistic,
