@@ -13,8 +13,7 @@ Targets: Forward-INF top-1 = 100% and ≥ 30× faster than IF and TracIn at equa
 
 from __future__ import annotations
 
-import itertools
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,45 +22,25 @@ from attribution.evaluation import leakage_detection
 from attribution.methods.base import FitContext
 from benchmarks.cli import Options, Stopwatch, progress, run_study
 from benchmarks.common import fit_context
+from benchmarks.fair import (
+    QUERY_GRIDS,
+    QUERY_SKIPPED,
+    Config,
+    Entry,
+    Points,
+    bootstrap_figures,
+    evaluate,
+    peer_entries,
+    protocol_text,
+    write_tables,
+)
 from benchmarks.leakage_setup import LeakedDigits, TrainedModel, leaked_digits, train_models
-from benchmarks.plots import labelled_points
+from benchmarks.peers import PeerProblem, peers
 from benchmarks.report import Report
-from benchmarks.runner import Variant, describe, scores
+from benchmarks.runner import scores
 
 STUDY = "q3_leakage"
 SPEED_QUERIES = 5
-
-
-def forward_inf_grid(quick: bool) -> tuple[dict[str, Any], ...]:
-    sgd = [{"optimizer": "sgd", "steps": k, "lr": lr} for k, lr in
-           itertools.product((1, 5), (10.0, 100.0) if quick else (1.0, 10.0, 100.0, 1000.0))]
-    adam = [{"optimizer": "adam", "steps": k, "lr": lr} for k, lr in
-            itertools.product((1, 10) if quick else (1, 5, 10), (0.1,) if quick else (0.03, 0.1, 0.3))]
-    return tuple(sgd + adam)
-
-
-def variants(quick: bool) -> list[Variant]:
-    dampings = tuple({"damping": d} for d in ((1e-3, 1e-1) if quick else (1e-4, 1e-3, 1e-2, 1e-1, 1.0)))
-    relative = {"normalize": "relative"}
-    return [
-        Variant("Forward-INF, library defaults", "forward_inf"),
-        Variant("Forward-INF, Algorithm 1 (K=5, α=0.01)", "forward_inf", {"steps": 5, "lr": 0.01}),
-        Variant("Forward-INF, auto (self-retrieval)", "forward_inf", {"auto": True}),
-        Variant("Forward-INF, tuned on validation copies", "forward_inf", grid=forward_inf_grid(quick)),
-        Variant("Forward-INF, relative", "forward_inf", relative),
-        Variant("influence, library defaults", "influence"),
-        Variant("influence, damping tuned on validation", "influence", grid=dampings),
-        Variant("influence, relative (RelatIF)", "influence", relative),
-        Variant("TracIn (5 checkpoints)", "tracin"),
-        Variant("TracIn, layers tuned on validation", "tracin", grid=({}, {"last_layer": True})),
-        Variant("TracIn, relative", "tracin", relative),
-        Variant("TRAK", "trak"),
-        Variant("TRAK, relative", "trak", relative),
-        Variant("Integrated Influence (EK-FAC, K=2)", "integrated_influence", {"ihvp": "ekfac", "steps": 2},
-                one_query_at_a_time=True, max_queries=1 if quick else 3),
-        Variant("gradient cosine", "gradient_similarity"),
-        Variant("gradient dot product", "gradient_similarity", {"similarity": "dot"}),
-    ]
 
 
 class Contexts:
@@ -78,27 +57,15 @@ class Contexts:
         return self.by_method[method]
 
 
-def method_scores(contexts: Contexts, data: LeakedDigits, variant: Variant, params: dict[str, Any],
-                  index: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Scores `[Q, N]` of the test points `index` and seconds per query."""
-    model, context = contexts.trained.model, contexts(variant.method)
-    if not variant.one_query_at_a_time:
-        run = scores(model, variant.method, params, data.train, context, data.queries(index))
-        return run.scores, run.seconds / len(index)
-    runs = [scores(model, variant.method, params, data.train, context, data.queries(index[k: k + 1]))
-            for k in range(len(index))]
-    return torch.cat([r.scores for r in runs]), sum(r.seconds for r in runs) / len(index)
+def our_entries(contexts: Contexts, data: LeakedDigits, queries: torch.Tensor) -> list[Entry]:
+    """Our methods on the study's queries (evaluated + validation copies), each with its grid."""
+    batch = data.queries(queries)
 
+    def run(method: str) -> Callable[[Config], torch.Tensor]:
+        return lambda config: scores(contexts.trained.model, method, config, data.train, contexts(method), batch).scores
 
-def choose(contexts: Contexts, data: LeakedDigits, variant: Variant) -> tuple[dict[str, Any], float]:
-    """The grid point with the best top-1 rate on the validation copies (ties: the earlier one)."""
-    best: tuple[float, dict[str, Any]] = (-1.0, {})
-    for params in variant.grid:
-        score, _ = method_scores(contexts, data, variant, params, data.validation)
-        rate = leakage_detection(score, data.copies(data.validation)).top1
-        if rate > best[0]:
-            best = (rate, params)
-    return best[1], best[0]
+    return [Entry(method, "ours", {}, grid, run(method)) for method, grid in QUERY_GRIDS.items()] + [
+        Entry(method, "ours", {}, (), run(method), why) for method, why in QUERY_SKIPPED.items()]
 
 
 def single_query_latency(contexts: Contexts, data: LeakedDigits, method: str) -> float:
@@ -130,36 +97,29 @@ def pass_ratio(trained: TrainedModel, data: LeakedDigits) -> tuple[float, float]
 
 
 def study_model(trained: TrainedModel, data: LeakedDigits, options: Options, report: Report) -> None:
-    rows, points = [], []
     contexts = Contexts(trained)
-    copies = data.copies(data.evaluated)
-    top1: dict[str, float] = {}
-    for variant in progress(variants(options.quick), f"{trained.name}: methods"):
-        params, validation_rate = (choose(contexts, data, variant) if variant.grid else (variant.params, float("nan")))
-        index = data.evaluated[: variant.max_queries] if variant.max_queries else data.evaluated
-        score, seconds = method_scores(contexts, data, variant, params, index)
-        result = leakage_detection(score, copies[: len(index)], ks=(1, 5))
-        top1[variant.label] = result.top1
-        chosen = describe(variant.method, params) + (f" (validation top-1 {validation_rate:.0%})" if variant.grid else "")
-        rows.append([variant.label, chosen, f"{result.top1:.0%}", f"{result.top_k_rate[5]:.0%}",
-                     f"{float(result.ranks.double().median()):.0f}", str(len(index)), f"{seconds:.4f}"])
-        points.append((variant.label, seconds, result.top1))
-    report.table(f"{trained.name} (test accuracy {trained.test_accuracy:.3f}): every method",
-                 ["variant", "params", "top-1", "top-5", "median rank", "queries", "s / query (batched)"],
-                 rows)
-    best_label = max((k for k in top1 if k.startswith("Forward-INF")), key=lambda k: top1[k])
-    for label in ("Forward-INF, library defaults", "Forward-INF, auto (self-retrieval)",
-                  "Forward-INF, tuned on validation copies", "Forward-INF, relative"):
-        report.figure(f"{trained.name}: {label} top-1", f"{top1[label]:.0%}", "top-1 100% (CIFAR-10 ResNet-18)",
-                      "Forward-INF paper, Table 2", "100%", top1[label] >= 1.0)
-    report.figure(f"{trained.name}: influence (defaults / relative) top-1",
-                  f"{top1['influence, library defaults']:.0%} / {top1['influence, relative (RelatIF)']:.0%}",
-                  "IF 30–45%; peers on digits 5–10%, RelatIF 100%", "Forward-INF paper, Table 2; BENCHMARKS.md")
-    report.figure(f"{trained.name}: TracIn (defaults / relative) top-1",
-                  f"{top1['TracIn (5 checkpoints)']:.0%} / {top1['TracIn, relative']:.0%}",
-                  "≤ 7%", "Forward-INF paper, Table 2")
-    report.note(f"{trained.name}: best Forward-INF variant on the evaluated copies: {best_label} "
-                f"({top1[best_label]:.0%}).")
+    queries = torch.cat([data.evaluated, data.validation])
+    copies = data.copies(queries)
+    points = Points(validation=torch.arange(len(data.evaluated), len(queries)),
+                    evaluated=torch.arange(len(data.evaluated)))
+
+    def hits(scores_: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return (leakage_detection(scores_, copies[index]).ranks == 1).double()
+
+    def top1(scores_: torch.Tensor, index: torch.Tensor) -> float:
+        return float(hits(scores_, index).mean())
+
+    module = trained.module
+    problem = PeerProblem(module, trained.trajectory.modules, trained.trajectory.lrs, data.x_train, data.y_train)
+    entries = our_entries(contexts, data, queries) + peer_entries(
+        peers(), problem, queries=(data.x_test[queries], data.y_test[queries]))
+    outcomes = [evaluate(e, points, top1, lambda text: print(f"  {trained.name}: {text}", flush=True))
+                for e in progress(entries, f"{trained.name}: entries")]
+    write_tables(report, f"{trained.name} (test accuracy {trained.test_accuracy:.3f}): every entry", outcomes, "top-1")
+    bootstrap_figures(report, trained.name, outcomes, points, top1, "top-1", hits)
+    defaults = {o.entry.label: o.default_value for o in outcomes}
+    report.figure(f"{trained.name}: Forward-INF, library defaults top-1", f"{defaults['forward_inf']:.0%}",
+                  "top-1 100% (CIFAR-10 ResNet-18)", "Forward-INF paper, Table 2", "100%", defaults["forward_inf"] >= 1.0)
 
     latency = {}
     for label, method in (("Forward-INF", "forward_inf"), ("influence", "influence"), ("TracIn", "tracin"),
@@ -181,35 +141,30 @@ def study_model(trained: TrainedModel, data: LeakedDigits, options: Options, rep
                 "new query (TracIn one per checkpoint) and Forward-INF about one forward pass, so that ratio is the "
                 "speed-up to expect from an efficient implementation on this architecture; the paper's 30–40× is "
                 "measured on ResNet-18 / CIFAR-10.")
-    plot = labelled_points(options.out / f"{STUDY}_{'mlp' if 'MLP' in trained.name else 'cnn'}.png",
-                           points, "seconds per query (batched)", "top-1 rate",
-                           f"Leakage detection, {trained.name}: top-1 vs time")
-    report.plots.append(plot.name)
 
 
 def run(options: Options) -> Report:
-    n_train, evaluated, validation = (300, 10, 5) if options.quick else (1200, 50, 10)
+    n_train, evaluated, validation = (300, 10, 5) if options.quick else (600, 40, 10)
     epochs = 150 if options.quick else 300
     report = Report(STUDY, "Q3 — Leakage detection (a test point's copy in the training set)", options.quick)
     data = leaked_digits(n_train, evaluated, validation)
     with Stopwatch() as watch:
-        models = train_models(data, epochs=epochs, hidden=32 if options.quick else 64)
-    if options.quick:  # the CNN's exact curvature alone takes minutes on 2 cores
-        models = models[:1]
+        models = train_models(data, epochs=epochs, hidden=32)[:1]
     report.setup = (
         f"Digits scaled to [0, 1]: {n_train} training rows plus exact copies of {evaluated + validation} test points "
-        f"inserted at seeded random positions (N = {len(data.y_train)}). {evaluated} copies are evaluated, "
-        f"{validation} others (validation) only choose hyperparameters; Forward-INF `auto` chooses by self-retrieval "
-        f"on training rows, no labels needed. Models (full-batch AdamW, lr 1e-2, weight decay 1e-4, {epochs} epochs, "
-        f"5 evenly spaced checkpoints kept for TracIn; {watch.seconds:.0f} s): "
+        f"inserted at seeded random positions (N = {len(data.y_train)}; `leaked_digits` seed 0). Model (full-batch "
+        f"AdamW, lr 1e-2, weight decay 1e-4, {epochs} epochs, seed 0, 5 evenly spaced checkpoints kept for TracIn "
+        f"and the peers' TracIn; {watch.seconds:.0f} s): "
         + "; ".join(f"{m.name}, test accuracy {m.test_accuracy:.3f}" for m in models)
-        + ". Each method scores the evaluated test points against every training row through "
-        "`attribution.pipeline.attribute(..., per_sample=True)`; `attribution.evaluation.leakage_detection` gives "
-        "the rank of the copy. Integrated Influence unlearns each query separately and refits its curvature "
-        "along the path, so it is run one query at a time on the first evaluated points only (EK-FAC, K = 2). "
-        "Batched times: all evaluated queries in one call, with the method's fitted artifacts shared by its variants "
-        "(the first variant of a method pays its fit). The speed figures time one new query at a time on an already "
-        f"fitted method (median of {SPEED_QUERIES}), as the paper does."
+        + ". The small CNN of earlier runs is not run in this session (CPU budget: 2 cores shared by 6 jobs). "
+        "Every entry scores the evaluated and validation test points against every training row (ours through "
+        "`attribution.pipeline.attribute(..., per_sample=True)`, the peers through their own APIs on the same "
+        "weights and tensors, `benchmarks/peers.py`); `attribution.evaluation.leakage_detection` gives the rank "
+        "of the copy; the statistic is the top-1 rate. " + protocol_text(
+            Points(torch.arange(evaluated, evaluated + validation), torch.arange(evaluated)),
+            "data split 0, training 0, projections 0")
+        + f" The speed figures time one new query at a time on an already fitted method (library defaults, median "
+        f"of {SPEED_QUERIES})."
     )
     for trained in models:
         study_model(trained, data, options, report)

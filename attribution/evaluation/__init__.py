@@ -25,7 +25,14 @@ from attribution.evaluation.mislabel import (
     roc_auc,
 )
 from attribution.evaluation.retrieval import mean_reciprocal_rank, precision_at_k, proponent_ranks
-from attribution.evaluation.stats import average_ranks, pearson, spearman
+from attribution.evaluation.stats import (
+    PairedDifference,
+    average_ranks,
+    mean_difference,
+    paired_bootstrap,
+    pearson,
+    spearman,
+)
 
 __all__ = [
     "AucDifference",
@@ -34,6 +41,7 @@ __all__ = [
     "LeakageResult",
     "LooResult",
     "MislabelReport",
+    "PairedDifference",
     "auc_difference",
     "average_ranks",
     "copy_ranks",
@@ -42,9 +50,11 @@ __all__ = [
     "leave_one_out",
     "linear_datamodeling_score",
     "loo_correlation",
+    "mean_difference",
     "mean_reciprocal_rank",
     "mirrored_correlation",
     "mislabel_report",
+    "paired_bootstrap",
     "pearson",
     "precision_at_k",
     "proponent_ranks",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attribution.evaluation.stats import average_ranks
+from attribution.evaluation.stats import PairedDifference, average_ranks, paired_bootstrap
 
 
 @dataclass(frozen=True)
@@ -78,19 +78,7 @@ def mislabel_report(scores: Tensor, flipped: Tensor, fractions: tuple[float, ...
     )
 
 
-@dataclass(frozen=True)
-class AucDifference:
-    """AUC(a) − AUC(b) on the full set and its paired-bootstrap percentile interval."""
-
-    difference: float
-    low: float
-    high: float
-    level: float
-
-    @property
-    def significant(self) -> bool:
-        """Whether the interval excludes 0 (a wins or loses beyond resampling noise)."""
-        return self.low > 0.0 or self.high < 0.0
+AucDifference = PairedDifference  # AUC(a) − AUC(b) with its paired-bootstrap interval
 
 
 def auc_difference(
@@ -105,19 +93,9 @@ def auc_difference(
     b, _ = _inputs(scores_b, flipped)
     if a.shape != b.shape:
         raise ValueError("both score vectors must have the same length")
-    if resamples < 1 or not 0.0 < level < 1.0:
-        raise ValueError("resamples must be ≥ 1 and level in (0, 1)")
-    gen = torch.Generator().manual_seed(seed)
-    diffs = []
-    for _ in range(resamples):
-        rows = torch.randint(0, len(a), (len(a),), generator=gen)
-        flags = f[rows]
-        if bool(flags.all()) or not bool(flags.any()):
-            continue
-        diffs.append(roc_auc(a[rows], flags) - roc_auc(b[rows], flags))
-    if not diffs:
-        raise ValueError("every resample had a single class; too few rows")
-    spread = torch.tensor(diffs, dtype=torch.float64)
-    tail = (1.0 - level) / 2
-    low, high = torch.quantile(spread, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-    return AucDifference(roc_auc(a, f) - roc_auc(b, f), float(low), float(high), level)
+
+    def both_classes(rows: Tensor) -> bool:
+        return bool(f[rows].any()) and not bool(f[rows].all())
+
+    return paired_bootstrap(lambda rows: roc_auc(a[rows], f[rows]), lambda rows: roc_auc(b[rows], f[rows]), len(a),
+                            resamples=resamples, level=level, seed=seed, usable=both_classes)

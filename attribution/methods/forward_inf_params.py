@@ -79,12 +79,16 @@ class ForwardInfParams(IHVPParams):
     α‖g_i‖₁ for Adam's sign-like first step);
     `precision`: "fp32", or "fp64" (a float64 copy of the model) for small proxies whose
     training losses sit below fp32 resolution (loss changes under ~1e-7 are rounding noise);
+    `normalize`: "relative" by default (the unit-ball bound of `forward_inf`'s docstring; measured
+    under the fair protocol, benchmarks/results/q3_leakage.md: raw first-order scores track the
+    gradient dot product and rank a leaked copy first for few queries); self-influence ignores it.
     `chunk_size`: rows unlearned together (stacked) when computing self-influence; 0 sizes
     chunks to ~2²⁴ stacked parameter elements.
     Unset `steps`/`lr` take `DEFAULTS[optimizer]`; explicit values are used
     as given. `ForwardInf` works with `resolved()`, where all three are explicit.
     """
 
+    normalize: Normalize = Normalize.RELATIVE
     steps: int | None = None
     lr: float | None = None
     direction: Direction = Direction.ASCENT

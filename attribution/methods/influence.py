@@ -59,6 +59,7 @@ from attribution.methods.base import (
     FitContext,
     MethodName,
     MethodParams,
+    Normalize,
     ParamsError,
     Progress,
 )
@@ -125,7 +126,10 @@ class IHVPParams(MethodParams):
 
 @dataclass(frozen=True)
 class InfluenceParams(IHVPParams):
-    """Influence-function arguments; `layers` restricts the tracked parameters (prefixes)."""
+    """Influence-function arguments; `layers` restricts the tracked parameters (prefixes).
+    `normalize` defaults to "relative" (RelatIF; benchmarks/results/q3_leakage.md, fair protocol)."""
+
+    normalize: Normalize = Normalize.RELATIVE
 
     layers: tuple[str, ...] = ()
 

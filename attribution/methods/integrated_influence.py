@@ -71,6 +71,7 @@ from attribution.methods.base import (
     FitContext,
     MethodName,
     MethodParams,
+    Normalize,
     ParamsError,
     Progress,
 )
@@ -97,7 +98,10 @@ class Baseline(StrEnum):
 
 @dataclass(frozen=True)
 class IntegratedInfluenceParams(InfluenceParams):
-    """Influence arguments plus the path: `steps` K, `baseline`, unlearning and compression."""
+    """Influence arguments plus the path: `steps` K, `baseline`, unlearning and compression.
+    `normalize` stays "none" by default (not measured under the fair protocol: too costly per query)."""
+
+    normalize: Normalize = Normalize.NONE
 
     steps: int = 5
     baseline: Baseline = Baseline.UNLEARNED

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
-from attribution.methods.base import AttributionMethod, MethodName
+from attribution.methods.base import AttributionMethod, MethodName, Normalize
 from attribution.methods.gradient_features import (
     CheckpointFeatureParams,
     checkpoint_featurizers,
@@ -39,7 +39,11 @@ class TracInParams(CheckpointFeatureParams):
     """TracInCP params: the gradient features' `layers` / `last_layer` / `projection_dim` /
     `projection_type` (see `GradientFeatureParams`), the checkpoints θ_c and their η_c
     (`checkpoint_model_ids` / `checkpoint_lrs`, see `CheckpointFeatureParams`);
-    `batch_size` rows per gradient batch."""
+    `batch_size` rows per gradient batch. `normalize` defaults to "relative" (RelatIF): measured
+    under the fair protocol (benchmarks/results/q3_leakage.md), raw TracIn ranks a leaked copy
+    first for few queries, relative TracIn for nearly all; self-influence is unaffected."""
+
+    normalize: Normalize = Normalize.RELATIVE
 
 
 @register

@@ -45,6 +45,7 @@ from attribution.methods.base import (
     AttributionMethod,
     FitContext,
     MethodName,
+    Normalize,
     ParamsError,
     Progress,
 )
@@ -68,7 +69,10 @@ class TrakParams(CheckpointFeatureParams):
     """`projection_dim` k (default 2048; `None` or ≥ P: raw gradients), `projection_type`,
     `damping` λ added to ΦᵀΦ, `use_margin` (classification: margin features with the
     (1 − p) weighting; false: loss-gradient features), plus `layers` / `last_layer` and the
-    ensemble's `checkpoint_model_ids` (`checkpoint_lrs` are accepted and play no role)."""
+    ensemble's `checkpoint_model_ids` (`checkpoint_lrs` are accepted and play no role).
+    `normalize` defaults to "relative" (benchmarks/results/q3_leakage.md, fair protocol)."""
+
+    normalize: Normalize = Normalize.RELATIVE
 
     projection_dim: int | None = 2048
     damping: float = 1e-2

@@ -55,7 +55,9 @@ def normalized_ascent(module: nn.Module, queries: Batch, x: Tensor, y: Tensor, s
 
 def run(module: nn.Module, trained: fixtures.Trained, queries: Batch, per_sample: bool = False,
         store: InMemoryArtifacts | None = None, **params: Any) -> Tensor:
-    method = ForwardInf(ModelAdapter(module, ClassificationTask()), ForwardInfParams.from_dict(params),
+    # raw scores (normalize "none": unset, the optimizer would default to normalized_sgd, not Algorithm 1)
+    method = ForwardInf(ModelAdapter(module, ClassificationTask()), ForwardInfParams.from_dict({"normalize": "none",
+                                                                                                **params}),
                         FitContext("fp", store=store))
     return method.score(queries, trained.train, per_sample=per_sample)
 
@@ -192,7 +194,7 @@ def test_second_query_reuses_cached_base_losses(wine_mlp: fixtures.Trained) -> N
     for expected_sweeps, query in ((2, [0]), (1, [1])):  # first: base + sweep; then: sweep only
         full_sweeps.clear()
         context = FitContext("wine-fingerprint", store=store)
-        attribute(adapter, ForwardInf, {"steps": 2, "lr": 0.1}, wine_mlp.train, context,
+        attribute(adapter, ForwardInf, {"steps": 2, "lr": 0.1, "normalize": "none"}, wine_mlp.train, context,
                   queries=wine_mlp.test_batch(query))
         assert len(full_sweeps) == expected_sweeps
         assert {"unlearn_s", "sweep_s", "base_losses_s"} <= set(context.timings)
@@ -202,7 +204,7 @@ def test_second_query_reuses_cached_base_losses(wine_mlp: fixtures.Trained) -> N
 def test_self_influence_modes(wine_mlp: fixtures.Trained) -> None:
     adapter = ModelAdapter(wine_mlp.module, ClassificationTask())
     train = TensorTrainingSet(wine_mlp.x_train[:40], wine_mlp.y_train[:40])
-    params = ForwardInfParams(steps=3, lr=0.05, chunk_size=16)
+    params = ForwardInfParams.from_dict({"steps": 3, "lr": 0.05, "chunk_size": 16, "normalize": "none"})
     unlearn = ForwardInf(adapter, params, FitContext("si")).self_influence(train)
     for i in (0, 17, 39):
         x, y = wine_mlp.x_train[i: i + 1], wine_mlp.y_train[i: i + 1]
@@ -229,7 +231,7 @@ def test_relative_scores_divide_by_the_gradient_norm_of_the_step(wine_mlp: fixtu
     store = InMemoryArtifacts()
     params = {"steps": 1, "lr": 0.05, "optimizer": optimizer}
     queries = wine_mlp.test_batch([2, 9])
-    raw = attribute(wine_mlp.adapter, ForwardInf, params, wine_mlp.train, FitContext("w", store=store),
+    raw = attribute(wine_mlp.adapter, ForwardInf, {**params, "normalize": "none"}, wine_mlp.train, FitContext("w", store=store),
                     queries=queries, per_sample=True)
     relative = attribute(wine_mlp.adapter, ForwardInf, {**params, "normalize": "relative"}, wine_mlp.train,
                          FitContext("w", store=store), queries=queries, per_sample=True)
@@ -246,13 +248,16 @@ def test_params_validation() -> None:
         ForwardInfParams.from_dict({"optimizer": "rmsprop"})
     with pytest.raises(ParamsError, match="unknown"):
         ForwardInfParams.from_dict({"alpha": 1.0})
-    defaults = ForwardInfParams()
-    assert (defaults.k, defaults.alpha, defaults.chosen_optimizer) == (1, 0.01, "sgd")
+    defaults = ForwardInfParams()  # relative by default (benchmarks/results/q3_leakage.md)
+    assert (defaults.k, defaults.alpha, defaults.chosen_optimizer, defaults.normalize) == (
+        1, 0.001, "normalized_sgd", "relative")
+    raw = ForwardInfParams.from_dict({"normalize": "none"})
+    assert (raw.k, raw.alpha, raw.chosen_optimizer) == (1, 0.01, "sgd")
     relative = ForwardInfParams.from_dict({"normalize": "relative"})
     assert (relative.k, relative.alpha, relative.chosen_optimizer) == (1, 0.001, "normalized_sgd")
     relative_sgd = ForwardInfParams.from_dict({"normalize": "relative", "optimizer": "sgd"}).resolved()
     assert (relative_sgd.steps, relative_sgd.lr, relative_sgd.optimizer) == (1, 0.01, "sgd")
-    algorithm1 = ForwardInfParams.from_dict({"steps": 5, "lr": 0.01}).gradient_unlearning
+    algorithm1 = ForwardInfParams.from_dict({"steps": 5, "lr": 0.01, "normalize": "none"}).gradient_unlearning
     assert (algorithm1.optimizer, algorithm1.steps, algorithm1.lr, algorithm1.ascent) == ("sgd", 5, 0.01, True)
 
 
@@ -346,7 +351,7 @@ def test_leakage_rates_mlp(digits_leakage: fixtures.Leakage) -> None:
                                t.x_train, t.y_train, seed=0)
     mlp = fixtures.Trained(module, t.x_train, t.y_train, t.x_test, t.y_test, 1e-4)
     settings: dict[str, dict[str, Any]] = {
-        "defaults": {}, "relative sgd": {"normalize": "relative", "optimizer": "sgd"},
+        "defaults": {}, "raw": {"normalize": "none"}, "relative sgd": {"normalize": "relative", "optimizer": "sgd"},
         "relative (normalized_sgd)": {"normalize": "relative"},
         "relative adam": {"normalize": "relative", "optimizer": "adam"}, "auto": {"auto": True},
     }

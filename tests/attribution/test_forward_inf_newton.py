@@ -25,7 +25,7 @@ from attribution.pipeline import attribute
 from attribution.tasks import ClassificationTask
 from tests.attribution import fixtures
 
-NEWTON: dict[str, Any] = {"unlearning": "newton", "ihvp": "exact"}
+NEWTON: dict[str, Any] = {"unlearning": "newton", "ihvp": "exact", "normalize": "none"}  # raw unless a test says
 
 
 class ExactLR:
@@ -190,7 +190,7 @@ def test_newton_equals_lr_times_the_influence_method(wine_mlp: fixtures.Trained,
     """On a non-convex MLP (and on its last layer only): L(θ̂ + α s_q) − L(θ̂) ≈ α × the influence
     method's score ∇L_qᵀ(G + λI)⁻¹∇Lᵢ with the same estimator, damping and tracked layers."""
     queries = wine_mlp.test_batch([3, 8])
-    params: dict[str, Any] = {"ihvp": "exact", "damping": 1e-2, "layers": layers}
+    params: dict[str, Any] = {"ihvp": "exact", "damping": 1e-2, "layers": layers, "normalize": "none"}
     newton = newton_scores(wine_mlp.module, wine_mlp.train, queries, lr=1e-6, precision="fp64", **params)
     influence = attribute(wine_mlp.adapter, "influence", params, wine_mlp.train, FitContext("if"), queries=queries,
                           per_sample=True)

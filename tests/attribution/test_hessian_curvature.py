@@ -131,7 +131,7 @@ def _relative_error(a: Tensor, b: Tensor) -> float:
 
 
 def _influence(problem: Problem, **params: Any) -> Tensor:
-    return attribute(problem.model, "influence", {"curvature": "hessian", **params}, problem.train,
+    return attribute(problem.model, "influence", {"curvature": "hessian", "normalize": "none", **params}, problem.train,
                      FitContext("hessian", store=InMemoryArtifacts()), queries=problem.queries, per_sample=True)
 
 
@@ -221,7 +221,7 @@ def test_forward_inf_newton_step_with_the_hessian_equals_the_first_order_form(tr
     """score_i ≈ α ∇ℓᵢᵀ(H + λI)⁻¹∇L_q: a literal small step, and the default finite difference
     rescaled to α = 1/N."""
     expected = trained.influence(L2)
-    params = {"unlearning": "newton", "curvature": "hessian", "ihvp": "exact", "damping": L2}
+    params = {"unlearning": "newton", "curvature": "hessian", "ihvp": "exact", "damping": L2, "normalize": "none"}
     context = FitContext("newton-hessian", store=InMemoryArtifacts())
     literal = attribute(trained.model, "forward_inf", {**params, "lr": 1e-6}, trained.train, context,
                         queries=trained.queries, per_sample=True)

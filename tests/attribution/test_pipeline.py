@@ -55,7 +55,7 @@ def test_relative_normalisation_is_cached(wine_mlp: fixtures.Trained, monkeypatc
     second = attribute(wine_mlp.adapter, ForwardInf, params, wine_mlp.train, FitContext("wine", store=store),
                        queries=wine_mlp.test_batch([1]))
     assert len(calls) == 1
-    raw = attribute(wine_mlp.adapter, ForwardInf, {"steps": 1, "lr": 0.05}, wine_mlp.train,
+    raw = attribute(wine_mlp.adapter, ForwardInf, {"steps": 1, "lr": 0.05, "normalize": "none"}, wine_mlp.train,
                     FitContext("wine", store=store), queries=wine_mlp.test_batch([1]))
     assert len(calls) == 1  # raw scores need no norms
     method = ForwardInf(wine_mlp.adapter, ForwardInfParams.from_dict(params), FitContext("x"))

@@ -22,7 +22,7 @@ from workers.cache import cache_stats
 
 pytestmark = pytest.mark.integration
 
-PARAMS = {"steps": 3, "lr": 0.5}
+PARAMS = {"steps": 3, "lr": 0.5, "normalize": "none"}  # raw scores: relative (the default) is not fanned out
 
 
 def _enqueue(settings: Settings, query_id: str) -> None:

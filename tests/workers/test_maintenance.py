@@ -93,7 +93,7 @@ def test_lost_fan_out_part_is_resumed(rq_settings: Settings, monkeypatch: pytest
     get_settings.cache_clear()
     settings = get_settings()
     reg = jf.register_toy(settings)  # shards 20/15/25 → parts [0,20) [20,35) [35,60)
-    query_id = jf.insert_query(settings, reg, params={"steps": 2, "lr": 0.5})
+    query_id = jf.insert_query(settings, reg, params={"steps": 2, "lr": 0.5, "normalize": "none"})  # fanned out
     jobs.run_query(query_id)  # dispatches three part jobs
     Queue(settings.queue_name, connection=Redis.from_url(settings.redis_url or "")).empty()  # ... which get lost
     with session_scope(settings) as session:
