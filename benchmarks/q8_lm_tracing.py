@@ -214,7 +214,7 @@ def run(options: Options) -> Report:
         "held-out template stating the fact (used for other facts, never for this one), its loss only the object "
         f"token. {evaluated} evaluated facts ({proponents.mean():.1f} proponents on average), {validation} "
         "validation facts only for choosing hyperparameters. Model: Hugging Face GPT-2 from `GPT2Config` "
-        f"(2 layers, 64 wide, 4 heads, eager attention, no dropout; {trained.model.num_params:,} parameters), "
+        f"(2 layers, 64 wide, 4 heads, default (SDPA) attention, no dropout; {trained.model.num_params:,} parameters), "
         f"AdamW lr 3e-3, batches of 64, {epochs} epochs, 5 evenly spaced checkpoints for TracIn "
         f"({watch.seconds:.0f} s); final mean training loss {trained.train_loss:.3f} per token (subjects are "
         f"unpredictable), evaluated queries answered correctly (object = top next token): "

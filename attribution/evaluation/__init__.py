@@ -24,7 +24,14 @@ from attribution.evaluation.mislabel import (
     recall_at_fraction,
     roc_auc,
 )
-from attribution.evaluation.retrieval import mean_reciprocal_rank, precision_at_k, proponent_ranks
+from attribution.evaluation.retrieval import (
+    RetrievalDifference,
+    mean_reciprocal_rank,
+    precision_at_k,
+    proponent_ranks,
+    query_precisions,
+    retrieval_difference,
+)
 from attribution.evaluation.stats import average_ranks, pearson, spearman
 
 __all__ = [
@@ -34,6 +41,7 @@ __all__ = [
     "LeakageResult",
     "LooResult",
     "MislabelReport",
+    "RetrievalDifference",
     "auc_difference",
     "average_ranks",
     "copy_ranks",
@@ -49,8 +57,10 @@ __all__ = [
     "precision_at_k",
     "proponent_ranks",
     "query_losses",
+    "query_precisions",
     "recall_at_fraction",
     "retrained_losses",
+    "retrieval_difference",
     "roc_auc",
     "sample_subsets",
     "spearman",

@@ -9,9 +9,14 @@ are ranked in the `topk` order (score descending, ties to the lower index, NaN n
 
 (Akyürek et al. 2022, "Towards Tracing Factual Knowledge in Language Models Back to the
 Training Data", §3: MRR of the first proponent; precision at k = |R_q| is the R-precision.)
+
+`retrieval_difference` compares two rankings of the same queries: the paired bootstrap over
+queries of mean(m_a − m_b), m the per-query reciprocal rank or precision.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,6 +54,11 @@ def mean_reciprocal_rank(scores: Tensor, relevant: Tensor) -> float:
 
 def precision_at_k(scores: Tensor, relevant: Tensor, k: int | None = None) -> float:
     """Mean fraction of each query's top-k rows that are relevant; `k=None`: k_q = |R_q| (R-precision)."""
+    return float(query_precisions(scores, relevant, k).mean())
+
+
+def query_precisions(scores: Tensor, relevant: Tensor, k: int | None = None) -> Tensor:
+    """`[Q]` float64 fraction of each query's top-k rows that are relevant (`precision_at_k`'s terms)."""
     mask = _checked(scores, relevant)
     if k is not None and not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k must be in [1, {scores.shape[1]}]")
@@ -59,4 +69,45 @@ def precision_at_k(scores: Tensor, relevant: Tensor, k: int | None = None) -> fl
         index = best.indices[q, :k_q]
         index = index[index >= 0]  # padding of rows without a score
         hits.append(float(mask[q, index].sum()) / k_q)
-    return sum(hits) / len(hits)
+    return torch.tensor(hits, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class RetrievalDifference:
+    """metric(a) − metric(b) over the same queries and its paired-bootstrap percentile interval."""
+
+    metric: str  # "mrr" or "precision"
+    difference: float
+    low: float
+    high: float
+    level: float
+
+    @property
+    def significant(self) -> bool:
+        """Whether the interval excludes 0."""
+        return self.low > 0.0 or self.high < 0.0
+
+
+def retrieval_difference(scores_a: Tensor, scores_b: Tensor, relevant: Tensor, *, metric: str = "mrr",
+                         k: int | None = None, resamples: int = 1000, level: float = 0.95,
+                         seed: int = 0) -> RetrievalDifference:
+    """Paired bootstrap of metric(`scores_a`) − metric(`scores_b`), both `[Q, N]`, `relevant` `[Q, N]`.
+
+    metric "mrr": per-query 1/rank_q; "precision": per-query precision@k (k=None: |R_q|). Each
+    resample draws Q queries with replacement (the same for both) and averages d_q = m_a,q − m_b,q;
+    the interval is the (1 ± level)/2 percentiles of those means.
+    """
+    if metric == "mrr":
+        a, b = (1.0 / proponent_ranks(s, relevant).double() for s in (scores_a, scores_b))
+    elif metric == "precision":
+        a, b = (query_precisions(s, relevant, k) for s in (scores_a, scores_b))
+    else:
+        raise ValueError(f"unknown metric {metric!r}; valid: mrr, precision")
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError("resamples must be ≥ 1 and level in (0, 1)")
+    d = a - b
+    gen = torch.Generator().manual_seed(seed)
+    means = d[torch.randint(0, len(d), (resamples, len(d)), generator=gen)].mean(dim=1)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return RetrievalDifference(metric, float(d.mean()), float(low), float(high), level)
