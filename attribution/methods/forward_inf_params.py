@@ -70,7 +70,7 @@ CAUSAL_LM_DEFAULTS: dict[str, Any] = {
     "normalize": Normalize.RELATIVE,
 }
 # `normalize` unset means the base class's default outside causal LMs.
-_BASE_NORMALIZE: Normalize = next(f.default for f in fields(MethodParams) if f.name == "normalize")
+_BASE_NORMALIZE = MethodParams().normalize
 
 
 @dataclass(frozen=True)
