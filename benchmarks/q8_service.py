@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -41,10 +42,12 @@ from benchmarks.lm_folder import query_samples, save_study_folders
 from benchmarks.q8_service_client import CHECKPOINTS, Scored, StudyClient
 from benchmarks.report import Report
 from benchmarks.speed_common import machine
+from service.settings import SERVICE_DIR_NAME
 from service.testing import ServiceProcesses
 
 STUDY = "q8_service"
 PEER_PYTHON = "Q8_PEER_PYTHON"  # an interpreter with kronfluence installed (benchmarks/README.md)
+FOLDERS = "Q8_FOLDERS"  # a directory keeping the trained folders between runs (same sizes: reused, not retrained)
 PRECISION_K = 10
 MRR_TARGET = 0.9
 OURS = "forward_inf"
@@ -65,10 +68,10 @@ def entries(budget: int) -> list[Entry]:
     relative = ({"normalize": "none"}, {"normalize": "relative"})
     lists = [
         Entry("Forward-INF", "forward_inf", {}, (
-            {"stop": "forgotten", "lr": 0.1, "normalize": "relative"},
+            {"stop": "forgotten", "optimizer": "normalized_sgd", "steps": 20, "lr": 0.05, "normalize": "relative"},
             {"stop": "fixed", "optimizer": "normalized_sgd", "steps": 10, "lr": 0.1, "normalize": "relative"},
-            {"stop": "forgotten", "lr": 0.05, "normalize": "relative"},
-            {"stop": "forgotten", "lr": 0.2, "normalize": "none"},
+            {"stop": "fixed", "optimizer": "normalized_sgd", "steps": 20, "lr": 0.05, "normalize": "relative"},
+            {"stop": "forgotten", "optimizer": "normalized_sgd", "steps": 50, "lr": 0.02, "normalize": "relative"},
         )),
         Entry("TracIn (5 checkpoints)", "tracin", {CHECKPOINTS: True}, (
             *({CHECKPOINTS: True, **r} for r in relative),
@@ -153,35 +156,54 @@ def run(options: Options) -> Report:
     subjects, evaluated, validation, epochs, budget = (30, 8, 4, 60, 2) if options.quick else (100, 50, 10, 40, 4)
     report = Report(STUDY, "Q8 through the service — LM fact tracing over HTTP, fair protocol", options.quick)
     corpus = fact_corpus(subjects, evaluated, validation)
-    with Stopwatch() as watch:
-        trained = train_lm(corpus, epochs=epochs)
     relevant = corpus.proponents(corpus.evaluated)
     outcomes: list[Outcome] = []
     peers: dict[str, PeerEntry] = {}
     with tempfile.TemporaryDirectory(prefix="q8-service-") as tmp:
-        root = Path(tmp)
-        folders = save_study_folders(corpus, trained, root / "q8")
+        kept = os.environ.get(FOLDERS)
+        root = Path(kept) if kept else Path(tmp)  # the service's DATA_ROOT: it reads files under it only
+        shutil.rmtree(root / SERVICE_DIR_NAME, ignore_errors=True)  # a fresh service: no stored answers
+        sizes = {"subjects": subjects, "evaluated": evaluated, "validation": validation, "epochs": epochs, "seed": 0}
+        with Stopwatch() as watch:
+            folders = trained_folders(corpus, sizes, root / "q8")
         with ServiceProcesses({"DATA_ROOT": str(root)}, log_dir=root / "logs", log_level="warning") as running:
             client = StudyClient(running.client, timeout=1800.0)
             client.register(folders)
             for entry in progress(entries(budget), "methods"):
                 outcomes.append(run_entry(client, corpus, entry))
         peers, reasons = run_peers(root / "q8", (subjects, evaluated, validation, budget))
-    report.setup = setup_text(corpus, trained, watch.seconds, budget, options)
+    report.setup = setup_text(corpus, folders["parameters"], watch.seconds, budget, options)
     summarise(report, outcomes, peers, relevant)
     for reason in reasons:
         report.note(reason)
     return report
 
 
-def setup_text(corpus: FactCorpus, trained: Any, train_seconds: float, budget: int, options: Options) -> str:
+def trained_folders(corpus: FactCorpus, sizes: dict[str, int], root: Path) -> dict[str, Any]:
+    """Train and save the study's folders under `root`, or reuse them if `root/manifest.json`
+    records the same sizes (the training is seeded: the same sizes give the same model)."""
+    manifest = root / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("sizes") == sizes:
+        saved = json.loads(manifest.read_text())["folders"]
+        return {k: [Path(p) for p in v] if k in ("checkpoints", "shards") else Path(v) if k == "model" else v
+                for k, v in saved.items()}
+    trained = train_lm(corpus, epochs=sizes["epochs"])
+    folders = save_study_folders(corpus, trained, root)
+    folders["parameters"] = trained.model.num_params
+    manifest.write_text(json.dumps({"sizes": sizes, "folders": {
+        k: [str(p) for p in v] if k in ("checkpoints", "shards") else str(v) if k == "model" else v
+        for k, v in folders.items()}}))
+    return folders
+
+
+def setup_text(corpus: FactCorpus, parameters: int, train_seconds: float, budget: int, options: Options) -> str:
     proponents = corpus.proponents(corpus.evaluated).sum(dim=1).double().mean()
     return (
         f"{len(corpus.facts)} facts, N = {len(corpus.sentences)} training sentences in 2 `.jsonl` shards; "
         f"{len(corpus.evaluated)} evaluated facts ({proponents:.1f} proponents on average) and "
         f"{len(corpus.validation)} validation facts (disjoint; only for choosing configurations). Model: GPT-2 "
-        f"from `GPT2Config` (2 layers, 64 wide, {trained.model.num_params:,} parameters), AdamW, 5 checkpoints, "
-        f"trained in {train_seconds:.0f} s; saved with `save_pretrained` defaults (SDPA attention) with a "
+        f"from `GPT2Config` (2 layers, 64 wide, {parameters:,} parameters), AdamW, 5 checkpoints, "
+        f"trained and saved in {train_seconds:.0f} s (0 s: reused from `{FOLDERS}`, same sizes and seeds); saved with `save_pretrained` defaults (SDPA attention) with a "
         "word-level tokenizer; registered with `python -m service` (embedded: SQLite, in-process worker) and "
         "queried over HTTP with `{\"prompt\", \"completion\"}` samples in `per_sample` mode (one POST per "
         f"configuration and fact set). Tuning budget: {budget} configurations per method, chosen by validation "

@@ -17,6 +17,11 @@ Higher = the row supports the query's prediction (the product's sign convention)
 query costs one sweep; `per_sample` unlearns each query separately and scores all Q in one
 pass (`forward_inf_engine`).
 
+Language models (`stop="forgotten"`, `forward_inf_stopping`): K becomes a cap and each
+query's ascent stops once its loss reaches the loss of its answer after a shuffled context
+(label-free); causal LMs get that rule, normalised steps and relative scores by default
+(`ForwardInfParams.for_task`, chosen on Q8's validation facts).
+
 Newton-step unlearning (`unlearning="newton"`, `forward_inf_newton`): one step
 θ' = θ̂ ± α(G + λI)⁻¹∇L_q with the influence method's cached iHVP, then the same sweep;
 score_i ≈ α∇L_iᵀ(G + λI)⁻¹∇L_q, the influence function (Koh & Liang 2017) — where
@@ -286,6 +291,8 @@ class ForwardInf(AttributionMethod):
                 self.context.extras["zero_gradient_steps"] = how.log.zero_gradient_steps
             if how.until_forgotten:  # steps each query (joint: the query set) took before it was forgotten
                 self.context.extras["unlearning_steps"] = how.log.steps_taken
+            else:
+                self.context.extras.pop("unlearning_steps", None)
         change = p.sign * (after - base.unsqueeze(0))
         return (change if scale is None else scale[:, None] * change.double()).float()
 
