@@ -131,8 +131,8 @@ def unlearn_copy(model: ModelAdapter, queries: Batch, how: Unlearning) -> ModelA
     for _ in range(how.steps):
         opt.zero_grad(set_to_none=True)
         loss = copy.loss(queries).mean()
-        if level is not None and not bool(still_known(loss.reshape(1), level)[0]):
-            break
+        if level is not None and taken and not bool(still_known(loss.reshape(1), level)[0]):
+            break  # forgotten (the first step is always taken)
         loss.backward()
         opt.step()
         taken += 1
@@ -210,7 +210,8 @@ class StackedModel:
         for _ in range(how.steps):
             opt.zero_grad(set_to_none=True)
             losses = self.own_losses(stacked, queries)
-            moving = torch.ones(count, dtype=torch.bool) if level is None else still_known(losses, level).cpu()
+            first = bool((taken == 0).all())  # every set takes the first step
+            moving = torch.ones(count, dtype=torch.bool) if level is None or first else still_known(losses, level).cpu()
             if not bool(moving.any()):
                 break
             losses.sum().backward()

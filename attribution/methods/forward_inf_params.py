@@ -66,7 +66,8 @@ DEFAULTS: dict[Optimizer, tuple[int, float]] = {
 # validation facts only (never the evaluated ones; GPT-2 2×64 saved with defaults, relative
 # scores, validation MRR): forgotten α = 0.01 / 0.02 / 0.05 / 0.1 / 0.2 → 0.825 / 0.832 /
 # 0.848 / 0.675 / 0.607 (mean steps taken at α = 0.05: 4); fixed K = 5 / 10 at α = 0.1 →
-# 0.662 / 0.833; forgotten α = 0.1 raw → 0.795; the former default (sgd K = 1 α = 0.01) → 0.26.
+# 0.662 / 0.833; forgotten α = 0.1 raw → 0.795 (the former default, sgd K = 1 α = 0.01: 0.26 on
+# the same validation facts in the earlier eager-attention Q8 run, benchmarks/results/q8_lm_tracing.md).
 # Classifiers and regressors keep the defaults above.
 CAUSAL_LM_DEFAULTS: dict[str, Any] = {
     "stop": StopRule.FORGOTTEN, "optimizer": Optimizer.NORMALIZED_SGD, "steps": 20, "lr": 0.05,

@@ -16,9 +16,11 @@ place. The counted answer stays the same; only the evidence for it is scrambled,
 ℓ_forgotten is what the model "knows" about this answer without the query's meaning. No
 label, held-out set or evaluated fact is involved. Unlearning then runs
 
-    θ_{k+1} = step(θ_k)   while L(θ_k, z_q) < ℓ_forgotten(q)   and k < K           (per query q)
+    θ_{k+1} = step(θ_k)   for k = 0, then while L(θ_k, z_q) < ℓ_forgotten(q) and k < K   (per query q)
 
-(`K` = `steps`, the cap). A query already at or above its level takes no step. In per-sample
+(`K` = `steps`, the cap). The first step is always taken, so a query the model does not
+know (already at its level, e.g. on an untrained model) still gets the first-order answer
+instead of all-zero scores. In per-sample
 mode each query stops on its own (the stacked parameter set q stops moving); in joint mode
 the mean query loss is compared with the mean level. `steps_taken` `[Q]` is reported.
 """
