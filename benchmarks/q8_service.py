@@ -51,6 +51,8 @@ FOLDERS = "Q8_FOLDERS"  # a directory keeping the trained folders between runs (
 PRECISION_K = 10
 MRR_TARGET = 0.9
 OURS = "forward_inf"
+C_PROJ = "transformer.h.1.attn.c_proj"
+ONE_LAYER = {"fit_batch_size": 16}
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,14 @@ def entries(budget: int) -> list[Entry]:
             {"similarity": "cosine"}, {"similarity": "dot"},
             {"similarity": "dot", "normalize": "relative"}, {"similarity": "cosine", "last_layer": True},
         )),
-        Entry("influence (exact iHVP on one layer)", "influence", {"layers": ["transformer.h.1.attn.c_proj"]}, (
-            {"layers": ["transformer.h.1.attn.c_proj"], **relative[0]},
-            {"layers": ["transformer.h.1.attn.c_proj"], **relative[1]},
-            {"layers": ["transformer.ln_f"], **relative[0]},
-            {"layers": ["transformer.ln_f"], **relative[1]},
+        # Library defaults (CG on all 118k parameters, one solve per query, ~47 s idle) do not fit the run:
+        # the exact inverse on one layer does (fit in batches of 16 rows: the causal-LM Gauss-Newton holds
+        # a [T·V, P_layer] Jacobian per row).
+        Entry("influence (exact iHVP on one layer)", "influence", {**ONE_LAYER, "layers": [C_PROJ]}, (
+            {**ONE_LAYER, "layers": [C_PROJ], **relative[0]},
+            {**ONE_LAYER, "layers": [C_PROJ], **relative[1]},
+            {**ONE_LAYER, "layers": ["transformer.ln_f"], **relative[0]},
+            {**ONE_LAYER, "layers": ["transformer.ln_f"], **relative[1]},
         )),
     ]
     return [Entry(e.label, e.method, e.defaults, e.grid[:budget]) for e in lists]
@@ -162,7 +167,8 @@ def run(options: Options) -> Report:
     with tempfile.TemporaryDirectory(prefix="q8-service-") as tmp:
         kept = os.environ.get(FOLDERS)
         root = Path(kept) if kept else Path(tmp)  # the service's DATA_ROOT: it reads files under it only
-        shutil.rmtree(root / SERVICE_DIR_NAME, ignore_errors=True)  # a fresh service: no stored answers
+        if not kept:  # a kept DATA_ROOT keeps the service's store: identical queries are answered from it
+            shutil.rmtree(root / SERVICE_DIR_NAME, ignore_errors=True)
         sizes = {"subjects": subjects, "evaluated": evaluated, "validation": validation, "epochs": epochs, "seed": 0}
         with Stopwatch() as watch:
             folders = trained_folders(corpus, sizes, root / "q8")
@@ -203,7 +209,9 @@ def setup_text(corpus: FactCorpus, parameters: int, train_seconds: float, budget
         f"{len(corpus.evaluated)} evaluated facts ({proponents:.1f} proponents on average) and "
         f"{len(corpus.validation)} validation facts (disjoint; only for choosing configurations). Model: GPT-2 "
         f"from `GPT2Config` (2 layers, 64 wide, {parameters:,} parameters), AdamW, 5 checkpoints, "
-        f"trained and saved in {train_seconds:.0f} s (0 s: reused from `{FOLDERS}`, same sizes and seeds); saved with `save_pretrained` defaults (SDPA attention) with a "
+        f"trained and saved in {train_seconds:.0f} s (0 s: reused from `{FOLDERS}`, same sizes and seeds; "
+        "then entries marked '(stored)' were answered from the service's store of identical queries computed "
+        "by an earlier, interrupted run of the same code: their seconds are lookups); saved with `save_pretrained` defaults (SDPA attention) with a "
         "word-level tokenizer; registered with `python -m service` (embedded: SQLite, in-process worker) and "
         "queried over HTTP with `{\"prompt\", \"completion\"}` samples in `per_sample` mode (one POST per "
         f"configuration and fact set). Tuning budget: {budget} configurations per method, chosen by validation "
@@ -222,7 +230,7 @@ def summarise(report: Report, outcomes: list[Outcome], peers: dict[str, PeerEntr
                          f"{max(o.validation):.3f}" if kind == "tuned" else "—",
                          f"{mean_reciprocal_rank(scored.scores, relevant):.3f}",
                          f"{precision_at_k(scored.scores, relevant, PRECISION_K):.3f}",
-                         f"{scored.seconds:.1f}", _steps(scored)])
+                         f"{scored.seconds:.1f}" + (" (stored)" if scored.cached else ""), _steps(scored)])
             report.timing(name, scored.seconds / len(scored.scores), "POST → succeeded, per fact (one per_sample "
                                                                       "query of all facts; fits included)")
     for name, peer in peers.items():

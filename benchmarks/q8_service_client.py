@@ -29,6 +29,7 @@ class Scored:
     extras: dict[str, Any]
     timings: dict[str, float]
     seconds: float  # POST to final status
+    cached: bool  # answered from the service's stored results (an identical earlier query)
 
 
 class StudyClient:
@@ -88,4 +89,5 @@ class StudyClient:
         raw.raise_for_status()
         matrix = torch.from_numpy(np.load(io.BytesIO(raw.content))).float().reshape(len(samples["prompt"]), -1)
         result = state.get("result") or {}
-        return Scored(matrix, dict(result.get("extras") or {}), dict(result.get("timings") or {}), seconds)
+        return Scored(matrix, dict(result.get("extras") or {}), dict(result.get("timings") or {}), seconds,
+                      bool(state.get("cached")))
