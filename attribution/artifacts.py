@@ -48,8 +48,12 @@ class InMemoryArtifacts:
 
 def artifact_key(kind: str, *parts: Any) -> str:
     """`attr:<kind>:<sha256 of the canonical JSON of parts>`; dataclasses become dicts."""
-    canonical = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
-    return f"attr:{kind}:{hashlib.sha256(canonical.encode()).hexdigest()}"
+    return f"attr:{kind}:{hashlib.sha256(canonical_json(list(parts)).encode()).hexdigest()}"
+
+
+def canonical_json(value: Any) -> str:
+    """Key-sorted JSON of `value` with dataclasses as dicts and tuples as lists (hashing input)."""
+    return json.dumps(_plain(value), sort_keys=True, default=str)
 
 
 def _plain(value: Any) -> Any:

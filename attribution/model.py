@@ -39,7 +39,7 @@ class ModelAdapter:
         layers: Sequence[str] | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.module = module.to(self.device).eval()
+        self.module = _with_eager_attention(module.to(self.device).eval())
         self.task = task
         self.layers = list(layers) if layers else None
         names = [n for n, p in self.module.named_parameters() if p.requires_grad]
@@ -180,6 +180,23 @@ class ModelAdapter:
             for g, p in zip(grads, params, strict=True)
         ]
         return torch.cat(cols, dim=1).detach()
+
+
+def _with_eager_attention(module: torch.nn.Module) -> torch.nn.Module:
+    """A Hugging Face module switched to the eager attention kernel (other modules unchanged).
+
+    The methods differentiate through attention in every way `torch.func` and autograd offer:
+    per-sample gradients under `vmap`, Jacobian-vector products and Hessian-vector products by
+    double backward. Fused kernels (SDPA's flash kernel on CPU, FlashAttention) have no
+    double-backward and fall back to a slow loop under `vmap`; eager attention is plain tensor
+    algebra with the same outputs. Masks are 4-D additive biases (`Task.model_kwargs`), which
+    eager attention adds as given.
+    """
+    config = getattr(module, "config", None)
+    switch = getattr(module, "set_attn_implementation", None)
+    if config is not None and callable(switch) and getattr(config, "_attn_implementation", "eager") != "eager":
+        switch("eager")
+    return module
 
 
 def _flatten(grads: Sequence[Tensor | None], like: Params) -> Tensor:

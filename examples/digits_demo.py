@@ -12,7 +12,6 @@ marking the planted copy. Only the REST API is used, as a notebook or CI job wou
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import httpx
 import numpy as np
 import torch
 import torch.nn.functional as F
-from demo_http import check, poll
+from demo_support import check, main, poll
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -94,20 +93,5 @@ def query(url: str, data_root: Path) -> None:
         print(f"\nleaked copies ranked first: {found}/{len(queries['x'])}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("data_root", type=Path)
-    q = sub.add_parser("query")
-    q.add_argument("url")
-    q.add_argument("data_root", type=Path)
-    args = parser.parse_args()
-    if args.command == "build":
-        build(args.data_root)
-    else:
-        query(args.url, args.data_root)
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, build, query)

@@ -16,14 +16,13 @@ stating the fact, and reports how often one of them ranks first.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
 import httpx
 import torch
-from demo_http import check, poll
+from demo_support import check, main, poll
 
 SUBJECTS = 12
 TEMPLATES = ("the capital of {s} is {o}", "{s} has its capital at {o}", "the seat of government of {s} is {o}",
@@ -124,20 +123,5 @@ def query(url: str, data_root: Path) -> int:
     return found
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("data_root", type=Path)
-    q = sub.add_parser("query")
-    q.add_argument("url")
-    q.add_argument("data_root", type=Path)
-    args = parser.parse_args()
-    if args.command == "build":
-        build(args.data_root)
-    else:
-        query(args.url, args.data_root)
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, build, query)

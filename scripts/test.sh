@@ -5,6 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/services.sh
+# Headless Chromium for the result-page test (tests/surface/test_result_page_chromium.py):
+# Debian's package, installed once when missing (root and apt-get only; else the test skips
+# outside CI).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing chromium (apt-get) for the result-page test"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 .venv/bin/ruff check .
 .venv/bin/mypy
 set +e

@@ -1,5 +1,8 @@
 """`python -m service [--host 127.0.0.1] [--port 8000] [--processes N]`: serve the REST API with uvicorn.
 
+Idle keep-alive connections stay open `KEEP_ALIVE_TIMEOUT_S` seconds (default 75; uvicorn's
+own default is 5 s, see `server_config`).
+
 Refuses to start with auth off (no `API_KEYS`) on a non-loopback address, and with more
 than one process (`--processes`, default `API_PROCESSES`, else 1) in embedded mode. In
 embedded mode (no `DATABASE_URL`) the SQLite file under the data root is migrated to the
@@ -94,19 +97,29 @@ def main(argv: list[str] | None = None) -> int:
         upgrade_head(settings)
     app = create_app(settings)  # N > 1: settings no app can be built from fail here, not in a restart loop
     if settings.api_processes > 1:
-        return serve_processes(settings.api_processes, args.host, args.port, args.log_level)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return serve_processes(settings, args.host, args.port, args.log_level)
+    uvicorn.Server(server_config(app, settings, host=args.host, port=args.port, log_level=args.log_level)).run()
     return 0
 
 
-def serve_processes(processes: int, host: str, port: int, log_level: str) -> int:
-    """Run `processes` uvicorn worker processes of `create_app()` until SIGTERM/SIGINT, their
-    request metrics summed in a private directory that is removed afterwards; the exit code."""
+def server_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Config:
+    """uvicorn's config for `app` (an app, or an import path with `factory=True`) with the
+    service's keep-alive: an idle keep-alive connection stays open `KEEP_ALIVE_TIMEOUT_S`
+    (default 75 s, longer than common client pools keep idle connections), not uvicorn's 5 s,
+    after which a client sending its next request on the connection as the server closes it
+    gets no response at all."""
+    return uvicorn.Config(app, timeout_keep_alive=settings.keep_alive_timeout_s, **options)
+
+
+def serve_processes(settings: Settings, host: str, port: int, log_level: str) -> int:
+    """Run `settings.api_processes` uvicorn worker processes of `create_app()` until SIGTERM/SIGINT,
+    their request metrics summed in a private directory that is removed afterwards; the exit code."""
+    processes = settings.api_processes
     with tempfile.TemporaryDirectory(prefix="attribution-metrics-") as metrics_dir:
         os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir  # inherited by the worker processes uvicorn spawns
         try:
-            config = uvicorn.Config(APP_FACTORY, factory=True, workers=processes, host=host, port=port,
-                                    log_level=log_level, log_config=worker_log_config(log_level))
+            config = server_config(APP_FACTORY, settings, factory=True, workers=processes, host=host, port=port,
+                                   log_level=log_level, log_config=worker_log_config(log_level))
             log.info("serving with %d processes; request metrics summed over them in %s", processes, metrics_dir)
             supervisor = Multiprocess(config, sockets=[tcp_listener(config)])
             supervisor.run()

@@ -67,6 +67,11 @@ def _inprocess_runner(workers: int) -> _InProcessRunner:
     return _InProcessRunner(workers)
 
 
+# RQ's own (hard) job timeout: JOB_TIMEOUT_S plus this grace. The job stops itself at
+# JOB_TIMEOUT_S (`workers.stopping`) and fails its query with that reason; RQ's timeout is the
+# backstop for a job stuck inside one long operation.
+HARD_TIMEOUT_GRACE_S = 60
+
 # Called by RQ when a job fails outside the job's own error handling (worker lost, timeout):
 # marks the query failed once RQ has no retries left.
 FAILURE_CALLBACK = "workers.jobs.on_job_failure"
@@ -84,7 +89,7 @@ def enqueue(path: str, *args: Any, job_id: str, settings: Settings | None = None
     try:
         queue = Queue(settings.queue_name, connection=redis_connection(settings.redis_url or ""))
         queue.enqueue(
-            path, *args, job_id=job_id, job_timeout=settings.job_timeout_s,
+            path, *args, job_id=job_id, job_timeout=settings.job_timeout_s + HARD_TIMEOUT_GRACE_S,
             retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
             result_ttl=3600, failure_ttl=7 * 24 * 3600,
             on_failure=Callback(FAILURE_CALLBACK),

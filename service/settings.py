@@ -30,8 +30,11 @@ class Settings(BaseSettings):
                                description="processes of `python -m service`; > 1 needs DATABASE_URL and REDIS_URL")
 
     queue_name: str = "attribution"
-    job_timeout_s: int = 3600
+    job_timeout_s: int = Field(default=3600, ge=1, description="wall-clock limit of one job; beyond it the job "
+                               "stops at its next cancellation check and the query fails")
     job_retries: int = 1
+    transient_retries: int = Field(default=6, ge=0, le=20, description="retries of a job step after a transient "
+                                   "database/Redis error (backoff 0.5, 1, 2, 4, 8, 8, ... s)")
     fanout_rows: int = Field(default=200_000, description="datasets with more rows are split into parts, one RQ job each")
     artifact_ttl_s: int = Field(default=7 * 24 * 3600, description="TTL of cached losses and fit artifacts in Redis")
     inprocess_workers: int = 1
@@ -52,6 +55,10 @@ class Settings(BaseSettings):
     batch_max_queries: int = Field(default=16, ge=1, le=256)
 
     max_request_bytes: int = 32 * 1024 * 1024
+    # Longer than the idle timeout of common client pools (httpx 5 s, requests/urllib3 none,
+    # browsers and load balancers ~60 s): the server never closes an idle keep-alive connection
+    # under a client that is about to send on it.
+    keep_alive_timeout_s: int = Field(default=75, ge=1, le=3600)
     max_query_samples: int = 4096
     max_top_k: int = 10_000
     max_model_bytes: int = 4 * 1024**3
@@ -72,6 +79,12 @@ class Settings(BaseSettings):
     @property
     def scores_dir(self) -> Path:
         return self.service_dir / "scores"
+
+    @property
+    def features_dir(self) -> Path:
+        """Fitted training features as files (`attribution.feature_files`); shared by every
+        worker, like the score files (workers on several machines share DATA_ROOT)."""
+        return self.service_dir / "features"
 
     @property
     def effective_database_url(self) -> str:

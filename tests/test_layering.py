@@ -50,3 +50,13 @@ def test_workers_never_import_the_api(path: Path | None) -> None:
         pytest.skip("workers/ has no modules yet")
     bad = sorted(m for m in imported_modules(path) if m == "service.api" or m.startswith("service.api."))
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+FORBIDDEN_IN_CLIENT = {"attribution", "service", "workers", "torch", "fastapi", "sqlalchemy", "rq", "redis"}
+
+
+@pytest.mark.parametrize("path", python_files("attribution_client"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_client_imports_nothing_of_the_server(path: Path) -> None:
+    """The client installs and runs without the service: only httpx, pydantic, numpy, tqdm, typer."""
+    bad = sorted(m for m in imported_modules(path) if m.split(".")[0] in FORBIDDEN_IN_CLIENT)
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

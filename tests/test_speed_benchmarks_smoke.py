@@ -1,4 +1,4 @@
-"""Smoke test of the speed studies P1–P6: each runs in `--quick` mode into a temporary
+"""Smoke test of the speed studies P1–P7: each runs in `--quick` mode into a temporary
 directory and writes its report. No timing assertions (timings depend on the machine);
 the studies themselves check their results (shapes, statuses, identical score files)
 and raise if something is wrong.
@@ -26,6 +26,7 @@ STUDIES = {
     "p4_scale_out": "2 worker(s): scores identical to the 1-worker run",
     "p5_memory": "growth per extra row, bytes",
     "p6_load": "queries reaching a final status",
+    "p7_feature_query": "Forward-INF wall ÷ TrackStar wall (per new query)",
 }
 
 

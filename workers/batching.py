@@ -22,8 +22,10 @@ single-query path runs (`ForwardInf.score` in joint mode: the same `unlearn_copy
 module forward on the same batches), so each query's scores equal the one-by-one result
 bit for bit (tested with a 1e-6 tolerance). Each query is then stored on its own: its score
 file and, in its own transaction, its ranked rows and `succeeded` (`store_result`).
-A canceled companion keeps being computed but its result is dropped at store time; an
-error fails every query of the group with the same one-line message.
+A canceled companion keeps being computed but its result is dropped at store time; the
+batch stops once every member is canceled or lost its lease, or at `JOB_TIMEOUT_S`. A
+transient database/Redis error is retried (`workers.retrying`), never failing the group;
+any other error fails every query of the group with the same one-line message.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,6 +42,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import noload
 
 from attribution.data import Batch, TrainingSet
+from attribution.interrupts import interruptible
 from attribution.methods.base import FitContext, MethodName, Normalize
 from attribution.methods.forward_inf import ForwardInf, ForwardInfParams
 from attribution.methods.forward_inf_engine import (
@@ -62,15 +66,9 @@ from workers.loading import (
     load_tokenizer,
     samples_to_batch,
 )
-from workers.scoring import (
-    CHECKPOINT_PARAMS,
-    Canceled,
-    ProgressWriter,
-    amp_dtype,
-    notify,
-    one_line,
-    store_result,
-)
+from workers.retrying import is_transient, with_retries
+from workers.scoring import CHECKPOINT_PARAMS, amp_dtype, notify, one_line, store_result
+from workers.stopping import Canceled, CheckedRows, ProgressWriter
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +131,36 @@ def claim_companions(query: Query, settings: Settings, stack: contextlib.ExitSta
 
 
 def run_batch(members: list[Member], model_row: Model, dataset_row: Dataset, settings: Settings) -> None:
-    """Compute every member's query in one sweep and store each on its own; never raises."""
+    """Compute every member's query in one sweep and store each on its own; never raises.
+
+    A transient database/Redis error retries the sweep or the store (`with_retries`); one that
+    persists leaves the members `running` for the reaper. Any other error fails every member.
+    """
     ids = [m.query.id for m in members]
     log.info("batch of %d forward_inf queries, one sweep: %s", len(ids), ", ".join(ids))
+    progress = ProgressWriter(lambda f: _write_progress(ids, f, settings), [m.lease for m in members],
+                              timeout_s=settings.job_timeout_s)
     try:
-        results = compute_batch([m.query for m in members], model_row, dataset_row, settings,
-                                progress=ProgressWriter(lambda f: _write_progress(ids, f, settings), None))
+        with interruptible(progress.check):
+            results = with_retries(lambda: compute_batch([m.query for m in members], model_row, dataset_row,
+                                                         settings, progress=progress),
+                                   settings, what=f"batch {ids[0]}: compute")
         for member, (scores, train, timings, extras) in zip(members, results, strict=True):
             if member.lease.lost:
                 log.info("query %s: lease lost; its batched result is dropped", member.query.id)
                 continue
-            stored = store_result(member.query, scores.numpy(), train, settings, timings=timings,
-                                  extras={"batched_queries": len(members), **extras, **train.text_extras()})
+            store = partial(store_result, member.query, scores.numpy(), train, settings, timings=timings,
+                            extras={"batched_queries": len(members), **extras, **train.text_extras()},
+                            model_row=model_row, dataset_row=dataset_row)
+            stored = with_retries(store, settings, what=f"query {member.query.id}: store")
             log.info("query %s: %s", member.query.id, "succeeded" if stored else "no longer running; result dropped")
     except Canceled as exc:
         log.info("batch %s stopped: %s", ids, exc)
     except Exception as exc:
+        if is_transient(exc):
+            log.warning("batch %s: the database or Redis stayed unreachable (%s); left running for the reaper",
+                        ids, one_line(exc))
+            return
         log.exception("batch %s failed", ids)
         with session_scope(settings) as session:
             for query_id in ids:
@@ -172,7 +184,7 @@ def _write_progress(ids: list[str], fraction: float, settings: Settings) -> str 
 
 def compute_batch(
     queries: list[Query], model_row: Model, dataset_row: Dataset, settings: Settings, *,
-    progress: Any,
+    progress: ProgressWriter,
 ) -> list[tuple[torch.Tensor, ShardedTrainingSet, dict[str, float], dict[str, Any]]]:
     """`[(scores [1, N] float32 CPU, train set, timings, extras)]`, one per query, from one sweep.
 
@@ -197,7 +209,8 @@ def compute_batch(
     )
     method = ForwardInf(model, params[0], context)
     load_s = time.perf_counter() - started
-    method.fit(train)
+    rows_read: TrainingSet = CheckedRows(train, progress.check)  # every batch read can stop the job
+    method.fit(rows_read)
     base = method.base_losses
     if base is None or len(base) != rows:
         raise ValueError(f"base losses do not cover the {rows} training rows")
@@ -210,7 +223,7 @@ def compute_batch(
         unlearn_s.append(time.perf_counter() - began)
         extras.append({"unlearning_steps": how.log.steps_taken} if how.until_forgotten else {})
     began = time.perf_counter()
-    view: TrainingSet = train if method.dtype is None else CastTrainingSet(train, method.dtype)
+    view: TrainingSet = rows_read if method.dtype is None else CastTrainingSet(rows_read, method.dtype)
     after = sweep(copies_losses(copies), view, batch_size=params[0].batch_size, device=model.device,
                   amp_dtype=context.amp_dtype, progress=progress)  # [B, N]
     sweep_s = time.perf_counter() - began
@@ -220,7 +233,7 @@ def compute_batch(
         scores = (p.sign * (after[b:b + 1] - base.unsqueeze(0))).float()
         if p.normalize == Normalize.RELATIVE:  # the denominator of this query's own (resolved) params
             own = ForwardInf(model, p, context)
-            norms = cached_self_influence(own, train, relative_norm=True)
+            norms = cached_self_influence(own, rows_read, relative_norm=True)
             scores = relative_scores(scores, norms, floor=own.relative_norm_floor())
         timings = {"load_s": load_s, "base_losses_s": context.timings.get("base_losses_s", 0.0),
                    "unlearn_s": unlearn_s[b], "sweep_s": sweep_s, "total_s": time.perf_counter() - started}

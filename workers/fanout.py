@@ -43,6 +43,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from attribution.methods.base import MethodName, Normalize
+from attribution.methods.forward_inf_params import ForwardInfParams
 from service import queue
 from service.db.models import Dataset, Model, Query
 from service.db.repositories import jobs as repo
@@ -51,14 +52,9 @@ from service.settings import Settings, get_settings
 from workers.cache import atomic_file
 from workers.leases import holding, leases
 from workers.loading import ShardedTrainingSet, input_spec, load_model, load_tokenizer
-from workers.scoring import (
-    Canceled,
-    ProgressWriter,
-    compute_scores,
-    notify,
-    one_line,
-    store_result,
-)
+from workers.retrying import is_transient, with_retries
+from workers.scoring import compute_scores, notify, one_line, store_result
+from workers.stopping import Canceled, ProgressWriter
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +85,9 @@ def plan_ranges(shard_sizes: Sequence[int], target: int) -> list[tuple[int, int]
     return ranges
 
 
-def should_fan_out(query: Query, num_samples: int, settings: Settings) -> bool:
+def should_fan_out(query: Query, num_samples: int, settings: Settings, *, task: str = "") -> bool:
+    """Whether the query runs as part jobs; `task`: the model's, whose defaults may make an unset
+    `normalize` relative (Forward-INF on causal LMs, `ForwardInfParams.for_task`)."""
     if num_samples <= settings.fanout_rows:
         return False
     params = query.params or {}
@@ -97,7 +95,10 @@ def should_fan_out(query: Query, num_samples: int, settings: Settings) -> bool:
         method = MethodName(query.method)
     except ValueError:
         return False
-    if method not in _ROW_SEPARABLE or params.get("normalize", Normalize.NONE.value) == Normalize.RELATIVE.value:
+    normalize = params.get("normalize") or Normalize.NONE.value
+    if method == MethodName.FORWARD_INF and params.get("normalize") is None:
+        normalize = ForwardInfParams.from_dict({**params, "normalize": None}).for_task(task).normalize
+    if method not in _ROW_SEPARABLE or normalize == Normalize.RELATIVE.value:
         return False
     # auto searches, and the Newton step fits (G + λI)⁻¹, over the whole training set
     return not (method == MethodName.FORWARD_INF and (params.get("auto") or params.get("unlearning") == "newton"))
@@ -213,15 +214,20 @@ def run_query_part(query_id: str, part: int) -> None:
                     _relaxed_commit(s)
                     return repo.set_part_progress(s, query_id, part, fraction)
 
-            computed = compute_scores(query, model_row, dataset_row, settings, row_start=part_row.row_start,
-                                      row_stop=part_row.row_stop, progress=ProgressWriter(write, lease))
+            progress = ProgressWriter(write, [lease], timeout_s=settings.job_timeout_s)
+            computed = with_retries(
+                lambda: compute_scores(query, model_row, dataset_row, settings, row_start=part_row.row_start,
+                                       row_stop=part_row.row_stop, progress=progress),
+                settings, what=f"query {query_id} part {part}: compute")
             began = time.perf_counter()
             settings.scores_dir.mkdir(parents=True, exist_ok=True)
             meta = {"timings": {**computed.timings, **phases}, "extras": computed.extras}
             _save_part(settings.scores_dir / _part_file(query_id, part), computed.scores.numpy(), meta)
             phases["part_save_s"] = time.perf_counter() - began
-            with session_scope(settings) as session:
-                last = repo.finish_part(session, query_id, part, _part_file(query_id, part))
+            def finish() -> bool:
+                with session_scope(settings) as session:
+                    return repo.finish_part(session, query_id, part, _part_file(query_id, part))
+            last = with_retries(finish, settings, what=f"query {query_id} part {part}: finish")
             phases["part_finish_s"] = time.perf_counter() - began - phases["part_save_s"]
             log.info("query %s part %d done in %.3f s (process cpu %.3f s): %s", query_id, part,
                      time.perf_counter() - started, time.process_time() - cpu_started,
@@ -231,6 +237,9 @@ def run_query_part(query_id: str, part: int) -> None:
             _remove_part_files(query_id, range(query.num_parts), settings)
             return
         except Exception as exc:
+            if is_transient(exc):  # the part stays `running` without a lease: the reaper re-enqueues it
+                log.warning("query %s part %d: database or Redis unreachable (%s)", query_id, part, one_line(exc))
+                return
             log.exception("query %s part %d failed", query_id, part)
             with session_scope(settings) as session:
                 repo.fail_part(session, query_id, part, one_line(exc))
@@ -271,7 +280,8 @@ def merge_query(query_id: str) -> None:
         spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
         train = ShardedTrainingSet.for_dataset(dataset_row, spec, settings, verify=False, prefetch=False)
         timings["merge_read_s"] = time.perf_counter() - started
-        store_result(query, merged, train, settings, timings=timings, extras=extras)
+        store_result(query, merged, train, settings, timings=timings, extras=extras, model_row=model_row,
+                     dataset_row=dataset_row)
         log.info("query %s: merged %d parts in %.3f s (process cpu %.3f s)", query_id, len(parts),
                  time.perf_counter() - started, time.process_time() - cpu_started)
     except Exception as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attribution.feature_files import FeatureFiles
+from attribution.interrupts import interruptible
 from attribution.methods.base import FitContext
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
@@ -32,49 +33,21 @@ from service.db.session import session_scope
 from service.settings import Settings
 from workers.cache import artifact_store, atomic_file
 from workers.grouping import labels_path, row_groups, write_labels
-from workers.leases import HeldLease
 from workers.loading import (
     ShardedTrainingSet,
     input_spec,
     load_model,
+    load_second_moment,
     load_tokenizer,
     samples_to_batch,
 )
 from workers.loading.errors import ModelLoadError
+from workers.provenance import provenance_record
+from workers.stopping import CheckedRows, ProgressWriter
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PARAMS = ("checkpoint_model_ids", "checkpoint_lrs")
-
-
-class Canceled(Exception):
-    """The query was canceled (or this job lost its lease) while it ran; nothing is written."""
-
-
-class ProgressWriter:
-    """`FitContext.progress`: records progress at most `1 / min_interval_s` times a second.
-
-    Each write also reads the query's status back, so a client's cancel (or a lost lease)
-    stops the method at its next progress report by raising `Canceled`.
-    """
-
-    def __init__(self, write: Callable[[float], str | None], lease: HeldLease | None, min_interval_s: float = 0.5) -> None:
-        self.write = write
-        self.lease = lease
-        self.min_interval_s = min_interval_s
-        self.last = float("-inf")
-
-    def __call__(self, fraction: float) -> None:
-        if self.lease is not None and self.lease.lost:
-            raise Canceled("the job's lease was taken over by another worker")
-        now = time.monotonic()
-        if now - self.last < self.min_interval_s:
-            return
-        self.last = now
-        value = min(max(float(fraction), 0.0), 1.0)
-        status = self.write(value)
-        if status is None or QueryStatus(status) != QueryStatus.RUNNING:
-            raise Canceled(f"the query is {status or 'gone'}")
 
 
 @dataclass
@@ -93,9 +66,11 @@ def amp_dtype(settings: Settings, model: ModelAdapter) -> torch.dtype | None:
 
 def compute_scores(
     query: Query, model_row: Model, dataset_row: Dataset, settings: Settings, *,
-    row_start: int, row_stop: int, progress: Callable[[float], None],
+    row_start: int, row_stop: int, progress: ProgressWriter,
 ) -> Computed:
-    """Scores `[Q, row_stop - row_start]` of the query's method on that row range."""
+    """Scores `[Q, row_stop - row_start]` of the query's method on that row range. The method
+    reads the rows through `CheckedRows` and runs `interruptible`, so `progress.check()` can
+    stop it at any training batch or solver/unlearning iteration."""
     started = time.perf_counter()
     model = load_model(model_row, settings)
     spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
@@ -103,6 +78,7 @@ def compute_scores(
     params = dict(query.params or {})
     checkpoint_ids = params.get("checkpoint_model_ids")
     checkpoint_lrs = params.get("checkpoint_lrs")
+    optimizer_state = params.get("optimizer_state")
     with session_scope(settings) as session:
         queries = None if query.self_influence else samples_to_batch(
             query.samples or {}, model_row=model_row, model=model, settings=settings, session=session)
@@ -111,10 +87,14 @@ def compute_scores(
         fingerprint=f"{model_row.sha256}:{dataset_row.sha256}:{model_row.task}:{row_start}-{row_stop}",
         store=artifact_store(settings), progress=progress, amp_dtype=amp_dtype(settings, model),
         checkpoints=checkpoints, checkpoint_lrs=[float(v) for v in checkpoint_lrs or []],
+        feature_files=FeatureFiles(settings.features_dir),
+        second_moment=load_second_moment(optimizer_state, settings.data_root) if optimizer_state else None,
     )
     context.timings["load_s"] = time.perf_counter() - started
-    scores = attribute(model, query.method, params, train, context, queries=queries,
-                       per_sample=query.mode == "per_sample", self_influence=bool(query.self_influence))
+    with interruptible(progress.check):
+        scores = attribute(model, query.method, params, CheckedRows(train, progress.check), context,
+                           queries=queries, per_sample=query.mode == "per_sample",
+                           self_influence=bool(query.self_influence))
     context.extras.update(train.text_extras())
     context.timings["total_s"] = time.perf_counter() - started
     return Computed(scores.detach().float().cpu(), train, dict(context.timings), dict(context.extras))
@@ -166,8 +146,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def store_result(query: Query, scores: np.ndarray, train: ShardedTrainingSet, settings: Settings, *,
-                 timings: dict[str, float], extras: dict[str, Any]) -> bool:
-    """Write the score file and, in one transaction, the ranked rows and `succeeded`.
+                 timings: dict[str, float], extras: dict[str, Any], model_row: Model, dataset_row: Dataset) -> bool:
+    """Write the score file and, in one transaction, the ranked rows, the provenance record
+    (`workers.provenance`) and `succeeded`.
 
     `scores` is `[Q, N]`; the file holds `[N]` unless the query is per_sample. A grouped query
     (`group_by` shard/group, see `workers.grouping`) stores and ranks the `[Q, G]` group
@@ -190,7 +171,8 @@ def store_result(query: Query, scores: np.ndarray, train: ShardedTrainingSet, se
         write_labels(path, groups)
     rows = groups.ranked(matrix, k) if groups is not None else ranked_rows(matrix, train, k)
     outcome = repo.QueryOutcome(rows=rows, num_scored=num_scored, scores_path=name,
-                                scores_shape=list(stored.shape), timings=timings, extras=_jsonable(extras))
+                                scores_shape=list(stored.shape), timings=timings, extras=_jsonable(extras),
+                                provenance=provenance_record(query, model_row, dataset_row, settings, timings))
     with session_scope(settings) as session:
         done = repo.complete(session, query.id, outcome)
     if not done:

@@ -57,6 +57,7 @@ from torch import Tensor
 from attribution.curvature import CurvatureOperator
 from attribution.data import Batch
 from attribution.ihvp.base import IHVPEstimator
+from attribution.interrupts import check_interrupt
 
 _POWER_ITERATIONS = 30
 _AUTO_SAFETY = 1.1
@@ -172,6 +173,7 @@ class LissaIHVP(IHVPEstimator):
         order = torch.randperm(len(batches), generator=gen)
         step = 0
         for step in range(1, self.depth + 1):
+            check_interrupt()
             batch = batches[int(order[(step - 1) % len(batches)])]
             ha = h[active]
             g_h = self.curvature.batch_matvec(batch, ha).double() / len(batch)

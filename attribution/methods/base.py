@@ -25,7 +25,10 @@ from torch import Tensor
 
 from attribution.artifacts import ArtifactStore
 from attribution.data import Batch, TrainingSet
+from attribution.feature_files import FeatureFiles
+from attribution.methods.limits import first_excess
 from attribution.model import ModelAdapter
+from attribution.optimizer_state import SecondMoment
 
 Progress = Callable[[float], None]
 
@@ -41,6 +44,7 @@ class MethodName(StrEnum):
     TRAK = "trak"
     INTEGRATED_INFLUENCE = "integrated_influence"
     GRADIENT_SIMILARITY = "gradient_similarity"
+    TRACKSTAR = "trackstar"
 
 
 class Normalize(StrEnum):
@@ -61,7 +65,7 @@ class MethodParams:
     """Base of every method's parameters dataclass.
 
     Subclasses add fields with defaults and validate them in `validate()` (raising
-    `ParamsError`). `from_dict` rejects unknown keys and wrong types by name.
+    `ParamsError`); every cost-scaling field is bounded by `limits.MAXIMUMS` first. `from_dict` rejects unknown keys and wrong types by name.
     """
 
     normalize: Normalize = Normalize.NONE
@@ -73,8 +77,12 @@ class MethodParams:
         self.validate()
 
     def _check_common(self) -> None:
-        if self.batch_size < 1 or self.batch_size > 65536:
-            raise ParamsError("batch_size", "must be between 1 and 65536")
+        if self.batch_size < 1:
+            raise ParamsError("batch_size", "must be at least 1")
+        excess = first_excess(self)
+        if excess is not None:
+            name, value, maximum = excess
+            raise ParamsError(name, f"must be at most {maximum} (got {value}); the limits are in the README")
 
     def validate(self) -> None:
         """Subclass hook: raise `ParamsError` for out-of-range values."""
@@ -161,6 +169,12 @@ class FitContext:
     checkpoint_lrs: list[float] = field(default_factory=list)
     # Autocast dtype for forward sweeps on CUDA (bf16/fp16); None: full precision.
     amp_dtype: torch.dtype | None = None
+    # Where large fitted arrays (training features [N, d]) live as files; None: a temporary
+    # directory per method instance (nothing reused across instances).
+    feature_files: FeatureFiles | None = None
+    # The optimizer's second moment (Adam exp_avg_sq) the service resolved from
+    # `params.optimizer_state`; None: methods that use it estimate it instead.
+    second_moment: SecondMoment | None = None
 
 
 class AttributionMethod(ABC):

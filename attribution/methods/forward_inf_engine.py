@@ -34,6 +34,7 @@ from torch.func import functional_call, vmap
 
 from attribution.data import Batch, TrainingSet
 from attribution.device import autocast
+from attribution.interrupts import check_interrupt
 from attribution.methods.forward_inf_stopping import forgotten_level, still_known
 from attribution.model import ModelAdapter, Params
 from attribution.tasks import Inputs, _logits
@@ -129,6 +130,7 @@ def unlearn_copy(model: ModelAdapter, queries: Batch, how: Unlearning) -> ModelA
     level = forgotten_level(copy.loss, queries).mean().reshape(1) if how.until_forgotten else None
     taken = 0
     for _ in range(how.steps):
+        check_interrupt()
         opt.zero_grad(set_to_none=True)
         loss = copy.loss(queries).mean()
         if level is not None and taken and not bool(still_known(loss.reshape(1), level)[0]):
@@ -208,6 +210,7 @@ class StackedModel:
         level = forgotten_level(self.model.loss, queries.to(self.model.device)) if how.until_forgotten else None
         taken = torch.zeros(count, dtype=torch.long)
         for _ in range(how.steps):
+            check_interrupt()
             opt.zero_grad(set_to_none=True)
             losses = self.own_losses(stacked, queries)
             first = bool((taken == 0).all())  # every set takes the first step

@@ -57,6 +57,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -259,7 +260,8 @@ class IntegratedInfluence(AttributionMethod):
         path = self._path(queries, train)
         final = self.final_estimator(train)
         scores = torch.zeros(len(queries) if per_sample else 1, len(train), dtype=torch.float32)
-        for k, (model, baseline) in enumerate(path):
+        for k, (model_at_k, baseline) in enumerate(path):
+            model = model_at_k()
             estimator = final if model is self.tracked else self._path_estimator(model, train, final.damping)
             solved = estimator.solve(query_gradients(model, queries, per_sample=per_sample))
             for start, deltas in self._delta_gradients(model, baseline, train, stage_progress(progress, k, len(path))):
@@ -271,17 +273,22 @@ class IntegratedInfluence(AttributionMethod):
         params = dataclasses.replace(self.params.estimator_params(), damping=damping)
         return fitted_estimator(model, params, self.context, train, cache=False)
 
-    def _path(self, queries: Batch, train: TrainingSet) -> list[tuple[ModelAdapter, Callable[[Batch], Tensor]]]:
-        """`(model at θ_k, baseline targets of a batch)` for k = 1..K (one entry when θ stays at θ̂)."""
+    def _path(self, queries: Batch, train: TrainingSet) -> list[tuple[Callable[[], ModelAdapter], Callable[[Batch], Tensor]]]:
+        """`(model at θ_k, built when called, baseline targets of a batch)` for k = 1..K (one entry
+        when θ stays at θ̂); one θ_k copy is alive at a time, whatever K."""
         if Baseline(self.params.baseline) is not Baseline.UNLEARNED:
-            return [(self.tracked, self._static_baseline(train))]
+            return [(lambda: self.tracked, self._static_baseline(train))]
         started = time.perf_counter()
         unlearned = unlearn(self.tracked, queries, train, self.params)
         self.context.timings["unlearn_s"] = self.context.timings.get("unlearn_s", 0.0) + time.perf_counter() - started
         start, end = unlearned.flat_params(), self.tracked.flat_params()
         steps = self.params.steps
-        models = [at_params(self.tracked, start + (k / steps) * (end - start)) for k in range(1, steps)]
-        models.append(self.tracked)
+
+        def at_step(k: int) -> ModelAdapter:
+            return at_params(self.tracked, start + (k / steps) * (end - start))
+
+        models: list[Callable[[], ModelAdapter]] = [partial(at_step, k) for k in range(1, steps)]
+        models.append(lambda: self.tracked)
 
         def unlearned_targets(batch: Batch) -> Tensor:
             return predictions(unlearned, batch)

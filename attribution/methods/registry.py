@@ -40,7 +40,7 @@ def parse_params(name: str, raw: Mapping[str, Any] | None) -> MethodParams:
 
 
 _BUILTIN_MODULES = (
-    "forward_inf", "gradient_similarity", "influence", "integrated_influence", "tracin", "trak",
+    "forward_inf", "gradient_similarity", "influence", "integrated_influence", "tracin", "trackstar", "trak",
 )
 
 

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from service.api.errors import install_error_handlers
 from service.api.metrics import MetricsMiddleware, ServiceMetrics
-from service.api.middleware import BodyLimitMiddleware
+from service.api.middleware import AuthFirstMiddleware, BodyLimitMiddleware
 from service.api.routes import ROUTERS
 from service.db.session import session_factory
 from service.settings import Settings, get_settings
@@ -63,8 +63,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    # Added last = outermost: metrics see every request, including refused bodies.
+    # Added last = outermost: metrics see every request, including refused ones; the key is
+    # checked before the body is read (and buffered by the size limit).
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AuthFirstMiddleware, tenants_by_key=app.state.tenants_by_key)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 

@@ -1,10 +1,42 @@
-"""ASGI middleware: request-body size limit (413 as JSON, for Content-Length and chunked bodies)."""
+"""ASGI middleware that refuses a request before its body is read: an unauthenticated `/v1`
+request (401, `AuthFirstMiddleware`) and a body over the size limit (413 as JSON, for
+Content-Length and chunked bodies, `BodyLimitMiddleware`)."""
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import error_response
+from service.api.deps import authenticate
+from service.api.errors import Unauthorized, error_response
+
+AUTHENTICATED_PREFIX = "/v1"
+
+
+class AuthFirstMiddleware:
+    """401 for a `/v1` request without a valid `Authorization: Bearer <key>`, from its headers
+    alone: the body is never read, buffered or parsed. The tenant found is kept in the request
+    state (`scope["state"]["tenant"]`) for the routes' `TenantDep`.
+
+    Install it outside `BodyLimitMiddleware`, which buffers the body.
+    """
+
+    def __init__(self, app: ASGIApp, tenants_by_key: dict[str, str]) -> None:
+        self.app = app
+        self.tenants_by_key = tenants_by_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = str(scope.get("path", ""))
+        if scope["type"] != "http" or not (path == AUTHENTICATED_PREFIX or path.startswith(AUTHENTICATED_PREFIX + "/")):
+            await self.app(scope, receive, send)
+            return
+        header = next((value for name, value in scope.get("headers", []) if name == b"authorization"), None)
+        try:
+            tenant = authenticate(self.tenants_by_key, header.decode("latin-1") if header is not None else None)
+        except Unauthorized as exc:
+            await error_response(exc.status_code, exc.code, exc.detail, exc.headers)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["tenant"] = tenant
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from service.api.errors import invalid_from_load_error
 from service.api.schemas import DatasetCreate, ModelCreate
+from service.api.storing import commit_created
 from service.db.models import Dataset, Model
 from service.db.repositories import datasets as dataset_repo
 from service.db.repositories import models as model_repo
@@ -31,7 +32,7 @@ def register_model(session: Session, settings: Settings, tenant: str, body: Mode
         session, tenant=tenant, name=body.name, uri=body.uri, format=info.format, task=body.task,
         architecture=body.architecture, sha256=info.sha256, num_parameters=info.num_parameters,
     )
-    session.commit()
+    commit_created(session, what="model", recovery="list your models (GET /v1/models) before registering it again")
     return model
 
 
@@ -47,5 +48,6 @@ def register_dataset(session: Session, settings: Settings, tenant: str, body: Da
     dataset = dataset_repo.add_dataset(
         session, tenant=tenant, name=body.name, sha256=dataset_sha256([s.sha256 for s in shards]), shards=shards,
     )
-    session.commit()
+    commit_created(session, what="dataset",
+                   recovery="list your datasets (GET /v1/datasets) before registering it again")
     return dataset

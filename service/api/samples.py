@@ -4,8 +4,9 @@
 shape; `y` optional), `{"text": ["..."]}` (`y` optional), `{"prompt": ["..."], "completion": ["..."]}`
 (causal LMs: only the completion's tokens count in the query loss) or
 `{"refs": [{"dataset_id": "...", "index": 17}]}`.
-These checks need no model: finite numbers only (Python's JSON parser accepts `NaN` and
-`Infinity`; they are refused here), rectangular (non-ragged) arrays, storable text, sample
+These checks need no model: numbers that fit the tensors they become (integers within
+int64, floats finite and within float32 range: Python's JSON parser accepts `NaN`,
+`Infinity` and integers of any size; they are refused here), rectangular (non-ragged) arrays, storable text, sample
 counts within the server's limit. Whether the samples fit the model is checked afterwards
 by `workers.loading.parse_samples`.
 """
@@ -18,7 +19,10 @@ from service.api.errors import InvalidInput
 
 _FORMS = ({"x"}, {"x", "y"}, {"text"}, {"text", "y"}, {"prompt", "completion"}, {"refs"})
 _MAX_DEPTH = 8
-_MAX_ABS = 1.0e308
+# Sample values become float32 (inputs, regression targets) or int64 (class labels, token
+# ids) tensors: a number must fit both ranges it may be cast to.
+FLOAT32_MAX = 3.4028234663852886e38
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _invalid(field: str, message: str) -> InvalidInput:
@@ -68,10 +72,16 @@ def _array_shape(value: Any, field: str, depth: int) -> tuple[int, ...]:
         raise _invalid(field, f"nested deeper than {_MAX_DEPTH} levels")
     if not any(isinstance(v, list) for v in value):  # innermost level: numbers only
         for i, v in enumerate(value):
-            if type(v) is not float and type(v) is not int:  # bools are not numbers
+            if type(v) is int:
+                if not INT64_MIN <= v <= INT64_MAX:
+                    raise _invalid(f"{field}[{i}]", f"integer {_short(v)} does not fit a 64-bit integer "
+                                                    "(|value| < 2^63)")
+                continue
+            if type(v) is not float:  # bools are not numbers
                 raise _invalid(f"{field}[{i}]", "must be a number")
-            if not -_MAX_ABS <= v <= _MAX_ABS:  # False for NaN
-                raise _invalid(f"{field}[{i}]", "must be a finite number (NaN and Infinity are refused)")
+            if not -FLOAT32_MAX <= v <= FLOAT32_MAX:  # False for NaN
+                raise _invalid(f"{field}[{i}]", "must be a finite number within float32 range (|value| ≤ 3.4e38; "
+                                                "NaN and Infinity are refused)")
         return (len(value),)
     inner: tuple[int, ...] | None = None
     for i, item in enumerate(value):
@@ -85,6 +95,11 @@ def _array_shape(value: Any, field: str, depth: int) -> tuple[int, ...]:
         elif shape != inner:
             raise _invalid(f"{field}[{i}]", f"ragged array: shape {list(shape)} differs from {list(inner)}")
     return (len(value), *(inner or ()))
+
+
+def _short(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}…({len(text)} digits)"
 
 
 def _check_text(value: Any, field: str, max_samples: int) -> int:

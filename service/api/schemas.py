@@ -145,6 +145,39 @@ class SampleResult(BaseModel):
     bottom: list[RankedRow]
 
 
+class WorkerOut(BaseModel):
+    host: str
+    pid: int
+    device: str = Field(description="where the sweep ran: cpu, cuda, cuda:0, ...")
+    torch: str
+    python: str
+
+
+class CodeOut(BaseModel):
+    version: str = Field(description="the attribution-service package version")
+    commit: str | None = Field(description="source commit (SOURCE_COMMIT or git), when known")
+
+
+class ProvenanceOut(BaseModel):
+    """What produced a result, recorded once by the worker that stored it (cached answers show
+    the computing query's record)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: dict[str, Any] = Field(description="id, sha256, format, task, num_parameters of the model read")
+    dataset: dict[str, Any] = Field(description="id, sha256 (of the ordered shard hashes), num_samples")
+    method: str
+    params: dict[str, Any] = Field(description="resolved parameters, defaults filled in")
+    mode: str
+    group_by: str
+    top_k: int
+    self_influence: bool
+    code: CodeOut
+    worker: WorkerOut = Field(description="the worker that stored the result (for fanned-out queries: merged it)")
+    num_parts: int = Field(description="part jobs the dataset was scored in (1: one job)")
+    timings: dict[str, float] = Field(description="seconds per phase")
+
+
 class QueryResultOut(BaseModel):
     top: list[RankedRow]
     bottom: list[RankedRow]
@@ -157,6 +190,8 @@ class QueryResultOut(BaseModel):
     per_sample: list[SampleResult] | None = Field(
         description="per_sample mode: one ranking per query sample; `top`/`bottom` repeat sample 0"
     )
+    provenance: ProvenanceOut | None = Field(
+        default=None, description="what produced the result; null for results stored before it was recorded")
 
 
 class QueryOut(BaseModel):
@@ -260,4 +295,5 @@ def _result_out(query: Query, ranked: Sequence[RankedRowLike]) -> QueryResultOut
         top=first["top"], bottom=first["bottom"], num_scored=query.num_scored, timings=query.timings or {},
         params=query.params, extras=query.extras or {}, per_sample=per_sample,
         scores_shape=[int(n) for n in shape] if isinstance(shape, list) else None,
+        provenance=ProvenanceOut.model_validate(query.provenance) if query.provenance else None,
     )

@@ -17,7 +17,9 @@ Order of work, cheapest first:
    one commit; the response is built from those rows (`Submitted.results`), not read back;
 5. otherwise the samples are checked against the model (`parse_samples`), the row is
    inserted `queued` and committed, then `workers.jobs.run_query(id)` is enqueued with
-   `job_id = id`; if the queue is down the row is marked failed and the answer is 503.
+   `job_id = id`; if the queue is down the row is marked failed (its Idempotency-Key freed,
+   so a retry with the key creates a fresh query) and the answer is 503 `queue_unavailable`.
+   A connection lost during the commit answers 503 `commit_unknown` (`service.api.storing`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from sqlalchemy.orm import Session
 from attribution.methods.base import MethodParams, ParamsError
 from attribution.methods.gradient_features import CheckpointFeatureParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
+from attribution.methods.trackstar import TrackStarParams
 from service import queue
 from service.api.errors import (
     Conflict,
@@ -47,17 +50,20 @@ from service.api.errors import (
 )
 from service.api.samples import check_samples
 from service.api.schemas import QueryCreate
+from service.api.storing import commit_created
 from service.db.models import Dataset, Model, Query
 from service.db.repositories import datasets as dataset_repo
 from service.db.repositories import models as model_repo
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
 from workers.grouping import GROUP_COLUMN
-from workers.loading import parse_samples
+from workers.loading import optimizer_state_sha256, parse_samples
 from workers.loading.errors import LoadError
 from workers.loading.shards import shards_without_column
 
 RUN_QUERY_JOB = "workers.jobs.run_query"
+RETRY_WITH_KEY = ("retry with the same Idempotency-Key header: it returns the query if it was stored and "
+                  "creates it otherwise (without a key a retry may create a duplicate)")
 
 
 class Outcome(StrEnum):
@@ -144,6 +150,9 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
         "self_influence": body.self_influence, "top_k": body.top_k, "group_by": body.group_by,
         "group_reduce": group_reduce,
     }
+    optimizer_sha = _optimizer_state_sha(settings, params)
+    if optimizer_sha is not None:  # only then, so every other request keeps its hash
+        request["optimizer_state_sha256"] = optimizer_sha
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return _Validated(model, dataset, params, params_dict, body.samples,
                       hashlib.sha256(canonical.encode()).hexdigest(), group_reduce)
@@ -223,6 +232,17 @@ def _checkpoint_shas(session: Session, tenant: str, model: Model, params: Method
     return shas
 
 
+def _optimizer_state_sha(settings: Settings, params: MethodParams) -> str | None:
+    """sha256 of the optimizer-state file TrackStar's `params.optimizer_state` names (None
+    without one); 422 naming the field unless it is a readable safetensors file under the data root."""
+    if not isinstance(params, TrackStarParams) or params.optimizer_state is None:
+        return None
+    try:
+        return optimizer_state_sha256(params.optimizer_state, settings.data_root)
+    except LoadError as exc:
+        raise invalid_from_load_error(exc) from exc
+
+
 def _check_group_by(settings: Settings, body: QueryCreate, dataset: Dataset) -> None:
     """`group_by: group` needs the optional `group` column in every shard of the dataset."""
     if body.group_by != "group":
@@ -279,7 +299,7 @@ def _insert(
     return that request's query instead (or 409 if its body differs)."""
     try:
         query, results = create()
-        session.commit()
+        commit_created(session, what="query", recovery=RETRY_WITH_KEY)
     except IntegrityError:
         session.rollback()
         earlier = query_repo.find_by_idempotency_key(session, tenant, idempotency_key) if idempotency_key else None
@@ -294,5 +314,7 @@ def _enqueue(session: Session, settings: Settings, query: Query) -> None:
         queue.enqueue(RUN_QUERY_JOB, query.id, job_id=query.id, settings=settings)
     except queue.QueueUnavailable as exc:
         query_repo.fail_unstarted(session, query, f"not started: the job queue is unreachable ({exc})")
-        session.commit()
-        raise DependencyDown("the job queue is unreachable; retry later", code="queue_unavailable") from exc
+        commit_created(session, what="failure of the unqueued query", recovery=RETRY_WITH_KEY)
+        raise DependencyDown(f"the job queue is unreachable: query {query.id} was recorded as failed, not run; "
+                             "retry later (a retry with the same Idempotency-Key creates a new query)",
+                             code="queue_unavailable") from exc

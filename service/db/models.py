@@ -158,6 +158,8 @@ class Query(Base):
     num_scored: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     timings: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     extras: Mapped[dict[str, Any] | None] = mapped_column(nullable=True, comment="method-reported values (auto-tuned params, ...)")
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(
+        nullable=True, comment="what produced the result (hashes, params, code, worker, timings); written once")
     scores_path: Mapped[str | None] = mapped_column(Text, nullable=True, comment="score file, relative to the scores dir")
     scores_shape: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     source_query_id: Mapped[str | None] = mapped_column(String(32), nullable=True, comment="for cached answers: the query that computed it")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings, get_settings
@@ -21,6 +23,7 @@ def _engine_for(url: str) -> Engine:
     else:
         kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
     engine = create_engine(url, **kwargs)
+    _watch_connection_errors(engine)
     if url.startswith("sqlite"):
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -30,6 +33,29 @@ def _engine_for(url: str) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
     return engine
+
+
+_LAST_CONNECTION_ERROR: dict[str, float] = {}  # engine URL → time.monotonic() of its last failed statement
+
+
+def _watch_connection_errors(engine: Engine) -> None:
+    """Record when a statement on `engine` fails for lack of a working connection (a connection
+    the server terminated, a refused connect); a pre-ping that finds a dead pooled connection
+    and replaces it is not a failure (the statement then runs)."""
+    key = engine.url.render_as_string(hide_password=False)
+
+    @event.listens_for(engine, "handle_error")
+    def _record(context: Any) -> None:
+        if context.is_pre_ping:
+            return
+        if context.is_disconnect or isinstance(context.sqlalchemy_exception, OperationalError | InterfaceError):
+            _LAST_CONNECTION_ERROR[key] = time.monotonic()
+
+
+def seconds_since_connection_error(settings: Settings | None = None) -> float | None:
+    """Seconds since a statement of this process last failed on a database connection; None if never."""
+    at = _LAST_CONNECTION_ERROR.get(get_engine(settings).url.render_as_string(hide_password=False))
+    return None if at is None else time.monotonic() - at
 
 
 def get_engine(settings: Settings | None = None) -> Engine:

@@ -36,11 +36,13 @@ settings, http = module_service("lm")
 # (gradient_similarity's default cosine is already normalised).
 METHODS: list[tuple[str, dict[str, Any]]] = [
     ("forward_inf", {"normalize": "relative"}),
+    ("forward_inf", {"auto": True}),
     ("tracin", {"normalize": "relative"}),
     ("trak", {"normalize": "relative"}),
     ("gradient_similarity", {}),
     ("influence", {"normalize": "relative"}),
     ("integrated_influence", {"normalize": "relative"}),
+    ("trackstar", {}),  # a cosine, already normalised
 ]
 INSTRUCTION_ROWS = [{"prompt": p, "completion": c} for p, c in PROMPTS]
 
@@ -68,7 +70,7 @@ def registered(http: TestClient, settings: Settings) -> dict[str, dict[str, str]
 
 
 @pytest.mark.parametrize("architecture", CAUSAL_ARCHITECTURES)
-@pytest.mark.parametrize(("method", "params"), METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize(("method", "params"), METHODS, ids=[f"{m}-{'-'.join(p) or 'defaults'}" for m, p in METHODS])
 def test_a_copied_training_text_ranks_first(http: TestClient, registered: dict[str, dict[str, str]],
                                             architecture: str, method: str, params: dict[str, Any]) -> None:
     copied = 5
@@ -103,6 +105,15 @@ def test_a_prompt_completion_query_finds_its_instruction_row(http: TestClient, r
     top = done["result"]["top"][0]
     assert top["index"] == len(CORPUS) + 1
     assert top["preview"] == prompt + completion
+
+
+def test_self_influence_and_per_sample_queries_on_text(http: TestClient, registered: dict[str, dict[str, str]]) -> None:
+    audit = run(http, {**registered["qwen2"], "method": "forward_inf", "self_influence": True, "top_k": 3})
+    assert len(audit["result"]["top"]) == 3
+    assert all(row["preview"] for row in audit["result"]["top"])
+    both = run(http, {**registered["qwen2"], "method": "tracin", "mode": "per_sample", "top_k": 1,
+                      "params": {"normalize": "relative"}, "samples": {"text": [CORPUS[1], CORPUS[8]]}})
+    assert [ranking["top"][0]["index"] for ranking in both["result"]["per_sample"]] == [1, 8]
 
 
 def test_prompt_completion_loss_counts_only_the_completion(http: TestClient, settings: Settings,

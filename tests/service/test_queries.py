@@ -101,7 +101,7 @@ def test_succeeded_query_reports_ranked_rows_and_scores_in_every_format(
     result = body["result"]
     assert [r["index"] for r in result["top"]] == [0, 1, 2] and [r["rank"] for r in result["top"]] == [1, 2, 3]
     assert [r["index"] for r in result["bottom"]] == [9, 8, 7]
-    assert result["top"][0] == {"rank": 1, "index": 0, "sample_id": "row-0", "shard": 0,
+    assert result["top"][0] == {"rank": 1, "index": 0, "sample_id": "row-0", "shard": 0, "preview": None,
                                 "score": pytest.approx(float(np.float32(1.0)))}
     assert result["num_scored"] == NUM_ROWS and result["timings"] == {"sweep_s": 0.25}
     assert result["extras"] == {"lr": 0.02} and result["scores_shape"] == [NUM_ROWS]

@@ -212,6 +212,10 @@ def test_text_shards_are_tokenized_for_causal_lms(data_root: Path, hf_folders: d
     assert first.targets.tolist() == [[3, 4, 5, -100, -100, -100], [10, 8, 9, 6, 3, 7]]
     assert batches[1][1].inputs["input_ids"].tolist() == [[3, 11], [4, 1]]  # type: ignore[index]
     assert training.sample_ids([0, 2, 3]) == ["doc0", "doc2", None]
+    assert training.texts_at([4, 1, 3]) == ["dog ran", "a dog ran on the mat", "cat"]
+    middle = ShardedTrainingSet(shards, task="causal_lm", tokenizer=tokenizer, row_start=1, row_stop=4)
+    rows = [batch.inputs["input_ids"].tolist() for _, batch in middle.batches(8)]  # type: ignore[index]
+    assert rows == [[[10, 8, 9, 6, 3, 7], [3, 11, 1, 1, 1, 1], [4, 1, 1, 1, 1, 1]]]
 
 
 def test_prefetch_reraises_reader_errors_and_stops_early(data_root: Path) -> None:

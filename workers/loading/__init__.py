@@ -2,7 +2,8 @@
 
 Public surface (used by the API at registration/submission and by the jobs):
 `resolve_uri`, `inspect_model`, `load_model`, `load_tokenizer`, `inspect_shard`,
-`ShardedTrainingSet`, `parse_samples`, `samples_to_batch`, `dataset_sha256`, and the
+`ShardedTrainingSet`, `parse_samples`, `optimizer_state_sha256` / `load_second_moment`
+(TrackStar's `params.optimizer_state`), `samples_to_batch`, `dataset_sha256`, and the
 `LoadError` family in `workers.loading.errors`.
 """
 
@@ -10,6 +11,7 @@ from workers.loading.batches import InputSpec, input_spec
 from workers.loading.errors import LoadError, ModelLoadError, SamplesError, ShardError, UriError
 from workers.loading.hashing import dataset_sha256
 from workers.loading.models import ModelInfo, inspect_model, load_model, load_tokenizer
+from workers.loading.optimizer_state import load_second_moment, optimizer_state_sha256
 from workers.loading.samples import parse_samples, samples_to_batch
 from workers.loading.shards import ShardedTrainingSet, ShardInfo, ShardSpec, inspect_shard
 from workers.loading.uris import resolve_uri
@@ -30,7 +32,9 @@ __all__ = [
     "inspect_model",
     "inspect_shard",
     "load_model",
+    "load_second_moment",
     "load_tokenizer",
+    "optimizer_state_sha256",
     "parse_samples",
     "resolve_uri",
     "samples_to_batch",

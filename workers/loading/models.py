@@ -206,10 +206,10 @@ def _load_hf(path: Path, task: str) -> torch.nn.Module:
 
 
 def attention_implementation(config: Any) -> str:
-    """The attention kernel a folder is served with: its own choice when it is `eager` or `sdpa`,
-    else `sdpa` (FlashAttention and other CUDA-only kernels from a GPU training run do not
-    load on every worker, and the scores do not depend on the kernel). Either works under
-    `torch.func`: `Task.model_kwargs` hands the model 4-D additive masks."""
+    """The attention kernel a folder is loaded with: its own choice when it is `eager` or `sdpa`,
+    else `sdpa` (FlashAttention and other CUDA-only kernels from a GPU training run do not load
+    on every worker). `ModelAdapter` then switches Hugging Face modules to eager attention,
+    the kernel every `torch.func` transform and double backward goes through."""
     requested = None
     if isinstance(config, dict):
         requested = config.get("attn_implementation") or config.get("_attn_implementation")

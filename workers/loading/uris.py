@@ -8,6 +8,7 @@ score files, caches) is never addressable.
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -19,8 +20,10 @@ def resolve_uri(uri: str, data_root: Path, *, field: str = "uri") -> Path:
     """The existing file or folder a `file://` URI names, checked to lie inside `data_root`.
 
     Accepts `file:///abs/path` and `file://localhost/abs/path` with percent-encoding.
-    Raises `UriError` for other schemes, hosts, relative or missing paths, and anything
-    that resolves (after following symlinks) outside `data_root` or inside its `.service` folder.
+    Raises `UriError` for other schemes, hosts, relative or missing paths, anything that
+    resolves (after following symlinks) outside `data_root` or inside its `.service` folder,
+    and anything that is not a regular file or a folder of regular files and folders (a
+    named pipe, socket or device: opening a pipe would block).
     """
     if not isinstance(uri, str) or not uri:
         raise UriError(field, "must be a non-empty file:// URI")
@@ -49,7 +52,48 @@ def resolve_uri(uri: str, data_root: Path, *, field: str = "uri") -> Path:
         raise UriError(field, "the path resolves outside the server's data root")
     if path.is_relative_to(root / SERVICE_DIR_NAME):
         raise UriError(field, "the path points into the service's private directory")
+    _check_file_kind(path, field)
     return path
+
+
+def _check_file_kind(path: Path, field: str) -> None:
+    """A regular file, or a folder whose entries are all regular files or folders.
+
+    Only `stat` is used, which never blocks: opening a named pipe (FIFO) blocks until a writer
+    appears, and a device or socket is no model or shard, so any such file is refused before
+    anything opens it.
+    """
+    kind = _kind(path)
+    if kind == "folder":
+        try:
+            entries = sorted(path.iterdir())
+        except OSError as exc:
+            raise UriError(field, f"cannot list the folder {path.name}: {exc.__class__.__name__}") from None
+        for entry in entries:
+            if _kind(entry) not in ("file", "folder"):
+                raise UriError(field, f"the folder holds {entry.name}, which is a {_kind(entry)}, "
+                                      "not a regular file")
+    elif kind != "file":
+        raise UriError(field, f"the path is a {kind}, not a regular file or folder")
+
+
+def _kind(path: Path) -> str:
+    """`file`, `folder`, `named pipe`, `socket`, `device` or `special file` (symlinks followed)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "broken link"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
 
 
 def path_to_uri(path: Path) -> str:

@@ -16,6 +16,7 @@ from service.api.deps import PageDep, SessionDep, SettingsDep, TenantDep
 from service.api.errors import Conflict, NotFound
 from service.api.metrics import ServiceMetrics
 from service.api.schemas import Page, QueryCreate, QueryOut, page_of, query_out
+from service.api.storing import DATABASE_ERRORS
 from service.api.submission import Outcome, submit_query
 from service.db.models import Query, QueryStatus
 from service.db.repositories import queries as query_repo
@@ -62,9 +63,22 @@ def create_query(
     if submitted.results is not None:  # a cached answer: final, every field and ranked row in hand
         out = query_out(submitted.query, results=submitted.results)
     else:
-        session.expire_all()  # re-read: a worker may already have moved a queued query on
-        out = query_out(_owned(session, tenant, query_id))
+        out = _latest(session, tenant, submitted.query)
     return _json(out, status_code=202, headers={"Location": f"/v1/queries/{query_id}"})
+
+
+def _latest(session: Session, tenant: str, query: Query) -> QueryOut:
+    """The committed query as stored now (a worker may already have moved a queued query on);
+    if the database fails on that re-read, the query as committed: it exists, so the answer
+    must carry it, never a 503 that would make the client submit it again."""
+    committed = query_out(query, results=[] if query.status != QueryStatus.SUCCEEDED.value else None)
+    try:
+        session.expire_all()
+        return query_out(_owned(session, tenant, query.id))
+    except DATABASE_ERRORS as exc:
+        log.warning("query %s: re-reading it after the commit failed (%s); answering with the committed row",
+                    query.id, exc.__class__.__name__)
+        return committed
 
 
 @router.get("", response_model=Page[QueryOut])

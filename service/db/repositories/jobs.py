@@ -32,6 +32,7 @@ class QueryOutcome:
     scores_shape: Sequence[int]
     timings: dict[str, Any]
     extras: dict[str, Any]
+    provenance: dict[str, Any] | None = None
 
 
 def get_query(session: Session, query_id: str) -> Query | None:
@@ -98,7 +99,7 @@ def complete(session: Session, query_id: str, outcome: QueryOutcome) -> bool:
             status=QueryStatus.SUCCEEDED.value, progress=1.0, error=None, finished_at=now,
             num_scored=outcome.num_scored, scores_path=outcome.scores_path,
             scores_shape={"shape": [int(n) for n in outcome.scores_shape]},
-            timings=dict(outcome.timings), extras=dict(outcome.extras),
+            timings=dict(outcome.timings), extras=dict(outcome.extras), provenance=outcome.provenance,
         )
     )
     if not _changed(result):

@@ -145,7 +145,8 @@ def add_cached_copy(
         idempotency_key=idempotency_key, callback_url=callback_url,
         status=QueryStatus.SUCCEEDED.value, progress=1.0, cached=True, error=None, attempts=0,
         created_at=now, started_at=now, finished_at=now, num_scored=source.num_scored, timings=source.timings,
-        extras=source.extras, scores_path=source.scores_path, scores_shape=source.scores_shape,
+        extras=source.extras, provenance=source.provenance, scores_path=source.scores_path,
+        scores_shape=source.scores_shape,
         num_parts=source.num_parts, source_query_id=source.source_query_id or source.id,
     )
     session.add(copy)

@@ -1,9 +1,13 @@
-"""HTTP helpers shared by the bundled examples: fail loudly on an error answer, poll a query."""
+"""Shared by the bundled examples: the `build DATA_ROOT` / `query URL DATA_ROOT` command line,
+failing loudly on an error answer, polling a query."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,3 +31,18 @@ def poll(client: httpx.Client, query_id: str, timeout: float = 300.0) -> dict[st
             return body
         time.sleep(0.2)
     sys.exit(f"query {query_id} did not finish in time")
+
+
+def main(doc: str | None, build: Callable[[Path], Any], query: Callable[[str, Path], Any]) -> None:
+    """`build DATA_ROOT` writes the example's files; `query URL DATA_ROOT` asks the running service."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("build").add_argument("data_root", type=Path)
+    asking = sub.add_parser("query")
+    asking.add_argument("url")
+    asking.add_argument("data_root", type=Path)
+    args = parser.parse_args()
+    if args.command == "build":
+        build(args.data_root)
+    else:
+        query(args.url, args.data_root)
