@@ -111,9 +111,9 @@ def run_peers(root: Path, sizes: tuple[int, int, int, int]) -> tuple[dict[str, P
     """kronfluence on the saved folder (`benchmarks.q8_peers`) in the `Q8_PEER_PYTHON` interpreter;
     its entries and the one-line reasons of peers that did not run."""
     python = os.environ.get(PEER_PYTHON)
-    reasons = ["Bergson 2.5.1 (installs with --no-deps beside torch 2.13) is not run: its gradient collector "
-               "hooks `nn.Linear` modules of a `datasets.Dataset` pipeline and GPT-2's blocks are `Conv1D`; "
-               "wiring it was not done in this session."]
+    reasons = ["Bergson 2.5.1 installs (--no-deps beside torch 2.13) and imports, but is not run: wiring its "
+               "gradient collector (a `datasets.Dataset` pipeline with an `IndexConfig`) to these folders was not "
+               "finished in this session."]
     if not python:
         return {}, [f"kronfluence not run: set {PEER_PYTHON} to an interpreter that has it (benchmarks/README.md)",
                     *reasons]
