@@ -153,16 +153,14 @@ class TrainedLM:
 
 
 def tiny_gpt2(vocab_size: int, length: int, *, width: int, layers: int, heads: int = 4) -> nn.Module:
-    """A randomly initialised Hugging Face GPT-2 built from its config (no download), no dropout.
-
-    Eager attention: the default SDPA path builds its causal mask with data-dependent Python
-    branches (`transformers.masking_utils`) that `torch.func.vmap` — the library's per-sample
-    gradients and Forward-INF's per-query unlearning — cannot trace."""
+    """A randomly initialised Hugging Face GPT-2 built from its config (no download), no dropout,
+    the default attention implementation (SDPA): `CausalLMTask.model_kwargs` passes a 4-D mask,
+    which every implementation uses as given, also under `torch.func.vmap`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(  # type: ignore[call-arg]  # attn_implementation: a PretrainedConfig keyword
-        vocab_size=vocab_size, n_positions=length, n_embd=width, n_layer=layers, n_head=heads, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0, attn_implementation="eager")
+    config = GPT2Config(vocab_size=vocab_size, n_positions=length, n_embd=width, n_layer=layers, n_head=heads,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
+                        pad_token_id=0)
     return GPT2LMHeadModel(config)
 
 

@@ -186,13 +186,13 @@ def explain(report: Report, results: dict[str, Result]) -> None:
     report.note(f"Forward-INF's validation choice: {describe('forward_inf', results['Forward-INF, tuned on validation facts'].params)} "
                 "(the grid's table above; ties go to the earlier point).")
     report.note(
-        "To first order (K = 1, small α) Forward-INF's relative default (normalized SGD) scores cos(∇L_i, ∇L_q) at "
-        f"the final model (`forward_inf` docstring): MRR {mrr['Forward-INF, relative']:.3f} vs gradient cosine "
-        f"{mrr['gradient cosine']:.3f}; its raw default (an SGD step α∇L_q; first order, the gradient dot product): "
-        f"{mrr['Forward-INF, library defaults']:.3f} vs {mrr['gradient dot product']:.3f}. TracIn sums the dot "
-        f"product over 5 checkpoints taken while the facts were being learnt: {mrr['TracIn (5 checkpoints)']:.3f} "
-        f"raw, {mrr['TracIn, relative']:.3f} relative, against the final checkpoint's dot product alone "
-        f"({mrr['gradient dot product']:.3f}). Every method but TracIn sees only the final model.")
+        "Forward-INF's causal-LM defaults (`ForwardInfParams.for_task`: normalised ascent until the query's loss "
+        "reaches its shuffled-context level, at most 20 steps, relative scores; `relative` alone gets the same) "
+        f"score MRR {mrr['Forward-INF, library defaults']:.3f}; their first-order limit (one small step) is the "
+        f"gradient cosine, {mrr['gradient cosine']:.3f}. TracIn sums the dot product over 5 checkpoints taken while "
+        f"the facts were being learnt: {mrr['TracIn (5 checkpoints)']:.3f} raw, {mrr['TracIn, relative']:.3f} "
+        f"relative, against the final checkpoint's dot product alone ({mrr['gradient dot product']:.3f}). Every "
+        "method but TracIn sees only the final model.")
     for figure in report.missed():
         report.note(f"Missed: {figure.name} = {format_value(figure.ours)} (target {figure.target}).")
 
@@ -214,7 +214,7 @@ def run(options: Options) -> Report:
         "held-out template stating the fact (used for other facts, never for this one), its loss only the object "
         f"token. {evaluated} evaluated facts ({proponents.mean():.1f} proponents on average), {validation} "
         "validation facts only for choosing hyperparameters. Model: Hugging Face GPT-2 from `GPT2Config` "
-        f"(2 layers, 64 wide, 4 heads, eager attention, no dropout; {trained.model.num_params:,} parameters), "
+        f"(2 layers, 64 wide, 4 heads, default (SDPA) attention, no dropout; {trained.model.num_params:,} parameters), "
         f"AdamW lr 3e-3, batches of 64, {epochs} epochs, 5 evenly spaced checkpoints for TracIn "
         f"({watch.seconds:.0f} s); final mean training loss {trained.train_loss:.3f} per token (subjects are "
         f"unpredictable), evaluated queries answered correctly (object = top next token): "

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 STUDIES = {
     "p1_sweep_efficiency": "Forward-INF throughput / plain inference throughput",
+    "p8_lm_sweep": "Forward-INF tokens/s ÷ plain inference tokens/s",
     "p2_query_time": "influence (cg) warm ÷ Forward-INF warm",
     "p3_repeat_latency": "identical repeat POST, p50 ms",
     "p4_scale_out": "2 worker(s): scores identical to the 1-worker run",

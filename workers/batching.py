@@ -35,6 +35,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from sqlalchemy import select
@@ -144,12 +145,12 @@ def run_batch(members: list[Member], model_row: Model, dataset_row: Dataset, set
             results = with_retries(lambda: compute_batch([m.query for m in members], model_row, dataset_row,
                                                          settings, progress=progress),
                                    settings, what=f"batch {ids[0]}: compute")
-        for member, (scores, train, timings) in zip(members, results, strict=True):
+        for member, (scores, train, timings, extras) in zip(members, results, strict=True):
             if member.lease.lost:
                 log.info("query %s: lease lost; its batched result is dropped", member.query.id)
                 continue
             store = partial(store_result, member.query, scores.numpy(), train, settings, timings=timings,
-                            extras={"batched_queries": len(members), **train.text_extras()},
+                            extras={"batched_queries": len(members), **extras, **train.text_extras()},
                             model_row=model_row, dataset_row=dataset_row)
             stored = with_retries(store, settings, what=f"query {member.query.id}: store")
             log.info("query %s: %s", member.query.id, "succeeded" if stored else "no longer running; result dropped")
@@ -184,8 +185,10 @@ def _write_progress(ids: list[str], fraction: float, settings: Settings) -> str 
 def compute_batch(
     queries: list[Query], model_row: Model, dataset_row: Dataset, settings: Settings, *,
     progress: ProgressWriter,
-) -> list[tuple[torch.Tensor, ShardedTrainingSet, dict[str, float]]]:
-    """`[(scores [1, N] float32 CPU, train set, timings)]`, one per query, from one sweep.
+) -> list[tuple[torch.Tensor, ShardedTrainingSet, dict[str, float], dict[str, Any]]]:
+    """`[(scores [1, N] float32 CPU, train set, timings, extras)]`, one per query, from one sweep.
+
+    Each query's params get its model's task defaults (`ForwardInfParams.for_task`), as alone.
 
     All queries must share `sweep_key` (the caller's claim guarantees it).
     """
@@ -196,7 +199,7 @@ def compute_batch(
     spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
     rows = int(dataset_row.num_samples)
     train = ShardedTrainingSet.for_dataset(dataset_row, spec, settings, row_start=0, row_stop=rows)
-    params = [ForwardInfParams.from_dict(dict(q.params or {})) for q in queries]
+    params = [ForwardInfParams.from_dict(dict(q.params or {})).for_task(model_row.task) for q in queries]
     with session_scope(settings) as session:
         batches = [samples_to_batch(q.samples or {}, model_row=model_row, model=model, settings=settings,
                                     session=session) for q in queries]
@@ -212,11 +215,13 @@ def compute_batch(
     if base is None or len(base) != rows:
         raise ValueError(f"base losses do not cover the {rows} training rows")
 
-    unlearn_s, copies = [], []
+    unlearn_s, copies, extras = [], [], []
     for p, batch in zip(params, batches, strict=True):
         began = time.perf_counter()
-        copies.append(unlearn_copy(method.tracked, _cast(batch, method, model.device), p.gradient_unlearning))
+        how = p.gradient_unlearning
+        copies.append(unlearn_copy(method.tracked, _cast(batch, method, model.device), how))
         unlearn_s.append(time.perf_counter() - began)
+        extras.append({"unlearning_steps": how.log.steps_taken} if how.until_forgotten else {})
     began = time.perf_counter()
     view: TrainingSet = rows_read if method.dtype is None else CastTrainingSet(rows_read, method.dtype)
     after = sweep(copies_losses(copies), view, batch_size=params[0].batch_size, device=model.device,
@@ -232,7 +237,7 @@ def compute_batch(
             scores = relative_scores(scores, norms, floor=own.relative_norm_floor())
         timings = {"load_s": load_s, "base_losses_s": context.timings.get("base_losses_s", 0.0),
                    "unlearn_s": unlearn_s[b], "sweep_s": sweep_s, "total_s": time.perf_counter() - started}
-        out.append((scores.detach().float().cpu(), train, timings))
+        out.append((scores.detach().float().cpu(), train, timings, extras[b]))
     return out
 
 

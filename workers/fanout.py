@@ -43,6 +43,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from attribution.methods.base import MethodName, Normalize
+from attribution.methods.forward_inf_params import ForwardInfParams
 from service import queue
 from service.db.models import Dataset, Model, Query
 from service.db.repositories import jobs as repo
@@ -84,7 +85,9 @@ def plan_ranges(shard_sizes: Sequence[int], target: int) -> list[tuple[int, int]
     return ranges
 
 
-def should_fan_out(query: Query, num_samples: int, settings: Settings) -> bool:
+def should_fan_out(query: Query, num_samples: int, settings: Settings, *, task: str = "") -> bool:
+    """Whether the query runs as part jobs; `task`: the model's, whose defaults may make an unset
+    `normalize` relative (Forward-INF on causal LMs, `ForwardInfParams.for_task`)."""
     if num_samples <= settings.fanout_rows:
         return False
     params = query.params or {}
@@ -92,7 +95,10 @@ def should_fan_out(query: Query, num_samples: int, settings: Settings) -> bool:
         method = MethodName(query.method)
     except ValueError:
         return False
-    if method not in _ROW_SEPARABLE or params.get("normalize", Normalize.NONE.value) == Normalize.RELATIVE.value:
+    normalize = params.get("normalize") or Normalize.NONE.value
+    if method == MethodName.FORWARD_INF and params.get("normalize") is None:
+        normalize = ForwardInfParams.from_dict({**params, "normalize": None}).for_task(task).normalize
+    if method not in _ROW_SEPARABLE or normalize == Normalize.RELATIVE.value:
         return False
     # auto searches, and the Newton step fits (G + λI)⁻¹, over the whole training set
     return not (method == MethodName.FORWARD_INF and (params.get("auto") or params.get("unlearning") == "newton"))

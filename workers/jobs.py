@@ -83,7 +83,7 @@ def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:
         if model_row is None or dataset_row is None:
             _fail(query_id, "the query's model or dataset no longer exists", settings)
             return
-        if should_fan_out(query, int(dataset_row.num_samples), settings):
+        if should_fan_out(query, int(dataset_row.num_samples), settings, task=str(model_row.task)):
             with_retries(lambda: dispatch_parts(query_id, [int(s.num_samples) for s in dataset_row.shards], settings),
                          settings, what=f"query {query_id}: fan out")
             return

@@ -24,7 +24,13 @@ from attribution.evaluation.mislabel import (
     recall_at_fraction,
     roc_auc,
 )
-from attribution.evaluation.retrieval import mean_reciprocal_rank, precision_at_k, proponent_ranks
+from attribution.evaluation.retrieval import (
+    mean_reciprocal_rank,
+    precision_at_k,
+    proponent_ranks,
+    query_precisions,
+    retrieval_difference,
+)
 from attribution.evaluation.stats import (
     PairedDifference,
     average_ranks,
@@ -59,8 +65,10 @@ __all__ = [
     "precision_at_k",
     "proponent_ranks",
     "query_losses",
+    "query_precisions",
     "recall_at_fraction",
     "retrained_losses",
+    "retrieval_difference",
     "roc_auc",
     "sample_subsets",
     "spearman",

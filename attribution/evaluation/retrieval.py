@@ -9,6 +9,9 @@ are ranked in the `topk` order (score descending, ties to the lower index, NaN n
 
 (Akyürek et al. 2022, "Towards Tracing Factual Knowledge in Language Models Back to the
 Training Data", §3: MRR of the first proponent; precision at k = |R_q| is the R-precision.)
+
+`retrieval_difference` compares two rankings of the same queries: the paired bootstrap over
+queries of mean(m_a − m_b), m the per-query reciprocal rank or precision.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 
 from attribution.evaluation.leakage import copy_ranks
+from attribution.evaluation.stats import PairedDifference, mean_difference
 from attribution.topk import top_k
 
 
@@ -49,6 +53,11 @@ def mean_reciprocal_rank(scores: Tensor, relevant: Tensor) -> float:
 
 def precision_at_k(scores: Tensor, relevant: Tensor, k: int | None = None) -> float:
     """Mean fraction of each query's top-k rows that are relevant; `k=None`: k_q = |R_q| (R-precision)."""
+    return float(query_precisions(scores, relevant, k).mean())
+
+
+def query_precisions(scores: Tensor, relevant: Tensor, k: int | None = None) -> Tensor:
+    """`[Q]` float64 fraction of each query's top-k rows that are relevant (`precision_at_k`'s terms)."""
     mask = _checked(scores, relevant)
     if k is not None and not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k must be in [1, {scores.shape[1]}]")
@@ -59,4 +68,21 @@ def precision_at_k(scores: Tensor, relevant: Tensor, k: int | None = None) -> fl
         index = best.indices[q, :k_q]
         index = index[index >= 0]  # padding of rows without a score
         hits.append(float(mask[q, index].sum()) / k_q)
-    return sum(hits) / len(hits)
+    return torch.tensor(hits, dtype=torch.float64)
+
+
+def retrieval_difference(scores_a: Tensor, scores_b: Tensor, relevant: Tensor, *, metric: str = "mrr",
+                         k: int | None = None, resamples: int = 1000, level: float = 0.95,
+                         seed: int = 0) -> PairedDifference:
+    """Paired bootstrap over queries of metric(`scores_a`) − metric(`scores_b`), both `[Q, N]`,
+    `relevant` `[Q, N]` (`stats.mean_difference` of the per-query values).
+
+    metric "mrr": per-query 1/rank_q; "precision": per-query precision@k (k=None: |R_q|).
+    """
+    if metric == "mrr":
+        a, b = (1.0 / proponent_ranks(s, relevant).double() for s in (scores_a, scores_b))
+    elif metric == "precision":
+        a, b = (query_precisions(s, relevant, k) for s in (scores_a, scores_b))
+    else:
+        raise ValueError(f"unknown metric {metric!r}; valid: mrr, precision")
+    return mean_difference(a, b, resamples=resamples, level=level, seed=seed)

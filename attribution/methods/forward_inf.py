@@ -17,6 +17,11 @@ Higher = the row supports the query's prediction (the product's sign convention)
 query costs one sweep; `per_sample` unlearns each query separately and scores all Q in one
 pass (`forward_inf_engine`).
 
+Language models (`stop="forgotten"`, `forward_inf_stopping`): K becomes a cap and each
+query's ascent stops once its loss reaches the loss of its answer after a shuffled context
+(label-free); causal LMs get that rule, normalised steps and relative scores by default
+(`ForwardInfParams.for_task`, chosen on Q8's validation facts).
+
 Newton-step unlearning (`unlearning="newton"`, `forward_inf_newton`): one step
 θ' = θ̂ ± α(G + λI)⁻¹∇L_q with the influence method's cached iHVP, then the same sweep;
 score_i ≈ α∇L_iᵀ(G + λI)⁻¹∇L_q, the influence function (Koh & Liang 2017) — where
@@ -172,7 +177,8 @@ class ForwardInf(AttributionMethod):
     """Forward-INF scores `[Q, N]` / `[1, N]`, self-influence `[N]` and the RelatIF
     denominators `[N]` (see module docstring).
 
-    `self.params` holds the resolved setting (explicit optimizer/K/α); with `auto`, `fit`
+    `self.params` holds the resolved setting (the task's defaults filled in, explicit
+    optimizer/K/α: `ForwardInfParams.for_task`, `resolved`); with `auto`, `fit`
     replaces it by the chosen one (the pipeline reads the chosen `normalize` from it).
     """
 
@@ -183,7 +189,7 @@ class ForwardInf(AttributionMethod):
         super().__init__(model, params, context)
         if not isinstance(params, ForwardInfParams):
             raise TypeError("forward_inf takes ForwardInfParams")
-        self.settings: ForwardInfParams = params.resolved()
+        self.settings: ForwardInfParams = params.for_task(model.task.name).resolved()
         self.params = self.settings
         self.dtype = torch.float64 if params.precision == Precision.FP64 else None
         module = copy.deepcopy(model.module).double() if self.dtype is not None else model.module
@@ -283,6 +289,10 @@ class ForwardInf(AttributionMethod):
             self.context.timings["sweep_s"] = time.perf_counter() - unlearned
             if how.log.zero_gradient_steps:
                 self.context.extras["zero_gradient_steps"] = how.log.zero_gradient_steps
+            if how.until_forgotten:  # steps each query (joint: the query set) took before it was forgotten
+                self.context.extras["unlearning_steps"] = how.log.steps_taken
+            else:
+                self.context.extras.pop("unlearning_steps", None)
         change = p.sign * (after - base.unsqueeze(0))
         return (change if scale is None else scale[:, None] * change.double()).float()
 

@@ -35,6 +35,7 @@ from torch.func import functional_call, vmap
 from attribution.data import Batch, TrainingSet
 from attribution.device import autocast
 from attribution.interrupts import check_interrupt
+from attribution.methods.forward_inf_stopping import forgotten_level, still_known
 from attribution.model import ModelAdapter, Params
 from attribution.tasks import Inputs, _logits
 
@@ -45,19 +46,24 @@ BatchLosses = Callable[[Batch], Tensor]
 @dataclass
 class UnlearnLog:
     """What happened while unlearning: (parameter set, step) pairs `NormalizedSGD` skipped
-    because the query gradient was exactly zero (a loss that underflowed to 0)."""
+    because the query gradient was exactly zero (a loss that underflowed to 0), and the steps
+    each parameter set took (fewer than K when `until_forgotten` stopped it)."""
 
     zero_gradient_steps: int = 0
+    steps_taken: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Unlearning:
-    """K steps of `optimizer` ("sgd" | "normalized_sgd" | "adam") with learning rate α."""
+    """K steps of `optimizer` ("sgd" | "normalized_sgd" | "adam") with learning rate α;
+    `until_forgotten`: K is a cap, each run stops once its query loss reaches the forgotten
+    level (`forward_inf_stopping`)."""
 
     optimizer: str
     steps: int
     lr: float
     ascent: bool = True
+    until_forgotten: bool = False
     log: UnlearnLog = field(default_factory=UnlearnLog, compare=False)
 
     def make(self, tensors: list[Tensor], *, stacked: bool = False) -> torch.optim.Optimizer:
@@ -121,12 +127,19 @@ def unlearn_copy(model: ModelAdapter, queries: Batch, how: Unlearning) -> ModelA
     for name, param in copy.module.named_parameters():
         param.requires_grad_(name in tracked)
     opt = how.make(list(copy.live_params()))
+    level = forgotten_level(copy.loss, queries).mean().reshape(1) if how.until_forgotten else None
+    taken = 0
     for _ in range(how.steps):
         check_interrupt()
         opt.zero_grad(set_to_none=True)
-        copy.loss(queries).mean().backward()
+        loss = copy.loss(queries).mean()
+        if level is not None and taken and not bool(still_known(loss.reshape(1), level)[0]):
+            break  # forgotten (the first step is always taken)
+        loss.backward()
         opt.step()
+        taken += 1
     opt.zero_grad(set_to_none=True)
+    how.log.steps_taken.append(taken)
     # θ_K is only evaluated from here on (under inference_mode). A TorchScript module whose
     # parameters still require grad keeps a graph specialised for autograd and then fails on
     # inference tensors ("cannot be saved for backward") in a process whose base losses came
@@ -184,7 +197,9 @@ class StackedModel:
 
         The summed loss Σ_q L(θ_q, z_q) has gradient ∇L(θ_q, z_q) in slice q; SGD/Adam act
         elementwise and `NormalizedSGD` normalises per slice, so one optimizer over the
-        stacked tensors equals Q separate runs.
+        stacked tensors equals Q separate runs. With `until_forgotten`, a set whose query
+        reached its forgotten level is put back after each step (it no longer moves, whatever
+        the optimizer's state), so each set stops on its own.
         """
         count = len(queries)
         stacked = {
@@ -192,11 +207,24 @@ class StackedModel:
             for n, t in self.model.params().items()
         }
         opt = how.make(list(stacked.values()), stacked=True)
+        level = forgotten_level(self.model.loss, queries.to(self.model.device)) if how.until_forgotten else None
+        taken = torch.zeros(count, dtype=torch.long)
         for _ in range(how.steps):
             check_interrupt()
             opt.zero_grad(set_to_none=True)
-            self.own_losses(stacked, queries).sum().backward()
+            losses = self.own_losses(stacked, queries)
+            first = bool((taken == 0).all())  # every set takes the first step
+            moving = torch.ones(count, dtype=torch.bool) if level is None or first else still_known(losses, level).cpu()
+            if not bool(moving.any()):
+                break
+            losses.sum().backward()
+            held = {} if bool(moving.all()) else {n: t.detach()[~moving].clone() for n, t in stacked.items()}
             opt.step()
+            with torch.no_grad():
+                for n, kept in held.items():
+                    stacked[n][~moving] = kept
+            taken += moving.long()
+        how.log.steps_taken.extend(int(k) for k in taken)
         return {n: t.detach() for n, t in stacked.items()}
 
 

@@ -27,6 +27,7 @@ from attribution.evaluation import (
     proponent_ranks,
     recall_at_fraction,
     retrained_losses,
+    retrieval_difference,
     roc_auc,
     sample_subsets,
     spearman,
@@ -119,6 +120,22 @@ def test_proponent_retrieval_mrr_and_precision_at_k() -> None:
         mean_reciprocal_rank(scores, torch.zeros(3, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="must both be"):
         precision_at_k(scores, relevant[:, :4])
+
+
+def test_retrieval_difference_is_a_paired_bootstrap_over_queries() -> None:
+    """Per-query reciprocal ranks 1 vs 1/2 for every query: difference 1/2, a degenerate interval."""
+    relevant = torch.eye(4, dtype=torch.bool)
+    first = torch.eye(4)  # each query's proponent ranked first
+    second = torch.eye(4).roll(1, dims=1) * 2 + torch.eye(4)  # ranked second
+    same = retrieval_difference(first, second, relevant)
+    assert (same.difference, same.low, same.high) == pytest.approx((0.5, 0.5, 0.5))
+    assert same.significant
+    mixed = retrieval_difference(first, torch.cat([first[:2], second[2:]]), relevant, metric="precision")
+    assert mixed.difference == pytest.approx(0.5) and mixed.low <= 0.5 <= mixed.high
+    tie = retrieval_difference(first, first, relevant)
+    assert tie.difference == 0.0 and not tie.significant
+    with pytest.raises(ValueError, match="unknown metric"):
+        retrieval_difference(first, first, relevant, metric="ndcg")
 
 
 def _ridge(x: Tensor, y: Tensor, lam: float = 0.1) -> Callable[[Tensor], ModelAdapter]:

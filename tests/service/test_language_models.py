@@ -84,6 +84,19 @@ def test_a_copied_training_text_ranks_first(http: TestClient, registered: dict[s
 
 
 @pytest.mark.parametrize("architecture", CAUSAL_ARCHITECTURES)
+def test_forward_inf_defaults_on_a_causal_lm_unlearn_until_forgotten(
+        http: TestClient, registered: dict[str, dict[str, str]], architecture: str) -> None:
+    """No params: the causal-LM defaults (stop='forgotten', relative) rank a copied text first
+    and report the steps the unlearning took (at most the cap of 20)."""
+    copied = 3
+    done = run(http, {**registered[architecture], "method": "forward_inf", "top_k": 3,
+                      "samples": {"text": [CORPUS[copied]]}})
+    assert done["result"]["top"][0]["index"] == copied
+    steps = done["result"]["extras"]["unlearning_steps"]
+    assert len(steps) == 1 and 0 <= steps[0] <= 20
+
+
+@pytest.mark.parametrize("architecture", CAUSAL_ARCHITECTURES)
 def test_a_prompt_completion_query_finds_its_instruction_row(http: TestClient, registered: dict[str, dict[str, str]],
                                                              architecture: str) -> None:
     prompt, completion = PROMPTS[1]

@@ -114,3 +114,16 @@ def test_a_fanned_out_query_posts_its_callback_once_with_the_final_status(fanned
     query_id = _run(fanned, callback_url="http://127.0.0.1:9/hook")
     assert jf.fetch(fanned, query_id).status == "succeeded"
     assert posted == [("http://127.0.0.1:9/hook", {"id": query_id, "status": "succeeded"})]
+
+
+@pytest.mark.parametrize(("task", "params", "fans_out"), [
+    ("classification", {}, True),
+    ("causal_lm", {}, False),  # the causal-LM defaults score relative (a whole-dataset denominator)
+    ("causal_lm", {"normalize": "none"}, True),
+    ("classification", {"normalize": "relative"}, False),
+])
+def test_fan_out_follows_the_models_task_defaults(task: str, params: dict[str, Any], fans_out: bool) -> None:
+    from service.db.models import Query
+
+    query = Query(method="forward_inf", params=params)
+    assert fanout.should_fan_out(query, 10**6, Settings(fanout_rows=10), task=task) is fans_out
