@@ -42,11 +42,9 @@ class ModelAdapter:
         self.module = module.to(self.device).eval()
         self.task = task
         self.layers = list(layers) if layers else None
-        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
-        if self.layers is not None:
-            names = [n for n in names if any(n == p or n.startswith(p + ".") for p in self.layers)]
-            if not names:
-                raise ValueError(f"layers {self.layers} match no trainable parameter")
+        names = select_parameters([n for n, p in self.module.named_parameters() if p.requires_grad], self.layers)
+        if self.layers is not None and not names:
+            raise ValueError(f"layers {self.layers} match no trainable parameter")
         self.param_names: list[str] = names
 
     # ----------------------------------------------------------------- parameters
@@ -180,6 +178,14 @@ class ModelAdapter:
             for g, p in zip(grads, params, strict=True)
         ]
         return torch.cat(cols, dim=1).detach()
+
+
+def select_parameters(names: Sequence[str], layers: Sequence[str] | None) -> list[str]:
+    """The parameter names a `layers` prefix list selects: `n == p` or `n` starts with `p + "."`
+    for some prefix p; every name when `layers` is None or empty."""
+    if not layers:
+        return list(names)
+    return [n for n in names if any(n == p or n.startswith(p + ".") for p in layers)]
 
 
 def _flatten(grads: Sequence[Tensor | None], like: Params) -> Tensor:

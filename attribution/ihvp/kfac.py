@@ -44,7 +44,11 @@ from torch import Tensor, nn
 from attribution.curvature import CurvatureOperator, flat_outputs
 from attribution.data import TrainingSet
 from attribution.ihvp.base import IHVPEstimator
-from attribution.ihvp.kfac_scripted import KroneckerStructureError, scripted_layer_statistics, scripted_linear_layers
+from attribution.ihvp.kfac_scripted import (
+    KroneckerStructureError,
+    scripted_layer_statistics,
+    scripted_linear_layers,
+)
 from attribution.model import ModelAdapter
 
 
@@ -115,7 +119,7 @@ def kronecker_layers(model: ModelAdapter) -> list[KroneckerLayer]:
         offsets[name] = slice(start, start + p.numel())
         start += p.numel()
     layers: list[KroneckerLayer] = []
-    for prefix, module, w_name, b_name in _factorable(model.module):
+    for _, module, w_name, b_name in _factorable(model.module):
         if w_name not in offsets:
             continue
         weight = dict(model.module.named_parameters())[w_name]
@@ -151,7 +155,7 @@ def _factorable(module: nn.Module) -> list[tuple[str, nn.Module, str, str | None
     """`(prefix, layer module, weight name, bias name)` of every layer K-FAC can factor."""
     if isinstance(module, torch.jit.ScriptModule):
         submodules = dict(module.named_modules())
-        found = []
+        found: list[tuple[str, nn.Module, str, str | None]] = []
         for layer in scripted_linear_layers(module)[0]:
             prefix = layer.weight.rpartition(".")[0]
             found.append((prefix, submodules.get(prefix, module), layer.weight, layer.bias))

@@ -119,7 +119,7 @@ def _parameter_uses(module: torch.jit.ScriptModule, names: set[str]) -> dict[str
             for sub in node.blocks():
                 walk(sub, in_loop or node.kind() == "prim::Loop")
 
-    walk(graph.block(), False)  # type: ignore[attr-defined]
+    walk(graph.block(), False)
     return uses
 
 
