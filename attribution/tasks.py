@@ -67,6 +67,12 @@ class Task(ABC):
         """`[B]` per-sample loss `L(θ, z_b)` of `model` on a batch."""
         return self.per_sample_loss(self.forward(model, inputs), targets)
 
+    def output_gradient_direction(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
+        """`(w̃ [B, K], log s [B])` with `∂ℓ_b/∂f_b = s_b w̃_b` (outputs flattened to `[B, K]`), `w̃`
+        of order 1 at every loss value; `None` when the task has no such form (its gradient
+        w.r.t. the outputs does not underflow). See `attribution.gradient_directions`."""
+        return None
+
 
 class ClassificationTask(Task):
     """Cross-entropy on logits `[B, C]` with integer labels `[B]`, in a form exact for tiny losses.
@@ -89,6 +95,18 @@ class ClassificationTask(Task):
         relative = logits - logits.gather(1, labels)  # z_j − z_y; 0 at the label
         others = relative.scatter(1, labels, float("-inf"))
         return F.softplus(torch.logsumexp(others, dim=1))
+
+    def output_gradient_direction(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """`∂CE/∂z = p − e_y = s·w̃` with `s = 1 − p_y = σ(u)`, `u = lse_{j≠y}(z_j − z_y)`, and
+        `w̃_j = softmax_{j≠y}(z_j)` (`j ≠ y`), `w̃_y = −1`: `log s = log σ(u)` is exact at any
+        margin, and `w̃` never underflows (a memorised row's `p − e_y` is exactly 0 in fp32
+        once its margin exceeds ~87, ~745 in fp64)."""
+        logits = _at_least_fp32(outputs.reshape(outputs.shape[0], -1))
+        labels = targets.long().reshape(-1, 1)
+        relative = logits - logits.gather(1, labels)
+        others = relative.scatter(1, labels, float("-inf"))
+        direction = torch.softmax(others, dim=1).scatter(1, labels, -1.0)
+        return direction, F.logsigmoid(torch.logsumexp(others, dim=1)).double()
 
 
 class RegressionTask(Task):
