@@ -27,18 +27,29 @@ from attribution.tasks import Task
 
 
 class _DirectionSurrogate(Task):
-    """`ℓ̃(f, y) = ⟨f, w̃⟩` with `w̃` held constant, so `∇_θ ℓ̃ = J_fᵀ w̃ = ∇_θ ℓ / s`."""
+    """`ℓ̃(f_b, y_b) = ⟨f_b, w̃_b⟩` with `w̃_b` held constant, so `∇_θ ℓ̃_b = J_fᵀ w̃_b = ∇_θ ℓ_b / s_b`;
+    `weighted`: times `s_b / max_batch s` (held constant), so `∇_θ Σ_b ℓ̃_b ∝ ∇_θ Σ_b ℓ_b`."""
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: Task, *, weighted: bool) -> None:
         self.task = task
         self.name = task.name
+        self.weighted = weighted
 
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         factored = self.task.output_gradient_direction(outputs.detach(), targets)
         if factored is None:
             raise TypeError(f"task {self.task.name} has no output-gradient direction")
+        direction, log_scale = factored
         flat = outputs.reshape(outputs.shape[0], -1)
-        return (flat.to(factored[0].dtype) * factored[0]).sum(dim=1)
+        surrogate = (flat.to(direction.dtype) * direction).sum(dim=1)
+        if not self.weighted:
+            return surrogate
+        return surrogate * (log_scale - log_scale.max()).exp().to(surrogate.dtype)
+
+
+def direction_surrogate(task: Task, *, weighted: bool = False) -> Task:
+    """The surrogate task of `task` (see `_DirectionSurrogate`)."""
+    return _DirectionSurrogate(task, weighted=weighted)
 
 
 def gradient_directions(model: ModelAdapter, batch: Batch, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
@@ -49,7 +60,7 @@ def gradient_directions(model: ModelAdapter, batch: Batch, chunk_size: int = 64)
     factored = model.task.output_gradient_direction(outputs, batch.targets)
     if factored is None:
         return model.per_sample_grads(batch, chunk_size), torch.zeros(len(batch), dtype=torch.float64)
-    surrogate = ModelAdapter(model.module, _DirectionSurrogate(model.task), device=model.device, layers=model.layers)
+    surrogate = ModelAdapter(model.module, direction_surrogate(model.task), device=model.device, layers=model.layers)
     return surrogate.per_sample_grads(batch, chunk_size), factored[1].cpu()
 
 

@@ -73,6 +73,10 @@ class Task(ABC):
         w.r.t. the outputs does not underflow). See `attribution.gradient_directions`."""
         return None
 
+    def per_sample_log_loss(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
+        """`[B]` `log ℓ_b`, exact where `ℓ_b` itself underflows; `None` when the task has no such form."""
+        return None
+
 
 class ClassificationTask(Task):
     """Cross-entropy on logits `[B, C]` with integer labels `[B]`, in a form exact for tiny losses.
@@ -95,6 +99,17 @@ class ClassificationTask(Task):
         relative = logits - logits.gather(1, labels)  # z_j − z_y; 0 at the label
         others = relative.scatter(1, labels, float("-inf"))
         return F.softplus(torch.logsumexp(others, dim=1))
+
+    def per_sample_log_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """`log CE = log softplus(u)`, `u = lse_{j≠y}(z_j − z_y)`; below u = −20 by
+        `u + log1p(−e^u/2)` (error ~e^{2u}), so a margin of 1,000 gives −1,000, not −inf."""
+        logits = _at_least_fp32(outputs.reshape(outputs.shape[0], -1))
+        labels = targets.long().reshape(-1, 1)
+        others = (logits - logits.gather(1, labels)).scatter(1, labels, float("-inf"))
+        u = torch.logsumexp(others, dim=1)
+        tail = u < -20
+        return torch.where(tail, u + torch.log1p(-0.5 * torch.exp(u.clamp(max=-20))),
+                           torch.log(F.softplus(u.clamp(min=-20))))
 
     def output_gradient_direction(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """`∂CE/∂z = p − e_y = s·w̃` with `s = 1 − p_y = σ(u)`, `u = lse_{j≠y}(z_j − z_y)`, and

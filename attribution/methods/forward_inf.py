@@ -140,6 +140,13 @@ from attribution.methods.forward_inf_engine import (
     sweep,
     unlearn_copy,
 )
+from attribution.methods.forward_inf_logspace import (
+    direction_model,
+    log_loss_model,
+    log_space_change,
+    supports_log_space,
+    with_task,
+)
 from attribution.methods.forward_inf_newton import (
     losses_at,
     moved_parameters,
@@ -272,10 +279,11 @@ class ForwardInf(AttributionMethod):
         started = time.perf_counter()
         how = p.gradient_unlearning
         scale = None
+        log_space = self._log_space(p)
         if p.newton:
             evaluate, scale = self._newton_unlearned(p, self._cast(queries), train, per_sample)
         else:
-            evaluate = self._unlearned(how, self._cast(queries), per_sample)
+            evaluate = self._unlearned(how, self._cast(queries), per_sample, log_space=log_space)
         unlearned = time.perf_counter()
         after = self._sweep(evaluate, train, p.batch_size, report)
         if report:
@@ -283,17 +291,42 @@ class ForwardInf(AttributionMethod):
             self.context.timings["sweep_s"] = time.perf_counter() - unlearned
             if how.log.zero_gradient_steps:
                 self.context.extras["zero_gradient_steps"] = how.log.zero_gradient_steps
+        if log_space:  # float64, kept until the relative division (forward_inf_logspace)
+            return p.sign * log_space_change(after, self._base_log_losses(train))
         change = p.sign * (after - base.unsqueeze(0))
         return (change if scale is None else scale[:, None] * change.double()).float()
 
-    def _unlearned(self, how: Unlearning, queries: Batch, per_sample: bool) -> BatchLosses:
+    def _log_space(self, p: ForwardInfParams) -> bool:
+        """Relative scores of a classifier: unlearning directions and loss changes in log space."""
+        return p.normalize == Normalize.RELATIVE and not p.newton and supports_log_space(self.tracked)
+
+    def _unlearned(self, how: Unlearning, queries: Batch, per_sample: bool, *, log_space: bool = False) -> BatchLosses:
+        """Losses (log-losses with `log_space`) of θ_K after unlearning the queries; with `log_space`
+        normalized SGD steps along the scale-weighted gradient direction (forward_inf_logspace)."""
+        learner = direction_model(self.tracked) if log_space and how.optimizer == "normalized_sgd" else self.tracked
+        evaluated = log_loss_model(self.tracked) if log_space else self.tracked
+
+        def sweepable(copy: ModelAdapter) -> ModelAdapter:
+            return with_task(copy, evaluated.task) if copy.task is not evaluated.task else copy
+
         if not per_sample:
-            return copies_losses([unlearn_copy(self.tracked, queries, how)])
+            return copies_losses([sweepable(unlearn_copy(learner, queries, how))])
         if self.tracked.is_scripted:
-            return copies_losses([unlearn_copy(self.tracked, queries.slice(q, q + 1), how)
+            return copies_losses([sweepable(unlearn_copy(learner, queries.slice(q, q + 1), how))
                                   for q in range(len(queries))])
-        stacked_model = StackedModel(self.tracked)
-        return stacked_model.batch_losses(stacked_model.unlearn(queries, how))
+        return StackedModel(evaluated).batch_losses(StackedModel(learner).unlearn(queries, how))
+
+    def _base_log_losses(self, train: TrainingSet) -> Tensor:
+        """`[N]` `log L(θ̂, z_i)`, cached per (model, data, precision)."""
+        key = artifact_key("train_log_losses", self.context.fingerprint, self.precision)
+
+        def compute() -> dict[str, Tensor]:
+            tracked = self.tracked
+            model = parameter_copy(tracked, tracked.flat_params()) if tracked.is_scripted else tracked
+            return {"log_losses": self._sweep(copies_losses([log_loss_model(model)]), train,
+                                              self.settings.batch_size, False)[0]}
+
+        return cached_tensors(self.context.store, key, compute)["log_losses"]
 
     def _newton_unlearned(self, p: ForwardInfParams, queries: Batch, train: TrainingSet,
                           per_sample: bool) -> tuple[BatchLosses, Tensor]:
@@ -346,6 +379,8 @@ class ForwardInf(AttributionMethod):
     def relative_norm_floor(self) -> float:
         """ε = tiny², tiny = the smallest normal number of the loss dtype: a row whose
         first-order own loss change D_i is below it cannot be resolved in that dtype."""
+        if self._log_space(self.settings):  # loss changes resolved in log space, divided in float64
+            return torch.finfo(torch.float64).tiny
         tiny = torch.finfo(self.dtype or torch.float32).tiny
         return max(tiny * tiny, torch.finfo(torch.float64).tiny)
 
