@@ -233,7 +233,10 @@ def test_relative_scores_divide_by_the_gradient_norm_of_the_step(wine_mlp: fixtu
                     queries=queries, per_sample=True)
     relative = attribute(wine_mlp.adapter, ForwardInf, {**params, "normalize": "relative"}, wine_mlp.train,
                          FitContext("w", store=store), queries=queries, per_sample=True)
-    torch.testing.assert_close(relative, (raw.double() / expected_d).float(), atol=1e-6, rtol=1e-4)
+    # normalized_sgd's relative scores take loss changes in log space (float64); the raw reference is a
+    # float32 difference of losses, whose rounding (~6e-8·L_i) over D_i = α‖g_i‖ reaches a few 1e-6
+    atol = 1e-5 if optimizer == "normalized_sgd" else 1e-6
+    torch.testing.assert_close(relative, (raw.double() / expected_d).float(), atol=atol, rtol=1e-4)
     # a row's squared norm far below float32's range keeps its exact value (float64 division)
     tiny = relative_scores(torch.tensor([[3e-30, 1.0]]), torch.tensor([1e-60, 4.0], dtype=torch.float64), floor=1e-76)
     torch.testing.assert_close(tiny, torch.tensor([[3.0, 0.5]]))

@@ -69,6 +69,24 @@ def test_gradient_similarity_ranks_memorised_copies_first(memorised: MemorisedPr
     scores = attribute(ModelAdapter(memorised.module, ClassificationTask()), "gradient_similarity", {}, train,
                        FitContext("memorised"), queries=queries, per_sample=True)
     assert int((scores.argmax(1) == memorised.copies).sum()) == len(memorised.copies)
+    deepest = memorised.margins()[memorised.copies].argsort()[-2:]  # the two most memorised queries
     joint = attribute(ModelAdapter(memorised.module, ClassificationTask()), "gradient_similarity", {}, train,
-                      FitContext("memorised"), queries=Batch(memorised.x_query[-2:], memorised.y_query[-2:]))
-    assert int(joint.argmax()) in memorised.copies[-2:].tolist()
+                      FitContext("memorised"), queries=Batch(memorised.x_query[deepest], memorised.y_query[deepest]))
+    assert int(joint.argmax()) in memorised.copies[deepest].tolist()
+
+
+@pytest.mark.slow
+def test_relative_forward_inf_ranks_memorised_copies_first(memorised: MemorisedProblem) -> None:
+    """Before log-space loss changes, the copies of the two queries at margins 144 and 186 scored 0
+    (18/20): their fp32 query gradients and loss changes underflow."""
+    train = TensorTrainingSet(memorised.x_train, memorised.y_train)
+    queries = Batch(memorised.x_query, memorised.y_query)
+    model = ModelAdapter(memorised.module, ClassificationTask())
+    scores = attribute(model, "forward_inf", {"normalize": "relative"}, train, FitContext("memorised-fi"),
+                       queries=queries, per_sample=True)
+    assert int((scores.argmax(1) == memorised.copies).sum()) == len(memorised.copies)
+    scripted = ModelAdapter(torch.jit.script(copy.deepcopy(memorised.module)), ClassificationTask())
+    deepest = memorised.margins()[memorised.copies].argsort()[-2:]  # the two most memorised queries
+    joint = attribute(scripted, "forward_inf", {"normalize": "relative"}, train, FitContext("memorised-fi-ts"),
+                      queries=Batch(memorised.x_query[deepest], memorised.y_query[deepest]))
+    assert int(joint.argmax()) in memorised.copies[deepest].tolist()
