@@ -23,6 +23,7 @@ STUDIES = [
     "q6_lds_neural",
     "q7_ihvp",
     "q8_lm_tracing",
+    "q9_memorised",
 ]
 
 
