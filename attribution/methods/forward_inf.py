@@ -141,11 +141,11 @@ from attribution.methods.forward_inf_engine import (
     unlearn_copy,
 )
 from attribution.methods.forward_inf_logspace import (
+    LogLossTask,
     direction_model,
     log_loss_model,
     log_space_change,
     supports_log_space,
-    with_task,
 )
 from attribution.methods.forward_inf_newton import (
     losses_at,
@@ -291,10 +291,22 @@ class ForwardInf(AttributionMethod):
             self.context.timings["sweep_s"] = time.perf_counter() - unlearned
             if how.log.zero_gradient_steps:
                 self.context.extras["zero_gradient_steps"] = how.log.zero_gradient_steps
-        if log_space:  # float64, kept until the relative division (forward_inf_logspace)
+        if scale is not None:
+            return (scale[:, None] * (p.sign * (after - base.unsqueeze(0))).double()).float()
+        return self.loss_change(p, after, train)
+
+    def loss_change(self, p: ForwardInfParams, after: Tensor, train: TrainingSet) -> Tensor:
+        """`[Q, N]` sign · (L(θ_K, z_i) − L(θ̂, z_i)) from the sweep's `after` `[Q, N]`: float32, or
+        float64 from log-losses under `_log_space(p)`, kept until the relative division."""
+        if self._log_space(p):
             return p.sign * log_space_change(after, self._base_log_losses(train))
-        change = p.sign * (after - base.unsqueeze(0))
-        return (change if scale is None else scale[:, None] * change.double()).float()
+        return (p.sign * (after - self._base(train).unsqueeze(0))).float()
+
+    def unlearned_copy(self, p: ForwardInfParams, queries: Batch) -> ModelAdapter:
+        """θ_K after unlearning `queries` jointly, evaluating what `loss_change(p, ...)` expects."""
+        log_space = self._log_space(p)
+        how = p.gradient_unlearning
+        return self._sweepable(unlearn_copy(self._learner(how, log_space), self._cast(queries), how), log_space)
 
     def _log_space(self, p: ForwardInfParams) -> bool:
         """Relative scores of a classifier: unlearning directions and loss changes in log space."""
@@ -303,18 +315,25 @@ class ForwardInf(AttributionMethod):
     def _unlearned(self, how: Unlearning, queries: Batch, per_sample: bool, *, log_space: bool = False) -> BatchLosses:
         """Losses (log-losses with `log_space`) of θ_K after unlearning the queries; with `log_space`
         normalized SGD steps along the scale-weighted gradient direction (forward_inf_logspace)."""
-        learner = direction_model(self.tracked) if log_space and how.optimizer == "normalized_sgd" else self.tracked
-        evaluated = log_loss_model(self.tracked) if log_space else self.tracked
-
-        def sweepable(copy: ModelAdapter) -> ModelAdapter:
-            return with_task(copy, evaluated.task) if copy.task is not evaluated.task else copy
-
+        learner = self._learner(how, log_space)
         if not per_sample:
-            return copies_losses([sweepable(unlearn_copy(learner, queries, how))])
+            return copies_losses([self._sweepable(unlearn_copy(learner, queries, how), log_space)])
         if self.tracked.is_scripted:
-            return copies_losses([sweepable(unlearn_copy(learner, queries.slice(q, q + 1), how))
+            return copies_losses([self._sweepable(unlearn_copy(learner, queries.slice(q, q + 1), how), log_space)
                                   for q in range(len(queries))])
+        evaluated = log_loss_model(self.tracked) if log_space else self.tracked
         return StackedModel(evaluated).batch_losses(StackedModel(learner).unlearn(queries, how))
+
+    def _learner(self, how: Unlearning, log_space: bool) -> ModelAdapter:
+        """The model to unlearn: normalized SGD in log space steps along the gradient direction."""
+        return direction_model(self.tracked) if log_space and how.optimizer == "normalized_sgd" else self.tracked
+
+    def _sweepable(self, copy: ModelAdapter, log_space: bool) -> ModelAdapter:
+        """An unlearned copy evaluating log-losses (`log_space`) or the task's losses. (Its parameters
+        no longer require grad: evaluated only, it tracks none.)"""
+        if not log_space:
+            return copy
+        return ModelAdapter(copy.module, LogLossTask(self.tracked.task), device=copy.device)
 
     def _base_log_losses(self, train: TrainingSet) -> Tensor:
         """`[N]` `log L(θ̂, z_i)`, cached per (model, data, precision)."""
