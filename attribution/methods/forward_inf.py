@@ -51,7 +51,10 @@ after unlearning it: that is a difference of rounded losses (~L_i, noise for mem
 rows) and, for normalised or Adam steps, of degree 1 in g_i, so dividing by its square
 root leaves a factor sqrt(‖g_i‖) that breaks the bound. `self_influence` (the row's own
 loss change, the mislabel audit) is unchanged. Division runs in float64; ε = tiny² with
-tiny the loss dtype's smallest normal number (a smaller D_i cannot be resolved).
+tiny the loss dtype's smallest normal number (a smaller D_i cannot be resolved). Classifiers
+are the exception (`forward_inf_logspace`): their relative scores take normalized-SGD steps
+along the scale-weighted gradient direction and loss changes from log-losses in float64, so
+memorised rows (fp32 loss and gradient exactly 0) keep their scores; ε is then float64's tiny.
 
 Defaults, chosen by measurement: K = 1 step in the first-order regime for every optimizer
 (sgd α = 0.01, normalized_sgd 1e-3, adam 1e-4), raw and relative. The former raw defaults,
