@@ -41,7 +41,7 @@ probes (Hutchinson 1989; unbiased, relative error about `√(2/S)·‖H‖_F/|tr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from enum import StrEnum
 
 import torch
@@ -153,10 +153,12 @@ def sampled_output_factor(model: ModelAdapter, outputs: Tensor, targets: Tensor,
     return (grads * scale[:, None].to(grads.dtype)).unsqueeze(2)
 
 
-def per_sample_output_vjp(model: ModelAdapter, outputs: Tensor, weights: Tensor) -> Tensor:
-    """`[B, P]` rows `J_bᵀ w_b` for output cotangents `weights` `[B, K]` (`outputs` from `flat_outputs`)."""
+def per_sample_output_vjp(model: ModelAdapter, outputs: Tensor, weights: Tensor,
+                          params: Sequence[Tensor] | None = None) -> Tensor:
+    """`[B, P]` rows `J_bᵀ w_b` for output cotangents `weights` `[B, K]` (`outputs` from `flat_outputs`),
+    w.r.t. the tracked parameters or the given `params` (P = their total size)."""
     b = outputs.shape[0]
-    params = model.live_params()
+    params = list(params) if params is not None else model.live_params()
     cotangents = torch.zeros(b, b, outputs.shape[1], device=outputs.device, dtype=outputs.dtype)
     index = torch.arange(b, device=outputs.device)
     cotangents[index, index] = weights.to(outputs.dtype)
@@ -165,7 +167,7 @@ def per_sample_output_vjp(model: ModelAdapter, outputs: Tensor, weights: Tensor)
     return _flat_batched(grads, params, b)
 
 
-def _flat_batched(grads: tuple[Tensor | None, ...], params: list[torch.nn.Parameter], m: int) -> Tensor:
+def _flat_batched(grads: tuple[Tensor | None, ...], params: Sequence[Tensor], m: int) -> Tensor:
     return torch.cat([
         (g if g is not None else torch.zeros(m, *p.shape, device=p.device, dtype=p.dtype)).reshape(m, -1)
         for g, p in zip(grads, params, strict=True)

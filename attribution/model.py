@@ -42,11 +42,9 @@ class ModelAdapter:
         self.module = _with_eager_attention(module.to(self.device).eval())
         self.task = task
         self.layers = list(layers) if layers else None
-        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
-        if self.layers is not None:
-            names = [n for n in names if any(n == p or n.startswith(p + ".") for p in self.layers)]
-            if not names:
-                raise ValueError(f"layers {self.layers} match no trainable parameter")
+        names = select_parameters([n for n, p in self.module.named_parameters() if p.requires_grad], self.layers)
+        if self.layers is not None and not names:
+            raise ValueError(f"layers {self.layers} match no trainable parameter")
         self.param_names: list[str] = names
 
     # ----------------------------------------------------------------- parameters
@@ -197,6 +195,14 @@ def _with_eager_attention(module: torch.nn.Module) -> torch.nn.Module:
     if config is not None and callable(switch) and getattr(config, "_attn_implementation", "eager") != "eager":
         switch("eager")
     return module
+
+
+def select_parameters(names: Sequence[str], layers: Sequence[str] | None) -> list[str]:
+    """The parameter names a `layers` prefix list selects: `n == p` or `n` starts with `p + "."`
+    for some prefix p; every name when `layers` is None or empty."""
+    if not layers:
+        return list(names)
+    return [n for n in names if any(n == p or n.startswith(p + ".") for p in layers)]
 
 
 def _flatten(grads: Sequence[Tensor | None], like: Params) -> Tensor:

@@ -79,6 +79,8 @@ def attribute(
     if relative:
         norms = cached_self_influence(instance, train, relative_norm=True)
         scores = relative_scores(scores, norms, floor=instance.relative_norm_floor())
+        if scores.dtype == torch.float64 and model.live_params()[0].dtype != torch.float64:
+            scores = scores.float()  # float64 only carried memorised rows' tiny loss changes to the division
     return scores
 
 

@@ -90,6 +90,16 @@ class Task(ABC):
         """`[B]` per-sample loss `L(θ, z_b)` of `model` on a batch."""
         return self.per_sample_loss(self.forward(model, inputs), targets)
 
+    def output_gradient_direction(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
+        """`(w̃ [B, K], log s [B])` with `∂ℓ_b/∂f_b = s_b w̃_b` (outputs flattened to `[B, K]`), `w̃`
+        of order 1 at every loss value; `None` when the task has no such form (its gradient
+        w.r.t. the outputs does not underflow). See `attribution.gradient_directions`."""
+        return None
+
+    def per_sample_log_loss(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
+        """`[B]` `log ℓ_b`, exact where `ℓ_b` itself underflows; `None` when the task has no such form."""
+        return None
+
 
 class ClassificationTask(Task):
     """Cross-entropy on logits `[B, C]` with integer labels `[B]`, in a form exact for tiny losses.
@@ -112,6 +122,29 @@ class ClassificationTask(Task):
         relative = logits - logits.gather(1, labels)  # z_j − z_y; 0 at the label
         others = relative.scatter(1, labels, float("-inf"))
         return F.softplus(torch.logsumexp(others, dim=1))
+
+    def per_sample_log_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """`log CE = log softplus(u)`, `u = lse_{j≠y}(z_j − z_y)`; below u = −20 by
+        `u + log1p(−e^u/2)` (error ~e^{2u}), so a margin of 1,000 gives −1,000, not −inf."""
+        logits = _at_least_fp32(outputs.reshape(outputs.shape[0], -1))
+        labels = targets.long().reshape(-1, 1)
+        others = (logits - logits.gather(1, labels)).scatter(1, labels, float("-inf"))
+        u = torch.logsumexp(others, dim=1)
+        tail = u < -20
+        return torch.where(tail, u + torch.log1p(-0.5 * torch.exp(u.clamp(max=-20))),
+                           torch.log(F.softplus(u.clamp(min=-20))))
+
+    def output_gradient_direction(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """`∂CE/∂z = p − e_y = s·w̃` with `s = 1 − p_y = σ(u)`, `u = lse_{j≠y}(z_j − z_y)`, and
+        `w̃_j = softmax_{j≠y}(z_j)` (`j ≠ y`), `w̃_y = −1`: `log s = log σ(u)` is exact at any
+        margin, and `w̃` never underflows (a memorised row's `p − e_y` is exactly 0 in fp32
+        once its margin exceeds ~87, ~745 in fp64)."""
+        logits = _at_least_fp32(outputs.reshape(outputs.shape[0], -1))
+        labels = targets.long().reshape(-1, 1)
+        relative = logits - logits.gather(1, labels)
+        others = relative.scatter(1, labels, float("-inf"))
+        direction = torch.softmax(others, dim=1).scatter(1, labels, -1.0)
+        return direction, F.logsigmoid(torch.logsumexp(others, dim=1)).double()
 
 
 class RegressionTask(Task):

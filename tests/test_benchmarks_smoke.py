@@ -24,6 +24,7 @@ STUDIES = [
     "q7_ihvp",
     "q8_lm_tracing",
     "q8_service",
+    "q9_memorised",
 ]
 
 

@@ -4,7 +4,8 @@ A Forward-INF query costs its unlearning run (K steps on its own samples, cheap)
 sweep of the training set (a forward pass per row, the whole cost at scale). When a worker
 picks up a joint-mode Forward-INF query, `claim_companions` claims up to
 `settings.batch_max_queries − 1` other *queued* queries with the same model, dataset and
-sweep-relevant params (every param except `normalize`: steps, lr, optimizer, direction,
+sweep-relevant params (every param except `normalize`, relative and raw queries apart — relative
+scores of classifiers sweep log-losses; steps, lr, optimizer, direction,
 layers, precision, batch size, ...; never `auto` or Newton-step unlearning, never self-influence
 or per_sample).
 Claiming a companion = taking its lease `query:<id>` (its own RQ job then finds the lease
@@ -41,16 +42,14 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import noload
 
-from attribution.data import Batch, TrainingSet
+from attribution.data import TrainingSet
 from attribution.interrupts import interruptible
 from attribution.methods.base import FitContext, MethodName, Normalize
 from attribution.methods.forward_inf import ForwardInf, ForwardInfParams
 from attribution.methods.forward_inf_engine import (
     CastTrainingSet,
-    cast_batch,
     copies_losses,
     sweep,
-    unlearn_copy,
 )
 from attribution.pipeline import cached_self_influence, relative_scores
 from service.db.models import Dataset, Model, Query, QueryStatus
@@ -82,8 +81,9 @@ def sweep_key(query: Query) -> tuple[str, str, str] | None:
             or params.get("auto") or params.get("unlearning") == "newton"
             or any(name in params for name in CHECKPOINT_PARAMS)):
         return None
-    params.pop("normalize", None)
-    return query.model_id, query.dataset_id, repr(sorted(params.items()))
+    relative = params.pop("normalize", None) == Normalize.RELATIVE.value
+    # relative scores of classifiers sweep log-losses (ForwardInf.loss_change): they share with each other only
+    return query.model_id, query.dataset_id, repr((relative, sorted(params.items())))
 
 
 @dataclass
@@ -219,7 +219,7 @@ def compute_batch(
     for p, batch in zip(params, batches, strict=True):
         began = time.perf_counter()
         how = p.gradient_unlearning
-        copies.append(unlearn_copy(method.tracked, _cast(batch, method, model.device), how))
+        copies.append(method.unlearned_copy(p, batch, how))
         unlearn_s.append(time.perf_counter() - began)
         extras.append({"unlearning_steps": how.log.steps_taken} if how.until_forgotten else {})
     began = time.perf_counter()
@@ -230,7 +230,7 @@ def compute_batch(
 
     out = []
     for b, p in enumerate(params):
-        scores = (p.sign * (after[b:b + 1] - base.unsqueeze(0))).float()
+        scores = method.loss_change(p, after[b:b + 1], train)
         if p.normalize == Normalize.RELATIVE:  # the denominator of this query's own (resolved) params
             own = ForwardInf(model, p, context)
             norms = cached_self_influence(own, rows_read, relative_norm=True)
@@ -239,8 +239,3 @@ def compute_batch(
                    "unlearn_s": unlearn_s[b], "sweep_s": sweep_s, "total_s": time.perf_counter() - started}
         out.append((scores.detach().float().cpu(), train, timings, extras[b]))
     return out
-
-
-def _cast(batch: Batch, method: ForwardInf, device: torch.device) -> Batch:
-    batch = batch.to(device)
-    return cast_batch(batch, method.dtype) if method.dtype is not None else batch

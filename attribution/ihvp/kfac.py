@@ -20,11 +20,16 @@ for which `(S ⊗ A) vec(X) = vec(S X Aᵀ)`. With `S = Q_S Λ_S Q_Sᵀ`, `A = Q
     (S ⊗ A + λI)⁻¹ vec(X) = vec(Q_S [(Q_Sᵀ X Q_A) ⊘ (Λ_S Λ_Aᵀ + λ)] Q_Aᵀ).
 
 K-FAC is exact for a single linear layer under squared error (`H_i = 2I`, so
-`G = 2I ⊗ A = S ⊗ A`). Limitations: the factors are captured with forward hooks, which
-TorchScript modules do not support (a `ValueError` says so); every tracked parameter must
+`G = 2I ⊗ A = S ⊗ A`). Eager modules: the factors are captured with forward hooks.
+TorchScript modules take no hooks: their linear layers (with a trainable bias, applied
+once per row) are factored from per-sample gradients instead (`attribution.ihvp.kfac_scripted`,
+the same factors up to rounding); their convolutions are refused. `unsupported_parameters`
+lists, for any module and without running it, the trainable parameters K-FAC cannot factor
+and why (the service records it at model registration). Every tracked parameter must
 belong to a supported layer (`ValueError` naming the others — restrict `layers`); grouped
 convolutions, non-zero padding modes and `padding="same"` are refused; so is the Hessian
-curvature (indefinite: no output-Hessian square roots, a `ValueError`).
+curvature (indefinite: no output-Hessian square roots, a `ValueError`). Violations seen
+only while fitting (a layer called twice or never) raise `KroneckerStructureError`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ from torch import Tensor, nn
 from attribution.curvature import CurvatureOperator, flat_outputs
 from attribution.data import TrainingSet
 from attribution.ihvp.base import IHVPEstimator
+from attribution.ihvp.kfac_scripted import (
+    KroneckerStructureError,
+    scripted_layer_statistics,
+    scripted_linear_layers,
+)
 from attribution.model import ModelAdapter
 
 
@@ -51,6 +61,8 @@ class KroneckerLayer:
     bias: slice | None
     out_features: int
     in_features: int  # without the bias column
+    weight_name: str = ""
+    bias_name: str | None = None  # the layer's bias parameter, tracked or not
 
     @property
     def width(self) -> int:
@@ -94,48 +106,84 @@ class KroneckerLayer:
 
 def kronecker_layers(model: ModelAdapter) -> list[KroneckerLayer]:
     """Supported layers covering every tracked parameter; `ValueError` otherwise."""
-    if model.is_scripted:
-        raise ValueError("K-FAC/EK-FAC capture layer inputs with forward hooks, which TorchScript modules "
-                         "do not support; use ihvp exact, cg, lissa or arnoldi for TorchScript models")
+    unsupported = unsupported_parameters(model.module)
+    missing = {n: unsupported[n] for n in model.param_names if n in unsupported}
+    if missing:
+        listed = "; ".join(f"{n}: {why}" for n, why in list(missing.items())[:8])
+        raise ValueError(f"K-FAC/EK-FAC cannot factor parameters {list(missing)} ({listed}) — restrict `layers` "
+                         f"to {kronecker_prefixes(model.module) or 'supported layers'} or use ihvp exact, cg, lissa "
+                         "or arnoldi")
     offsets: dict[str, slice] = {}
     start = 0
     for name, p in model.params().items():
         offsets[name] = slice(start, start + p.numel())
         start += p.numel()
     layers: list[KroneckerLayer] = []
-    covered: set[str] = set()
-    for prefix, module in model.module.named_modules():
-        if not isinstance(module, nn.Linear | nn.Conv2d):
-            continue
-        w_name = f"{prefix}.weight" if prefix else "weight"
-        b_name = f"{prefix}.bias" if prefix else "bias"
+    for _, module, w_name, b_name in _factorable(model.module):
         if w_name not in offsets:
             continue
-        _check_supported(prefix, module)
-        weight = module.weight
-        layers.append(KroneckerLayer(module, offsets[w_name], offsets.get(b_name), weight.shape[0],
-                                     weight[0].numel()))
-        covered.update({w_name, b_name})
-    missing = [n for n in model.param_names if n not in covered]
-    if missing:
-        raise ValueError(f"K-FAC/EK-FAC support nn.Linear and nn.Conv2d weights only; parameters {missing} "
-                         "are outside such layers — restrict `layers` or use another ihvp estimator")
+        weight = dict(model.module.named_parameters())[w_name]
+        layers.append(KroneckerLayer(module, offsets[w_name], offsets.get(b_name) if b_name else None,
+                                     weight.shape[0], weight[0].numel(), w_name, b_name))
     return layers
 
 
-def _check_supported(name: str, module: nn.Module) -> None:
-    if isinstance(module, nn.Conv2d) and (
-        module.groups != 1 or module.padding_mode != "zeros" or module.padding == "same"
-    ):
-        raise ValueError(f"layer {name!r}: K-FAC supports Conv2d with groups=1, zero padding and numeric padding")
+def unsupported_parameters(module: nn.Module) -> dict[str, str]:
+    """`{name: reason}` for every trainable parameter K-FAC/EK-FAC cannot factor (empty: all can).
+    Static: reads the module's layers (eager) or its TorchScript graph, never runs it."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return scripted_linear_layers(module)[1]
+    covered: set[str] = set()
+    reasons: dict[str, str] = {}
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, nn.Linear | nn.Conv2d):
+            names = {f"{prefix}.{p}" if prefix else p for p, _ in sub.named_parameters(recurse=False)}
+            if _unsupported_conv(sub):
+                reasons.update({n: "a Conv2d with groups, non-zero padding mode or padding='same'" for n in names})
+            else:
+                covered.update(names)
+    return {n: reasons.get(n, "not in an nn.Linear or nn.Conv2d layer")
+            for n, p in module.named_parameters() if p.requires_grad and n not in covered}
+
+
+def kronecker_prefixes(module: nn.Module) -> list[str]:
+    """Names of the layers K-FAC can factor (prefixes for `layers`)."""
+    return [prefix for prefix, _, _, _ in _factorable(module)]
+
+
+def _factorable(module: nn.Module) -> list[tuple[str, nn.Module, str, str | None]]:
+    """`(prefix, layer module, weight name, bias name)` of every layer K-FAC can factor."""
+    if isinstance(module, torch.jit.ScriptModule):
+        submodules = dict(module.named_modules())
+        found: list[tuple[str, nn.Module, str, str | None]] = []
+        for layer in scripted_linear_layers(module)[0]:
+            prefix = layer.weight.rpartition(".")[0]
+            found.append((prefix, submodules.get(prefix, module), layer.weight, layer.bias))
+        return found
+    out: list[tuple[str, nn.Module, str, str | None]] = []
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, nn.Linear | nn.Conv2d) and not _unsupported_conv(sub):
+            w_name = f"{prefix}.weight" if prefix else "weight"
+            b_name = (f"{prefix}.bias" if prefix else "bias") if sub.bias is not None else None
+            out.append((prefix, sub, w_name, b_name))
+    return out
+
+
+def _unsupported_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and (
+        module.groups != 1 or module.padding_mode != "zeros" or module.padding == "same")
 
 
 def layer_statistics(curvature: CurvatureOperator, layers: list[KroneckerLayer],
                      train: TrainingSet) -> Iterator[tuple[int, list[Tensor], list[Tensor]]]:
     """Per batch: `(rows, acts, grads)` with `acts[l]` `[B, T, in(+1)]` layer inputs `ã` and
     `grads[l]` `[R, B, T, out]` output gradients back-propagated from each column of the
-    output-Hessian square root (`Σ_r g_r g_rᵀ = E_ŷ[g gᵀ]` per row)."""
+    output-Hessian square root (`Σ_r g_r g_rᵀ = E_ŷ[g gᵀ]` per row). TorchScript modules:
+    `scripted_layer_statistics` (T = 1)."""
     model = curvature.model
+    if model.is_scripted:
+        yield from scripted_layer_statistics(curvature, layers, train)
+        return
     for batch in curvature.batches(train):
         slots: dict[int, tuple[Tensor, Tensor]] = {}
         handles = [layer.module.register_forward_hook(_recorder(slots, i)) for i, layer in enumerate(layers)]
@@ -146,7 +194,7 @@ def layer_statistics(curvature: CurvatureOperator, layers: list[KroneckerLayer],
             for handle in handles:
                 handle.remove()
         if len(slots) != len(layers):
-            raise ValueError("K-FAC: some tracked layers were not called in the forward pass")
+            raise KroneckerStructureError("K-FAC: some tracked layers were not called in the forward pass")
         layer_outputs = [slots[i][1] for i in range(len(layers))]
         with torch.enable_grad():
             factors = curvature.output_factors(outputs, batch.targets)
@@ -160,7 +208,8 @@ def layer_statistics(curvature: CurvatureOperator, layers: list[KroneckerLayer],
 def _recorder(slots: dict[int, tuple[Tensor, Tensor]], index: int) -> Callable[..., None]:
     def record(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if index in slots:
-            raise ValueError("K-FAC: a layer called twice per forward pass (weight sharing) is not supported")
+            raise KroneckerStructureError("K-FAC: a layer called twice per forward pass (weight sharing) is not "
+                                          "supported")
         slots[index] = (inputs[0].detach(), output)
     return record
 

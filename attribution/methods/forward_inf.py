@@ -56,7 +56,10 @@ after unlearning it: that is a difference of rounded losses (~L_i, noise for mem
 rows) and, for normalised or Adam steps, of degree 1 in g_i, so dividing by its square
 root leaves a factor sqrt(‖g_i‖) that breaks the bound. `self_influence` (the row's own
 loss change, the mislabel audit) is unchanged. Division runs in float64; ε = tiny² with
-tiny the loss dtype's smallest normal number (a smaller D_i cannot be resolved).
+tiny the loss dtype's smallest normal number (a smaller D_i cannot be resolved). Classifiers
+are the exception (`forward_inf_logspace`): their relative scores take normalized-SGD steps
+along the scale-weighted gradient direction and loss changes from log-losses in float64, so
+memorised rows (fp32 loss and gradient exactly 0) keep their scores; ε is then float64's tiny.
 
 Defaults, chosen by measurement: K = 1 step in the first-order regime for every optimizer
 (sgd α = 0.01, normalized_sgd 1e-3, adam 1e-4), raw and relative. The former raw defaults,
@@ -144,6 +147,13 @@ from attribution.methods.forward_inf_engine import (
     relative_denominator,
     sweep,
     unlearn_copy,
+)
+from attribution.methods.forward_inf_logspace import (
+    LogLossTask,
+    direction_model,
+    log_loss_model,
+    log_space_change,
+    supports_log_space,
 )
 from attribution.methods.forward_inf_newton import (
     losses_at,
@@ -278,10 +288,11 @@ class ForwardInf(AttributionMethod):
         started = time.perf_counter()
         how = p.gradient_unlearning
         scale = None
+        log_space = self._log_space(p)
         if p.newton:
             evaluate, scale = self._newton_unlearned(p, self._cast(queries), train, per_sample)
         else:
-            evaluate = self._unlearned(how, self._cast(queries), per_sample)
+            evaluate = self._unlearned(how, self._cast(queries), per_sample, log_space=log_space)
         unlearned = time.perf_counter()
         after = self._sweep(evaluate, train, p.batch_size, report)
         if report:
@@ -293,17 +304,62 @@ class ForwardInf(AttributionMethod):
                 self.context.extras["unlearning_steps"] = how.log.steps_taken
             else:
                 self.context.extras.pop("unlearning_steps", None)
-        change = p.sign * (after - base.unsqueeze(0))
-        return (change if scale is None else scale[:, None] * change.double()).float()
+        if scale is not None:
+            return (scale[:, None] * (p.sign * (after - base.unsqueeze(0))).double()).float()
+        return self.loss_change(p, after, train)
 
-    def _unlearned(self, how: Unlearning, queries: Batch, per_sample: bool) -> BatchLosses:
+    def loss_change(self, p: ForwardInfParams, after: Tensor, train: TrainingSet) -> Tensor:
+        """`[Q, N]` sign · (L(θ_K, z_i) − L(θ̂, z_i)) from the sweep's `after` `[Q, N]`: float32, or
+        float64 from log-losses under `_log_space(p)`, kept until the relative division."""
+        if self._log_space(p):
+            return p.sign * log_space_change(after, self._base_log_losses(train))
+        return (p.sign * (after - self._base(train).unsqueeze(0))).float()
+
+    def unlearned_copy(self, p: ForwardInfParams, queries: Batch, how: Unlearning | None = None) -> ModelAdapter:
+        """θ_K after unlearning `queries` jointly (with `how`, default `p.gradient_unlearning`: pass
+        your own run to read its log), evaluating what `loss_change(p, ...)` expects."""
+        log_space = self._log_space(p)
+        how = how or p.gradient_unlearning
+        return self._sweepable(unlearn_copy(self._learner(how, log_space), self._cast(queries), how), log_space)
+
+    def _log_space(self, p: ForwardInfParams) -> bool:
+        """Relative scores of a classifier: unlearning directions and loss changes in log space."""
+        return p.normalize == Normalize.RELATIVE and not p.newton and supports_log_space(self.tracked)
+
+    def _unlearned(self, how: Unlearning, queries: Batch, per_sample: bool, *, log_space: bool = False) -> BatchLosses:
+        """Losses (log-losses with `log_space`) of θ_K after unlearning the queries; with `log_space`
+        normalized SGD steps along the scale-weighted gradient direction (forward_inf_logspace)."""
+        learner = self._learner(how, log_space)
         if not per_sample:
-            return copies_losses([unlearn_copy(self.tracked, queries, how)])
+            return copies_losses([self._sweepable(unlearn_copy(learner, queries, how), log_space)])
         if self.tracked.is_scripted:
-            return copies_losses([unlearn_copy(self.tracked, queries.slice(q, q + 1), how)
+            return copies_losses([self._sweepable(unlearn_copy(learner, queries.slice(q, q + 1), how), log_space)
                                   for q in range(len(queries))])
-        stacked_model = StackedModel(self.tracked)
-        return stacked_model.batch_losses(stacked_model.unlearn(queries, how))
+        evaluated = log_loss_model(self.tracked) if log_space else self.tracked
+        return StackedModel(evaluated).batch_losses(StackedModel(learner).unlearn(queries, how))
+
+    def _learner(self, how: Unlearning, log_space: bool) -> ModelAdapter:
+        """The model to unlearn: normalized SGD in log space steps along the gradient direction."""
+        return direction_model(self.tracked) if log_space and how.optimizer == "normalized_sgd" else self.tracked
+
+    def _sweepable(self, copy: ModelAdapter, log_space: bool) -> ModelAdapter:
+        """An unlearned copy evaluating log-losses (`log_space`) or the task's losses. (Its parameters
+        no longer require grad: evaluated only, it tracks none.)"""
+        if not log_space:
+            return copy
+        return ModelAdapter(copy.module, LogLossTask(self.tracked.task), device=copy.device)
+
+    def _base_log_losses(self, train: TrainingSet) -> Tensor:
+        """`[N]` `log L(θ̂, z_i)`, cached per (model, data, precision)."""
+        key = artifact_key("train_log_losses", self.context.fingerprint, self.precision)
+
+        def compute() -> dict[str, Tensor]:
+            tracked = self.tracked
+            model = parameter_copy(tracked, tracked.flat_params()) if tracked.is_scripted else tracked
+            return {"log_losses": self._sweep(copies_losses([log_loss_model(model)]), train,
+                                              self.settings.batch_size, False)[0]}
+
+        return cached_tensors(self.context.store, key, compute)["log_losses"]
 
     def _newton_unlearned(self, p: ForwardInfParams, queries: Batch, train: TrainingSet,
                           per_sample: bool) -> tuple[BatchLosses, Tensor]:
@@ -356,6 +412,8 @@ class ForwardInf(AttributionMethod):
     def relative_norm_floor(self) -> float:
         """ε = tiny², tiny = the smallest normal number of the loss dtype: a row whose
         first-order own loss change D_i is below it cannot be resolved in that dtype."""
+        if self._log_space(self.settings):  # loss changes resolved in log space, divided in float64
+            return torch.finfo(torch.float64).tiny
         tiny = torch.finfo(self.dtype or torch.float32).tiny
         return max(tiny * tiny, torch.finfo(torch.float64).tiny)
 

@@ -34,6 +34,7 @@ from torch.func import functional_call, vmap
 
 from attribution.data import Batch, TrainingSet
 from attribution.device import autocast
+from attribution.gradient_directions import gradient_directions, scaled_norms
 from attribution.interrupts import check_interrupt
 from attribution.methods.forward_inf_stopping import forgotten_level, still_known
 from attribution.model import ModelAdapter, Params
@@ -249,16 +250,18 @@ def gradient_norms(
 ) -> dict[str, Tensor]:
     """`{"l2_squared": [N], "l1": [N]}`: ‖∇_θ L(θ̂, z_i)‖₂² and ‖∇_θ L(θ̂, z_i)‖₁ (float64, CPU).
 
-    One per-sample gradient per row (`rows` at a time), reduced at once to two numbers.
+    One per-sample gradient per row (`rows` at a time), reduced at once to two numbers; taken
+    as direction × scale (`attribution.gradient_directions`), so a memorised row whose float32
+    gradient underflows still gets its norm (down to ~1e-154).
     """
     total = len(train)
     l2_squared = torch.empty(total, dtype=torch.float64)
     l1 = torch.empty(total, dtype=torch.float64)
     for start, batch in train.batches(rows):
-        grads = model.per_sample_grads(batch, chunk_size=rows).double()
+        norms = scaled_norms(*gradient_directions(model, batch, chunk_size=rows))
         stop = start + len(batch)
-        l2_squared[start:stop] = grads.pow(2).sum(1).cpu()
-        l1[start:stop] = grads.abs().sum(1).cpu()
+        l2_squared[start:stop] = norms["l2_squared"]
+        l1[start:stop] = norms["l1"]
         if progress is not None:
             progress(stop / total)
     return {"l2_squared": l2_squared, "l1": l1}

@@ -179,7 +179,11 @@ class GradientFeaturizer:
 
     def features(self, batch: Batch) -> Tensor:
         """`[B, k]` float32 features of a batch, on the model's device."""
-        grads = self.gradients(self.model, batch).float()
+        return self.project(self.gradients(self.model, batch))
+
+    def project(self, grads: Tensor) -> Tensor:
+        """`[B, P]` gradients → `[B, k]` float32 features."""
+        grads = grads.float()
         return self.projector.project(grads) if self.projector is not None else grads
 
     def mean_feature(self, batch: Batch, chunk_size: int) -> Tensor:
@@ -264,9 +268,13 @@ def squared_norms(
 
 
 def unit(rows: Tensor) -> Tensor:
-    """`[B, k]` rows divided by their L2 norm (zero rows stay zero)."""
-    norms = rows.norm(dim=1, keepdim=True)
-    return torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(rows.dtype).tiny), rows)
+    """`[B, k]` rows divided by their L2 norm (zero rows stay zero). Each row is first divided by its
+    largest magnitude, so rows whose squares underflow (entries below ~1e-19 in float32) keep their
+    direction."""
+    peak = rows.abs().amax(dim=1, keepdim=True)
+    scaled = torch.where(peak > 0, rows / peak.clamp_min(torch.finfo(rows.dtype).tiny), rows)
+    norms = scaled.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, scaled / norms.clamp_min(torch.finfo(rows.dtype).tiny), rows)
 
 
 def stage_progress(progress: Progress, stage: int, num_stages: int) -> Progress:

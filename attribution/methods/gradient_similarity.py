@@ -14,6 +14,12 @@ puts it first for 20/20 queries on the digits leakage fixture (dot: 1/20; see
 tests/attribution/test_gradient_similarity.py). Joint mode compares the mean query loss
 gradient.
 
+The cosine needs only each gradient's direction, so it is computed from
+`attribution.gradient_directions` (`g = s g̃` with `log s` exact): a memorised row whose fp32
+gradient underflows to 0 (margin above ~87; its squared norm already below ~45) keeps its
+direction, and a planted copy of a memorised query still ranks first. Joint mode uses the
+direction of `Σ_q s_q g̃_q`, the mean query gradient's.
+
 Self-influence: `‖g_i‖²` for the dot product. For the cosine it would be the constant 1,
 which ranks nothing, so `self_influence` refuses it with a clear error, and
 `normalize="relative"` (which divides by √self-influence) is rejected with the cosine —
@@ -29,11 +35,17 @@ from enum import StrEnum
 from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
+from attribution.gradient_directions import (
+    gradient_directions,
+    loss_gradient_directions,
+    weighted_direction,
+)
 from attribution.methods.base import AttributionMethod, MethodName, Normalize, ParamsError
 from attribution.methods.gradient_features import (
     GradientFeatureParams,
     GradientFeaturizer,
     dot_scores,
+    loss_gradients,
     squared_norms,
     unit,
 )
@@ -67,14 +79,20 @@ class GradientSimilarity(AttributionMethod):
     params: GradientSimilarityParams
 
     def _featurizer(self) -> GradientFeaturizer:
-        return GradientFeaturizer.for_params(self.model, self.params)
+        cosine = self.params.similarity is Similarity.COSINE
+        return GradientFeaturizer.for_params(self.model, self.params,
+                                             loss_gradient_directions if cosine else loss_gradients)
 
     def score(self, queries: Batch, train: TrainingSet, *, per_sample: bool = False) -> Tensor:
         """`[Q, N]` (per_sample) or `[1, N]` (joint) similarities `s(g_q, g_i)`."""
         started = time.perf_counter()
         featurizer = self._featurizer()
-        query = featurizer.query_features(queries, per_sample, self.params.batch_size)
         cosine = self.params.similarity is Similarity.COSINE
+        if cosine and not per_sample:
+            directions, log_scale = gradient_directions(featurizer.model, queries, self.params.batch_size)
+            query = weighted_direction(featurizer.project(directions), log_scale)
+        else:
+            query = featurizer.query_features(queries, per_sample, self.params.batch_size)
         if cosine:
             query = unit(query)
         scores = dot_scores(featurizer, query, train, self.params.batch_size,

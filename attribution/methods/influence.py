@@ -22,9 +22,13 @@ training objective's own damping is 0.25 × the mean eigenvalue. 0.01 keeps most
 small-damping benefit while bounding the condition number that CG/LiSSA must handle.
 
 `ihvp="auto"` (default) picks `exact` when P ≤ `exact_max_params` (no approximation, the
-dense eigendecomposition makes self-influence cheap), else `ekfac` for eager models whose
-tracked parameters all sit in Linear/Conv2d layers, else `cg` (any model, TorchScript
-included, converges to the exact damped inverse).
+dense eigendecomposition makes self-influence cheap), else `ekfac` when every tracked
+parameter sits in a layer K-FAC factors (eager Linear/Conv2d; TorchScript linear layers with
+a bias — `attribution.ihvp.kfac.unsupported_parameters`), else `cg` (any model, converges
+to the exact damped inverse). If the EK-FAC fit then meets a layer that breaks a K-FAC
+assumption only visible at run time (`KroneckerStructureError`: a layer called twice or
+never, a TorchScript layer seeing several positions per row), `auto` falls back to `cg` and
+says why in `extras["ihvp_fallback"]`; an explicit `ihvp: ekfac` fails with that error.
 
 `curvature`: "gauss_newton" (default, positive semi-definite), "fisher" (empirical), or
 "hessian": Koh & Liang's actual Hessian H of the mean training loss, which keeps the
@@ -54,6 +58,7 @@ from attribution.data import Batch, TrainingSet
 from attribution.ihvp import IHVPEstimator, IHVPName, build_estimator
 from attribution.ihvp.exact import DEFAULT_MAX_PARAMS
 from attribution.ihvp.kfac import kronecker_layers
+from attribution.ihvp.kfac_scripted import KroneckerStructureError
 from attribution.methods.base import (
     AttributionMethod,
     FitContext,
@@ -203,6 +208,23 @@ def fitted_estimator(model: ModelAdapter, params: IHVPParams, context: FitContex
                                   max_rows=params.fit_rows, seed=params.seed)
     damping = params.damping if params.damping is not None else _relative_damping(curvature, params, context,
                                                                                   train, cache=cache)
+    try:
+        estimator, computed = _loaded_estimator(ihvp, curvature, damping, model, params, context, train, cache=cache)
+    except KroneckerStructureError as exc:
+        if IHVPChoice(params.ihvp) is not IHVPChoice.AUTO:
+            raise
+        context.extras["ihvp_fallback"] = f"{ihvp.value}: {exc}"[:500]
+        ihvp = IHVPName.CG  # auto: a layer broke a K-FAC assumption only visible while fitting
+        estimator, computed = _loaded_estimator(ihvp, curvature, damping, model, params, context, train, cache=cache)
+    context.timings["ihvp_fit"] = context.timings.get("ihvp_fit", 0.0) + time.perf_counter() - started
+    context.extras.update(ihvp=ihvp.value, damping=damping, ihvp_fit_cached=not computed)
+    return estimator
+
+
+def _loaded_estimator(ihvp: IHVPName, curvature: CurvatureOperator, damping: float, model: ModelAdapter,
+                      params: IHVPParams, context: FitContext, train: TrainingSet,
+                      *, cache: bool) -> tuple[IHVPEstimator, bool]:
+    """The estimator with its state loaded from the store or computed; whether it was computed."""
     estimator = build_estimator(
         ihvp, curvature, damping, exact_max_params=params.exact_max_params, cg_max_iter=params.cg_max_iter,
         cg_tol=params.cg_tol, lissa_depth=params.lissa_depth, lissa_scale=params.lissa_scale,
@@ -220,9 +242,7 @@ def fitted_estimator(model: ModelAdapter, params: IHVPParams, context: FitContex
     store = context.store if cache else None
     key = artifact_key("ihvp", context.fingerprint, fit_key_parts(model, params, ihvp))
     estimator.load_state(cached_tensors(store, key, compute))
-    context.timings["ihvp_fit"] = context.timings.get("ihvp_fit", 0.0) + time.perf_counter() - started
-    context.extras.update(ihvp=ihvp.value, damping=damping, ihvp_fit_cached=not computed)
-    return estimator
+    return estimator, computed
 
 
 def _relative_damping(curvature: CurvatureOperator, params: IHVPParams, context: FitContext,

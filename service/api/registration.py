@@ -31,6 +31,7 @@ def register_model(session: Session, settings: Settings, tenant: str, body: Mode
     model = model_repo.add_model(
         session, tenant=tenant, name=body.name, uri=body.uri, format=info.format, task=body.task,
         architecture=body.architecture, sha256=info.sha256, num_parameters=info.num_parameters,
+        structure=info.structure,
     )
     commit_created(session, what="model", recovery="list your models (GET /v1/models) before registering it again")
     return model

@@ -2,6 +2,8 @@
 
 Order of work, cheapest first:
 1. model and dataset of the tenant (404 otherwise), method and params (registry), the
+   params against the model's structure recorded at registration (`layers` that select no
+   parameter; `ihvp: kfac|ekfac` on parameters K-FAC cannot factor: 422 naming what works), the
    checkpoint models the params name (TracIn, TRAK: the tenant's live models of the same
    task and size, else 422 "unknown model" — another tenant's id is unknown too), samples
    structure, `top_k`, `callback_url`, `group_by` (`group` needs a `group` column in every
@@ -38,8 +40,10 @@ from sqlalchemy.orm import Session
 
 from attribution.methods.base import MethodParams, ParamsError
 from attribution.methods.gradient_features import CheckpointFeatureParams
+from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
 from attribution.methods.trackstar import TrackStarParams
+from attribution.structure import ModelStructure
 from service import queue
 from service.api.errors import (
     Conflict,
@@ -132,6 +136,7 @@ def submit_query(
 def _validate(session: Session, settings: Settings, tenant: str, body: QueryCreate) -> _Validated:
     model, dataset = _model_and_dataset(session, tenant, body)
     params = _method_params(body)
+    _check_structure(model, params)
     params_dict = params.to_dict()
     checkpoint_shas = _checkpoint_shas(session, tenant, model, params)
     if body.top_k > settings.max_top_k:
@@ -204,6 +209,23 @@ def _params_of(method: str, raw: dict[str, Any] | None) -> MethodParams:
 @lru_cache(maxsize=256)
 def _parsed_params(method: str, params_json: str) -> MethodParams:
     return parse_params(method, json.loads(params_json))
+
+
+def _check_structure(model: Model, params: MethodParams) -> None:
+    """422 when `params.layers` select no parameter of the model or `ihvp: kfac|ekfac` cannot
+    factor one they track, read from the structure recorded at registration (models
+    registered before it was recorded are not checked)."""
+    if model.structure is None:
+        return
+    structure = ModelStructure.from_dict(model.structure)
+    layers = tuple(getattr(params, "layers", ()))
+    problem = structure.layers_problem(layers)
+    if problem is not None:
+        raise InvalidInput(f"params.layers: {problem}", code="invalid_params")
+    if isinstance(params, IHVPParams) and IHVPChoice(params.ihvp) in (IHVPChoice.KFAC, IHVPChoice.EKFAC):
+        problem = structure.kfac_problem(layers)
+        if problem is not None:
+            raise InvalidInput(f"params.ihvp: {params.ihvp} does not work here: {problem}", code="invalid_params")
 
 
 def _checkpoint_shas(session: Session, tenant: str, model: Model, params: MethodParams) -> list[str]:

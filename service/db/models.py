@@ -81,6 +81,8 @@ class Model(Base):
     architecture: Mapped[str | None] = mapped_column(String(512), nullable=True)
     sha256: Mapped[str] = mapped_column(String(64))
     num_parameters: Mapped[int] = mapped_column(BigInteger)
+    # trainable parameter names and those K-FAC cannot factor, recorded at registration
+    structure: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(nullable=True)
 

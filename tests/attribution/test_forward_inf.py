@@ -105,7 +105,8 @@ def test_normalized_sgd_skips_and_reports_a_zero_gradient(scripted: bool) -> Non
     target = torch.jit.script(copy.deepcopy(module)) if scripted else module
     context = FitContext("zero-gradient")
     method = ForwardInf(ModelAdapter(target, ClassificationTask()),
-                        ForwardInfParams.from_dict({"steps": 2, "lr": 0.1, "optimizer": "normalized_sgd"}), context)
+                        ForwardInfParams.from_dict({"steps": 2, "lr": 0.1, "optimizer": "normalized_sgd",
+                                                                 "normalize": "none"}), context)
     scores = method.score(queries, TensorTrainingSet(x, y), per_sample=True)
     torch.testing.assert_close(scores[0], torch.zeros(30), atol=1e-6, rtol=0)  # θ unmoved (kernel rounding only)
     assert context.extras["zero_gradient_steps"] == 2
@@ -235,7 +236,10 @@ def test_relative_scores_divide_by_the_gradient_norm_of_the_step(wine_mlp: fixtu
                     queries=queries, per_sample=True)
     relative = attribute(wine_mlp.adapter, ForwardInf, {**params, "normalize": "relative"}, wine_mlp.train,
                          FitContext("w", store=store), queries=queries, per_sample=True)
-    torch.testing.assert_close(relative, (raw.double() / expected_d).float(), atol=1e-6, rtol=1e-4)
+    # normalized_sgd's relative scores take loss changes in log space (float64); the raw reference is a
+    # float32 difference of losses, whose rounding (~6e-8·L_i) over D_i = α‖g_i‖ reaches a few 1e-6
+    atol = 1e-5 if optimizer == "normalized_sgd" else 1e-6
+    torch.testing.assert_close(relative, (raw.double() / expected_d).float(), atol=atol, rtol=1e-4)
     # a row's squared norm far below float32's range keeps its exact value (float64 division)
     tiny = relative_scores(torch.tensor([[3e-30, 1.0]]), torch.tensor([1e-60, 4.0], dtype=torch.float64), floor=1e-76)
     torch.testing.assert_close(tiny, torch.tensor([[3.0, 0.5]]))
@@ -248,7 +252,7 @@ def test_params_validation() -> None:
         ForwardInfParams.from_dict({"optimizer": "rmsprop"})
     with pytest.raises(ParamsError, match="unknown"):
         ForwardInfParams.from_dict({"alpha": 1.0})
-    defaults = ForwardInfParams()  # relative by default (benchmarks/results/q3_leakage.md)
+    defaults = ForwardInfParams().for_task("classification")  # relative (benchmarks/results/q3_leakage.md)
     assert (defaults.k, defaults.alpha, defaults.chosen_optimizer, defaults.normalize) == (
         1, 0.001, "normalized_sgd", "relative")
     raw = ForwardInfParams.from_dict({"normalize": "none"})

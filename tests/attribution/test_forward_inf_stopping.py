@@ -104,8 +104,9 @@ def test_causal_lm_defaults_fill_only_unset_fields() -> None:
     lm = ForwardInfParams().for_task("causal_lm")
     assert {k: getattr(lm, k) for k in CAUSAL_LM_DEFAULTS} == CAUSAL_LM_DEFAULTS
     classifier = ForwardInfParams().for_task("classification").resolved()
-    assert classifier.stop is StopRule.FIXED and classifier.optimizer is Optimizer.SGD
-    assert classifier.normalize is Normalize.NONE
+    # classifiers: fixed K, relative scores (the fair protocol's leakage validation) and so normalized SGD
+    assert classifier.stop is StopRule.FIXED and classifier.optimizer is Optimizer.NORMALIZED_SGD
+    assert classifier.normalize is Normalize.RELATIVE
     explicit = ForwardInfParams.from_dict({"steps": 3, "normalize": "none"}).for_task("causal_lm")
     assert explicit.stop is StopRule.FIXED and explicit.steps == 3 and explicit.normalize is Normalize.NONE
     newton = ForwardInfParams.from_dict({"unlearning": "newton"}).for_task("causal_lm")

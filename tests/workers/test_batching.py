@@ -19,11 +19,13 @@ def _samples(reg: jf.Registered, lo: int, hi: int) -> dict[str, list]:
 
 
 def _submit(settings: Settings, reg: jf.Registered) -> dict[str, str]:
-    """Five queued queries: three share a sweep (one of them relative), two cannot join it."""
+    """Six queued queries: two raw ones share a sweep, two relative ones another (relative scores of
+    classifiers sweep log-losses), two cannot join either."""
     ids = {
         "a": jf.insert_query(settings, reg, params=PARAMS, samples=_samples(reg, 0, 2)),
         "b": jf.insert_query(settings, reg, params=PARAMS, samples=_samples(reg, 2, 3)),
         "c": jf.insert_query(settings, reg, params={**PARAMS, "normalize": "relative"}, samples=_samples(reg, 3, 6)),
+        "d": jf.insert_query(settings, reg, params={**PARAMS, "normalize": "relative"}, samples=_samples(reg, 0, 2)),
         "other_lr": jf.insert_query(settings, reg, params={"steps": 3, "lr": 0.25}, samples=_samples(reg, 0, 2)),
         "per_sample": jf.insert_query(settings, reg, params=PARAMS, mode="per_sample", samples=_samples(reg, 0, 2)),
     }
@@ -51,7 +53,7 @@ def test_compatible_queries_share_one_sweep_and_match_one_by_one(
         one, two = jf.fetch(rq_settings, batched[name]), jf.fetch(rq_settings, alone[name])
         assert (one.status, two.status) == ("succeeded", "succeeded"), (one.error, two.error)
         assert one.attempts == 1  # the companions' own RQ jobs were no-ops
-        expected_group = 3 if name in ("a", "b", "c") else None
+        expected_group = 2 if name in ("a", "b", "c", "d") else None
         assert (one.extras or {}).get("batched_queries") == expected_group
         assert (two.extras or {}).get("batched_queries") is None
         # Same ops on the same batches: identical up to 1e-6 (bitwise equal in practice).

@@ -117,8 +117,9 @@ def test_a_fanned_out_query_posts_its_callback_once_with_the_final_status(fanned
 
 
 @pytest.mark.parametrize(("task", "params", "fans_out"), [
-    ("classification", {}, True),
-    ("causal_lm", {}, False),  # the causal-LM defaults score relative (a whole-dataset denominator)
+    ("classification", {}, False),  # every task's defaults score relative (a whole-dataset denominator)
+    ("classification", {"normalize": "none"}, True),
+    ("causal_lm", {}, False),
     ("causal_lm", {"normalize": "none"}, True),
     ("classification", {"normalize": "relative"}, False),
 ])

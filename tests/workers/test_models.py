@@ -41,7 +41,9 @@ def test_torchscript_loads_and_reports_hash_and_size(data_root: Path) -> None:
     path = data_root / "mlp.pt"
     torch.jit.save(torch.jit.script(tiny_mlp()), str(path))
     info = inspect_model(path, "torchscript", "classification", architecture=None, allowlist=[])
-    assert info == type(info)(format="torchscript", sha256=file_sha256(path), num_parameters=TINY_PARAMS)
+    assert (info.format, info.sha256, info.num_parameters) == ("torchscript", file_sha256(path), TINY_PARAMS)
+    assert info.structure["kfac_unsupported"] == {}  # TorchScript linear layers: K-FAC factors every parameter
+    assert len(info.structure["parameters"]) == len(list(tiny_mlp().parameters()))
     assert inspect_model(path, "auto", "classification", architecture=None, allowlist=[]).format == "torchscript"
 
 

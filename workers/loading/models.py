@@ -32,6 +32,7 @@ import torch
 
 from attribution.device import resolve_device
 from attribution.model import ModelAdapter
+from attribution.structure import ModelStructure
 from attribution.tasks import TaskName, task_for
 from service.settings import Settings
 from workers.loading.errors import ModelLoadError
@@ -45,11 +46,13 @@ FORMATS = ("torchscript", "hf", "safetensors", "auto")
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What registration stores about a model: the resolved format, content hash, size."""
+    """What registration stores about a model: the resolved format, content hash, size, and its
+    structure (trainable parameters, what K-FAC can factor) for checks at query submission."""
 
     format: str
     sha256: str
     num_parameters: int
+    structure: dict[str, Any]  # `attribution.structure.ModelStructure.to_dict()`
 
 
 def inspect_model(
@@ -61,7 +64,8 @@ def inspect_model(
     num_parameters = sum(p.numel() for p in module.parameters())
     if num_parameters == 0:
         raise ModelLoadError("uri", "the model has no parameters to attribute through")
-    return ModelInfo(format=resolved, sha256=path_sha256(path), num_parameters=int(num_parameters))
+    return ModelInfo(format=resolved, sha256=path_sha256(path), num_parameters=int(num_parameters),
+                     structure=ModelStructure.of_module(module).to_dict())
 
 
 def sniff_format(path: Path) -> str:

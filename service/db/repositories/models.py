@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -11,10 +13,10 @@ from service.db.repositories import is_resource_id
 
 def add_model(
     session: Session, *, tenant: str, name: str, uri: str, format: str, task: str,
-    architecture: str | None, sha256: str, num_parameters: int,
+    architecture: str | None, sha256: str, num_parameters: int, structure: dict[str, Any] | None = None,
 ) -> Model:
     model = Model(tenant=tenant, name=name, uri=uri, format=format, task=task,
-                  architecture=architecture, sha256=sha256, num_parameters=num_parameters)
+                  architecture=architecture, sha256=sha256, num_parameters=num_parameters, structure=structure)
     session.add(model)
     session.flush()
     return model
