@@ -59,7 +59,7 @@ def run(options: Options) -> Report:
 
             def body(row: int) -> dict:
                 return {"model_id": model_id, "dataset_id": dataset_id, "method": "forward_inf",
-                        "samples": {"x": [x[row].tolist()], "y": [int(y[row])]}, "params": {"steps": 5, "lr": 0.01},
+                        "samples": {"x": [x[row].tolist()], "y": [int(y[row])]}, "params": {"steps": 5, "lr": 0.01, "normalize": "none"},
                         "top_k": 10}
 
             first = d.client.post("/v1/queries", json=body(n)).json()

@@ -67,7 +67,7 @@ def run(options: Options) -> Report:
                 ids = [d.client.post("/v1/queries", json={
                     "model_id": model_id, "dataset_id": dataset_id, "method": "forward_inf",
                     "samples": {"x": [x[n + q].tolist()], "y": [int(y[n + q])]},
-                    "params": {"steps": 5, "lr": 0.01, "batch_size": 1024}, "top_k": top_k,
+                    "params": {"steps": 5, "lr": 0.01, "batch_size": 1024, "normalize": "none"}, "top_k": top_k,
                 }).json()["id"] for q in range(num_queries)]
                 final = d.wait_final(ids, timeout=3600, interval=0.5)
                 failed = [f"{i}: {b['error']}" for i, b in final.items() if b["status"] != "succeeded"]

@@ -79,7 +79,7 @@ def measure(n: int, tmp: Path, module_path: Path, query: tuple[list[float], int]
     with Deployment(root, db="attribution_bench_p5", redis_db=5, workers=0, env=env) as d:
         model_id, dataset_id = d.register(model, shards)
         body = {"model_id": model_id, "dataset_id": dataset_id, "method": "forward_inf",
-                "samples": {"x": [query[0]], "y": [query[1]]}, "params": {"steps": 5, "lr": 0.01}, "top_k": 100}
+                "samples": {"x": [query[0]], "y": [query[1]]}, "params": {"steps": 5, "lr": 0.01, "normalize": "none"}, "top_k": 100}
         query_id = d.client.post("/v1/queries", json=body).json()["id"]
         out = subprocess.run([sys.executable, "-m", "benchmarks.p5_memory"], cwd=REPO, env={**d.env, CHILD_FLAG: "1"},
                              capture_output=True, text=True, timeout=3600, check=False)

@@ -94,7 +94,8 @@ def run(options: Options, api_processes: int = 1) -> Report:
                 row = ROWS + rng.randrange(POOL)
                 bodies.append({"model_id": model_id, "dataset_id": dataset_id, "method": "forward_inf",
                                "samples": {"x": [x[row].tolist()], "y": [int(y[row])]},
-                               "params": {"steps": 3, "lr": 0.01}, "top_k": 5})
+                               "params": {"steps": 3, "lr": 0.01, "normalize": "none"},
+                               "top_k": 5})
             began = time.perf_counter()
             post_s, accepted, replays, failures = asyncio.run(_load(d.url, bodies, clients))
             submit_s = time.perf_counter() - began

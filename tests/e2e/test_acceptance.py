@@ -113,7 +113,7 @@ def _run_flow(url: str, case: Case) -> None:
             xq, yq = case.query(i)
             body = {"model_id": model_id, "dataset_id": dataset_id, "method": "forward_inf",
                     "samples": {"x": xq.tolist(), "y": yq.tolist()}, "top_k": 10,
-                    "params": {"steps": 5, "lr": 0.01}}
+                    "params": {"steps": 5, "lr": 0.01, "normalize": "none"}}  # Algorithm 1's raw score
             done = _wait_final(client, _post_query(client, body)["id"])
             assert done["status"] == "succeeded", done
             ours = _scores(client, done["id"])
@@ -133,7 +133,7 @@ def _run_flow(url: str, case: Case) -> None:
         xq, yq = case.query(0)
         body = {"model_id": model_id, "dataset_id": dataset_id, "method": "influence",
                 "samples": {"x": xq.tolist(), "y": yq.tolist()}, "top_k": 10,
-                "params": {"ihvp": "cg", "damping": 0.01}}
+                "params": {"ihvp": "cg", "damping": 0.01, "normalize": "none"}}  # the formula's raw score
         done = _wait_final(client, _post_query(client, body)["id"])
         assert done["status"] == "succeeded", done
         ours = _scores(client, done["id"])

@@ -69,6 +69,7 @@ def test_newton_queries_are_neither_fanned_out_nor_batched(settings: Settings) -
                      model_id="m", dataset_id="d")
 
     rows = settings.fanout_rows * 4
-    assert should_fan_out(query(steps=5, lr=0.01), rows, settings) and sweep_key(query(steps=5, lr=0.01))
+    raw = {"steps": 5, "lr": 0.01, "normalize": "none"}  # relative scores (the default) never fan out
+    assert should_fan_out(query(**raw), rows, settings) and sweep_key(query(**raw))
     assert not should_fan_out(query(unlearning="newton"), rows, settings)
     assert sweep_key(query(unlearning="newton")) is None
