@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -159,6 +160,12 @@ def test_two_processes_report_summed_metrics_and_stop_on_sigterm(tmp_path: Path,
                 served = _healthz_by_process(metrics_dir)
                 if len(served) == 2 and min(served.values()) > 0:
                     break
+        # A request is counted once its response is sent, so the last ones may land just after
+        # the client read their answers: wait (briefly) until every request made is counted.
+        deadline = time.monotonic() + 5.0
+        while sum(served.values()) < made and time.monotonic() < deadline:
+            time.sleep(0.05)
+            served = _healthz_by_process(metrics_dir)
         first, second = (running.client.get("/metrics").text for _ in range(2))
 
     assert len(served) == 2 and min(served.values()) > 0, served
