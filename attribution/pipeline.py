@@ -31,7 +31,7 @@ from torch import Tensor
 
 from attribution.artifacts import artifact_key, cached_tensors
 from attribution.data import Batch, TrainingSet
-from attribution.methods.auto import AUTO, AutoInputs, AutoParams, choose_method
+from attribution.methods.auto import AUTO, AutoInputs, AutoParams, choose_method, with_task_defaults
 from attribution.methods.base import (
     AttributionMethod,
     FitContext,
@@ -107,7 +107,7 @@ def resolve_auto(model: ModelAdapter, params: MethodParams | Mapping[str, Any] |
                         num_parameters=sum(p.numel() for p in model.module.parameters()))
     choice = choose_method(inputs, params)
     cls = method_class(choice.method)
-    chosen = cls.params_type.from_dict(choice.params)
+    chosen = with_task_defaults(cls.params_type.from_dict(choice.params), inputs.task)
     context.extras["auto"] = choice.report(chosen.to_dict())
     return cls, chosen
 

@@ -97,6 +97,16 @@ class AutoChoice:
         return {"method": self.method.value, "params": resolved_params, "reason": self.reason}
 
 
+def with_task_defaults(params: MethodParams, task: str) -> MethodParams:
+    """The chosen params with the task's defaults made explicit (Forward-INF's `for_task`:
+    causal-LM unlearning, relative scores), so the reported and stored params are what runs."""
+    for_task = getattr(params, "for_task", None)
+    resolved = for_task(task) if callable(for_task) else params
+    if not isinstance(resolved, MethodParams):
+        raise TypeError(f"for_task returned {type(resolved).__name__}")
+    return resolved
+
+
 def auto_record(extras: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The `method: "auto"` record (`AutoChoice.report`) in a query's extras, else None.
     (Forward-INF's own `params.auto` reports its optimizer/K/α under the same key, never with
@@ -115,7 +125,8 @@ def choose_method(inputs: AutoInputs, params: AutoParams) -> AutoChoice:
     regression = " (regression has no study of its own; it follows classification)" \
         if task is TaskName.REGRESSION else ""
     if not inputs.self_influence:
-        unused = " The checkpoints given are not used." if inputs.num_checkpoints else ""
+        # the same words with or without checkpoints: the choice (and the request hash) ignores them
+        unused = " Training checkpoints, if given, are not used for queries about predictions."
         if lm:
             why = ("causal LM, query about predictions: forward_inf with its causal-LM defaults, "
                    "benchmarks/results/q8_service.md 'our default': MRR 0.7636, above every other default "
@@ -154,4 +165,5 @@ def choose_method(inputs: AutoInputs, params: AutoParams) -> AutoChoice:
     return AutoChoice(MethodName.TRAK, raw, f"{why}; {size}.")
 
 
-__all__ = ["AUTO", "AutoChoice", "AutoInputs", "AutoParams", "auto_record", "choose_method"]
+__all__ = ["AUTO", "AutoChoice", "AutoInputs", "AutoParams", "auto_record", "choose_method",
+           "with_task_defaults"]

@@ -43,7 +43,14 @@ from urllib.parse import urlsplit
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from attribution.methods.auto import AUTO, AutoChoice, AutoInputs, AutoParams, choose_method
+from attribution.methods.auto import (
+    AUTO,
+    AutoChoice,
+    AutoInputs,
+    AutoParams,
+    choose_method,
+    with_task_defaults,
+)
 from attribution.methods.base import MethodParams, ParamsError
 from attribution.methods.gradient_features import CheckpointFeatureParams
 from attribution.methods.influence import IHVPChoice, IHVPParams
@@ -147,6 +154,8 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
     choice = _auto_choice(body, model)
     method = choice.method.value if choice is not None else body.method
     params = _method_params(body, method, choice.params if choice is not None else body.params)
+    if choice is not None:
+        params = with_task_defaults(params, model.task)
     _check_structure(model, params)
     params_dict = params.to_dict()
     checkpoint_shas = _checkpoint_shas(session, tenant, model, params)
