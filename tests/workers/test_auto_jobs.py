@@ -15,7 +15,6 @@ from attribution.methods.base import FitContext
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
 from attribution.tasks import ClassificationTask
-
 from service.api.app import create_app
 from service.settings import Settings
 from tests.workers import jobfixtures as jf
