@@ -52,6 +52,7 @@ from attribution.methods.auto import (
     with_task_defaults,
 )
 from attribution.methods.base import MethodParams, ParamsError
+from attribution.methods.forward_inf_params import ForwardInfParams
 from attribution.methods.gradient_features import CheckpointFeatureParams
 from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
@@ -225,6 +226,10 @@ def _method_params(body: QueryCreate, method: str, raw: dict[str, Any] | None) -
         raise InvalidInput(str(exc), code="invalid_params") from exc
     if body.self_influence and not supports_self_influence:
         raise InvalidInput(f"self_influence: method {method} does not define self-influence")
+    if isinstance(params, ForwardInfParams) and params.checkpoint_model_ids and not body.self_influence:
+        raise InvalidInput("params.checkpoint_model_ids: forward_inf uses training checkpoints for self_influence "
+                           "only (its query scores unlearn the final model); drop them, or use tracin",
+                           code="invalid_params")
     return params
 
 
@@ -267,13 +272,14 @@ def _check_structure(model: Model, params: MethodParams) -> None:
 
 
 def _checkpoint_shas(session: Session, tenant: str, model: Model, params: MethodParams) -> list[str]:
-    """sha256 of each checkpoint model the params name, in order (TracIn, TRAK).
+    """sha256 of each checkpoint model the params name, in order (TracIn, TRAK; Forward-INF's
+    self-influence).
 
     Each id must be a live model of the tenant with the query model's task and parameter
     count; otherwise 422 naming `params.checkpoint_model_ids[i]`. An id of another tenant is
     "unknown model", exactly like an id that does not exist.
     """
-    if not isinstance(params, CheckpointFeatureParams):
+    if not isinstance(params, CheckpointFeatureParams | ForwardInfParams):
         return []
     shas = []
     for position, model_id in enumerate(params.checkpoint_model_ids):

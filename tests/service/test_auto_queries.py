@@ -96,7 +96,7 @@ def test_a_self_influence_audit_with_checkpoints_resolves_to_last_layer_tracin(
     expected = e.direct_scores("tracin", {"last_layer": True}, rows=60, queries=None, checkpoints=earlier,
                                checkpoint_lrs=lrs, self_influence=True)[0]
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-7)
-    every_layer = e.direct_scores("tracin", {}, rows=60, queries=None, checkpoints=earlier, checkpoint_lrs=lrs,
+    every_layer = e.direct_scores("tracin", {"last_layer": False}, rows=60, queries=None, checkpoints=earlier, checkpoint_lrs=lrs,
                                   self_influence=True)[0]
     assert not np.allclose(served, every_layer, rtol=1e-2)  # the last layer only, as documented
 
