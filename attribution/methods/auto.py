@@ -21,6 +21,13 @@ the committed report line it comes from (figures on the evaluated points of that
 | self-influence | classification, regression | no | `trak` `use_margin: false` (final model) | Q4 "every entry": highest validation AUC of the final-model entries (0.9481 vs influence ekfac 0.9465, forward_inf newton 0.9409), evaluated 0.9318 vs forward_inf default 0.9019 |
 | self-influence | causal LM | no | `tracin` (final model, every layer: ‖∇L(θ̂, z_i)‖²) | no LM self-influence study; one gradient pass per row, no inverse, and Q8's preference for every layer |
 
+The validation points alone agree (`python -m benchmarks.defaults_validation`, current code):
+Q4 `auto` with 5 checkpoints 0.9896, without 0.9481 (forward_inf default 0.9319, Forward-INF
+over the checkpoints 0.9790); Q3 `auto` top-1 1.0. For predictions the rule serves retrieval
+(Q3: every default of ours ties, Forward-INF is the cheapest per query); it is not the best
+for LDS (Q6 validation: `auto` 0.2795, TracIn's last layer 0.3357, influence EK-FAC raw 0.5758 in
+q6_lds_neural.md), a question a request cannot state — README "Choosing a method" names the method.
+
 Regression has no study of its own: it follows classification (noted in `reason`). No rule
 depends on the size P: every chosen method costs O(N·P) per pass and none inverts a P×P
 matrix (the exact/EK-FAC inverses that do are not chosen), so P is reported in `reason` only.
