@@ -152,14 +152,16 @@ def submit_query(
 
 def _validate(session: Session, settings: Settings, tenant: str, body: QueryCreate) -> _Validated:
     model, dataset = _model_and_dataset(session, tenant, body)
-    choice = _auto_choice(body, model)
+    auto_params, choice = _auto_choice(body, model)
     method = choice.method.value if choice is not None else body.method
     params = _method_params(body, method, choice.params if choice is not None else body.params)
     if choice is not None:
         params = with_task_defaults(params, model.task)
     _check_structure(model, params)
     params_dict = params.to_dict()
-    checkpoint_shas = _checkpoint_shas(session, tenant, model, params)
+    checkpoint_shas = _checkpoint_shas(session, tenant, model, _named_checkpoints(params))
+    if auto_params is not None and not checkpoint_shas:  # checkpoints auto did not use: still valid ids
+        _checkpoint_shas(session, tenant, model, auto_params.checkpoint_model_ids)
     if body.top_k > settings.max_top_k:
         raise InvalidInput(f"top_k: must be at most {settings.max_top_k}")
     if body.callback_url is not None:
@@ -201,11 +203,12 @@ def _model_and_dataset(session: Session, tenant: str, body: QueryCreate) -> tupl
     return model, dataset  # both appeared between the two reads
 
 
-def _auto_choice(body: QueryCreate, model: Model) -> AutoChoice | None:
-    """`method: "auto"` → the concrete method and raw params for this model (task, size), the
-    purpose (`self_influence`) and the checkpoints in `params`; None when a method was named."""
+def _auto_choice(body: QueryCreate, model: Model) -> tuple[AutoParams | None, AutoChoice | None]:
+    """`method: "auto"` → its params and the concrete method and raw params for this model (task,
+    size), the purpose (`self_influence`) and the checkpoints in `params`; (None, None) when a
+    method was named."""
     if body.method != AUTO:
-        return None
+        return None, None
     try:
         params = AutoParams.from_dict(body.params)
     except ParamsError as exc:
@@ -213,7 +216,7 @@ def _auto_choice(body: QueryCreate, model: Model) -> AutoChoice | None:
                            code="invalid_params") from exc
     inputs = AutoInputs(task=model.task, self_influence=body.self_influence,
                         num_checkpoints=len(params.checkpoint_model_ids), num_parameters=model.num_parameters)
-    return choose_method(inputs, params)
+    return params, choose_method(inputs, params)
 
 
 def _method_params(body: QueryCreate, method: str, raw: dict[str, Any] | None) -> MethodParams:
@@ -271,18 +274,23 @@ def _check_structure(model: Model, params: MethodParams) -> None:
             raise InvalidInput(f"params.ihvp: {params.ihvp} does not work here: {problem}", code="invalid_params")
 
 
-def _checkpoint_shas(session: Session, tenant: str, model: Model, params: MethodParams) -> list[str]:
-    """sha256 of each checkpoint model the params name, in order (TracIn, TRAK; Forward-INF's
-    self-influence).
+def _named_checkpoints(params: MethodParams) -> tuple[str, ...]:
+    """The checkpoint model ids of methods that take them (TracIn, TRAK, Forward-INF), else ()."""
+    if isinstance(params, CheckpointFeatureParams | ForwardInfParams):
+        return params.checkpoint_model_ids
+    return ()
+
+
+def _checkpoint_shas(session: Session, tenant: str, model: Model, ids: Sequence[str]) -> list[str]:
+    """sha256 of each checkpoint model the params name (`ids`), in order (TracIn, TRAK;
+    Forward-INF's self-influence; `auto`).
 
     Each id must be a live model of the tenant with the query model's task and parameter
     count; otherwise 422 naming `params.checkpoint_model_ids[i]`. An id of another tenant is
     "unknown model", exactly like an id that does not exist.
     """
-    if not isinstance(params, CheckpointFeatureParams | ForwardInfParams):
-        return []
     shas = []
-    for position, model_id in enumerate(params.checkpoint_model_ids):
+    for position, model_id in enumerate(ids):
         field = f"params.checkpoint_model_ids[{position}]"
         checkpoint = model_repo.get_model(session, tenant, model_id)
         if checkpoint is None:

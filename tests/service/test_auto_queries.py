@@ -140,6 +140,8 @@ def test_unknown_methods_list_auto_and_auto_refuses_method_params(http: TestClie
         assert field in refused["detail"]
     unknown = audit(ids, checkpoint_model_ids=["no-such-model"])
     assert "unknown model" in assert_error(http.post("/v1/queries", json=unknown), 422, "invalid_params")["detail"]
+    unused = prediction(ids, method="auto", params={"checkpoint_model_ids": [ids["checkpoints"][0], "no-such-model"]})
+    assert_error(http.post("/v1/queries", json=unused), 422, "invalid_params", "checkpoint_model_ids[1]")
 
 
 def test_a_causal_lm_prompt_completion_query_resolves_to_forward_inf_lm_defaults(
