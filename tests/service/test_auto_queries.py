@@ -144,7 +144,7 @@ def test_unknown_methods_list_auto_and_auto_refuses_method_params(http: TestClie
     assert_error(http.post("/v1/queries", json=unused), 422, "invalid_params", "checkpoint_model_ids[1]")
 
 
-def test_a_causal_lm_prompt_completion_query_resolves_to_forward_inf_lm_defaults(
+def test_causal_lm_queries_resolve_to_forward_inf_lm_defaults_and_audits_to_tracin(
         http: TestClient, settings: Settings) -> None:
     root = settings.data_root / "lm"
     folder = save_folder(causal_lm("gpt2"), root / "model")
@@ -164,3 +164,8 @@ def test_a_causal_lm_prompt_completion_query_resolves_to_forward_inf_lm_defaults
     assert "q8_service.md" in choice["reason"]
     top = done["result"]["top"][0]
     assert (top["index"], top["preview"]) == (len(CORPUS) + 1, prompt + completion)
+    # an LM audit without checkpoints: TracIn on the final model, every layer
+    audited = e.run(http, {"model_id": model.json()["id"], "dataset_id": dataset.json()["id"], "top_k": 3,
+                           "self_influence": True})
+    choice = assert_reported(audited, "tracin")
+    assert choice["params"]["last_layer"] is False and choice["params"]["checkpoint_model_ids"] == []
