@@ -14,6 +14,11 @@ gᵢᵀg_q / ‖gᵢ‖ ≤ ‖g_q‖ by Cauchy–Schwarz, with equality for an 
 ε = max(1e-12, 1e-6 · median|s|) keeps rows whose self-influence is at rounding level from
 being amplified without bound. The vector s `[N]` depends on (model, dataset, method,
 params except `normalize`): it is computed once and cached in the artifact store.
+
+`method="auto"` (`attribution.methods.auto`) resolves, from the model's task and size, the
+purpose (`self_influence`) and the context's checkpoints, to a concrete method and params,
+runs that, and reports the choice in `context.extras["auto"]` (method, params with defaults
+filled in, reason).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import Tensor
 
 from attribution.artifacts import artifact_key, cached_tensors
 from attribution.data import Batch, TrainingSet
+from attribution.methods.auto import AUTO, AutoInputs, AutoParams, choose_method, with_task_defaults
 from attribution.methods.base import (
     AttributionMethod,
     FitContext,
@@ -55,8 +61,11 @@ def attribute(
 
     `method` is a registered name or an `AttributionMethod` subclass; `params` its params
     dataclass or a raw mapping (validated with the method's `from_dict`). Raises
-    `ValueError` (incl. `ParamsError`, `UnknownMethodError`) for invalid requests.
+    `ValueError` (incl. `ParamsError`, `UnknownMethodError`) for invalid requests. `"auto"`:
+    see `resolve_auto`; its choice is reported in `context.extras["auto"]`.
     """
+    if isinstance(method, str) and method == AUTO:
+        method, params = resolve_auto(model, params, context, self_influence=self_influence)
     cls = method if isinstance(method, type) else method_class(str(method))
     if params is None or isinstance(params, Mapping):
         params = cls.params_type.from_dict(params)
@@ -82,6 +91,25 @@ def attribute(
         if scores.dtype == torch.float64 and model.live_params()[0].dtype != torch.float64:
             scores = scores.float()  # float64 only carried memorised rows' tiny loss changes to the division
     return scores
+
+
+def resolve_auto(model: ModelAdapter, params: MethodParams | Mapping[str, Any] | None, context: FitContext,
+                 *, self_influence: bool) -> tuple[type[AttributionMethod], MethodParams]:
+    """`method="auto"` → (method class, its params), from the model's task and size, the
+    purpose and `len(context.checkpoints)` (`attribution.methods.auto.choose_method`);
+    records `context.extras["auto"]`. `params`: `AutoParams` or its raw mapping."""
+    if params is None or isinstance(params, Mapping):
+        params = AutoParams.from_dict(params)
+    if not isinstance(params, AutoParams):
+        raise ValueError(f"method 'auto' takes AutoParams, got {type(params).__name__}")
+    inputs = AutoInputs(task=str(model.task.name), self_influence=self_influence,
+                        num_checkpoints=len(context.checkpoints),
+                        num_parameters=sum(p.numel() for p in model.module.parameters()))
+    choice = choose_method(inputs, params)
+    cls = method_class(choice.method)
+    chosen = with_task_defaults(cls.params_type.from_dict(choice.params), inputs.task)
+    context.extras["auto"] = choice.report(chosen.to_dict())
+    return cls, chosen
 
 
 def _check_request(cls: type[AttributionMethod], train: TrainingSet, queries: Batch | None,

@@ -129,6 +129,7 @@ class Query(ApiModel):
     self_influence: bool
     top_k: int
     params: dict[str, Any]
+    auto: dict[str, Any] | None = None  # `method: "auto"`: {"method", "params", "reason"} of the choice
 
     @property
     def is_final(self) -> bool:

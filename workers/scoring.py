@@ -22,6 +22,7 @@ from torch import Tensor
 
 from attribution.feature_files import FeatureFiles
 from attribution.interrupts import interruptible
+from attribution.methods.auto import auto_record
 from attribution.methods.base import FitContext
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
@@ -152,9 +153,13 @@ def store_result(query: Query, scores: np.ndarray, train: ShardedTrainingSet, se
 
     `scores` is `[Q, N]`; the file holds `[N]` unless the query is per_sample. A grouped query
     (`group_by` shard/group, see `workers.grouping`) stores and ranks the `[Q, G]` group
-    scores instead. Returns False (and removes the files) if the query stopped being
+    scores instead. A `method: "auto"` query's choice, stored in its extras at submission,
+    is kept in the result's extras. Returns False (and removes the files) if the query stopped being
     `running` meanwhile (canceled).
     """
+    record = auto_record(query.extras)  # `method: "auto"`: the choice stored at submission
+    if record is not None:
+        extras = {**extras, "auto": record}
     matrix = np.asarray(scores, dtype=np.float32)
     num_scored = int(matrix.shape[1])
     groups = row_groups(train, query.group_by) if query.group_by != "row" else None

@@ -134,6 +134,7 @@ from attribution.methods.base import (
     MethodParams,
     Normalize,
 )
+from attribution.methods.checkpoints import check_checkpoint_context
 from attribution.methods.forward_inf_auto import AutoChoice, Candidate, select_hyperparameters
 from attribution.methods.forward_inf_engine import (
     BatchLosses,
@@ -172,6 +173,7 @@ from attribution.methods.forward_inf_params import (
     SelfInfluenceMode,
     UnlearningRule,
 )
+from attribution.methods.gradient_features import checkpoint_schedule, stage_progress
 from attribution.methods.influence import fitted_estimator
 from attribution.methods.registry import register
 from attribution.model import ModelAdapter
@@ -429,7 +431,10 @@ class ForwardInf(AttributionMethod):
         """`[N]`: each row unlearned alone (K steps, α; or the Newton step), its own loss change
         (sign as in `score`); the mislabel-audit quantity. `gradient_norm` mode: its first-order
         value for one step, α‖g_i‖₂² (sgd), α‖g_i‖₂ (normalized_sgd), α‖g_i‖₁ (adam),
-        α g_iᵀ(G + λI)⁻¹g_i (newton)."""
+        α g_iᵀ(G + λI)⁻¹g_i (newton). With training checkpoints θ_c in the context:
+        `Σ_c η_c s(θ_c, z_i)` (`checkpoint_self_influence`)."""
+        if self.context.checkpoints:
+            return self.checkpoint_self_influence(train)
         started = time.perf_counter()
         p = self.settings
         if p.newton:
@@ -441,6 +446,27 @@ class ForwardInf(AttributionMethod):
             out = self._unlearned_self_influence(p, train, self._base(train))
         self.context.timings["self_influence_s"] = time.perf_counter() - started
         return out
+
+    def checkpoint_self_influence(self, train: TrainingSet) -> Tensor:
+        """`[N]` `Σ_c η_c s(θ_c, z_i)`: the self-influence (same setting) at each training checkpoint
+        θ_c, η_c-weighted — TracInCP's sum over checkpoints (Pruthi et al. 2020, eq. 3) applied to
+        Forward-INF's own loss change. A row that is hard to fit (a flipped label) keeps a large
+        loss change through training, while on the final model alone memorised rows look alike:
+        on Q4's 300 validation rows (benchmarks/defaults_validation.py q4, 5 checkpoints) the
+        flipped-label AUC goes 0.9319 → 0.9790 with the defaults."""
+        check_checkpoint_context(self.settings.checkpoint_model_ids, self.settings.checkpoint_lrs, self.context)
+        single = replace(self.settings, auto=False, checkpoint_model_ids=(), checkpoint_lrs=())
+        schedule = checkpoint_schedule(self.model, self.context)
+        total = torch.zeros(len(train), dtype=torch.float32)
+        for stage, (checkpoint, lr) in enumerate(schedule):
+            context = FitContext(
+                fingerprint=f"{self.context.fingerprint}:checkpoint:{checkpoint.digest()}", store=self.context.store,
+                progress=stage_progress(self.context.progress, stage, len(schedule)),
+                timings=self.context.timings, amp_dtype=self.context.amp_dtype)
+            method = ForwardInf(checkpoint, single, context)
+            method.fit(train)
+            total += lr * method.self_influence(train).float()
+        return total
 
     def _newton_self_influence(self, p: ForwardInfParams, train: TrainingSet) -> Tensor:
         if p.self_influence_mode == SelfInfluenceMode.GRADIENT_NORM:

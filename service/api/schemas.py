@@ -13,6 +13,7 @@ from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from attribution.methods.auto import auto_record
 from service.db.models import Query, QueryStatus
 
 
@@ -106,7 +107,13 @@ class QueryCreate(RequestBody):
 
     model_id: ResourceRef
     dataset_id: ResourceRef
-    method: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(storable_text)]
+    method: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(storable_text)] = Field(
+        default="auto",
+        description="a method name, or `auto` (the default): the service picks the method and params for the "
+                    "model's task, the purpose (`self_influence`) and the checkpoints given "
+                    "(`params.checkpoint_model_ids`); the query's `method`/`params` then show the choice and "
+                    "`auto` (and `result.extras.auto`) why",
+    )
     samples: dict[str, Any] | None = Field(
         default=None,
         description='{"x": [...], "y": [...]} | {"text": [...]} | {"refs": [{"dataset_id", "index"}]}',
@@ -215,6 +222,9 @@ class QueryOut(BaseModel):
     group_by: str = Field(description="row | shard | group: what one score column stands for")
     group_reduce: str = Field(description="mean | sum: how a group's row scores combine (grouped queries)")
     params: dict[str, Any]
+    auto: dict[str, Any] | None = Field(
+        default=None, description='`method: "auto"` requests: {"method", "params", "reason"} of the choice '
+                                  "(`method`/`params` above show the same); null when a method was named")
     num_query_samples: int
     source_query_id: str | None = Field(description="cached answers: the query that computed the result")
     callback_url: str | None
@@ -272,7 +282,7 @@ def query_out(query: Query, *, with_result: bool = True, results: Sequence[Ranke
         finished_at=query.finished_at, error=query.error, result=result, model_id=query.model_id,
         dataset_id=query.dataset_id, mode=query.mode, self_influence=query.self_influence,
         top_k=query.top_k, group_by=query.group_by, group_reduce=query.group_reduce,
-        params=query.params, num_query_samples=query.num_query_samples,
+        params=query.params, auto=auto_record(query.extras), num_query_samples=query.num_query_samples,
         source_query_id=query.source_query_id, callback_url=query.callback_url,
     )
 
