@@ -18,7 +18,7 @@ params except `normalize`): it is computed once and cached in the artifact store
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -50,12 +50,15 @@ def attribute(
     queries: Batch | None,
     per_sample: bool = False,
     self_influence: bool = False,
+    on_fitted: Callable[[AttributionMethod], None] | None = None,
 ) -> Tensor:
     """Scores of every training row: `[1, N]` (joint), `[Q, N]` (per_sample), `[1, N]` (self-influence).
 
     `method` is a registered name or an `AttributionMethod` subclass; `params` its params
     dataclass or a raw mapping (validated with the method's `from_dict`). Raises
     `ValueError` (incl. `ParamsError`, `UnknownMethodError`) for invalid requests.
+    `on_fitted` receives the fitted method instance (its resolved params and context), e.g. for
+    `attribution.stability` to resample around the reported run.
     """
     cls = method if isinstance(method, type) else method_class(str(method))
     if params is None or isinstance(params, Mapping):
@@ -66,6 +69,8 @@ def attribute(
 
     instance = cls(model, params, context)
     instance.fit(train)
+    if on_fitted is not None:
+        on_fitted(instance)
     effective = instance.params  # a method may resolve settings in fit (Forward-INF auto)
     relative = effective.normalize == Normalize.RELATIVE
     if relative and not cls.supports_self_influence:
