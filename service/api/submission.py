@@ -44,7 +44,7 @@ from attribution.methods.gradient_features import CheckpointFeatureParams
 from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
 from attribution.methods.trackstar import TrackStarParams
-from attribution.stability import StabilityError, StabilityParams, resampling_for
+from attribution.stability import Resampling, StabilityError, StabilityParams, resampling_for
 from attribution.structure import ModelStructure
 from service import queue
 from service.api.errors import (
@@ -151,7 +151,7 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
     _check_samples_given(settings, body)
     _check_group_by(settings, body, dataset)
     group_reduce = body.group_reduce if body.group_by != "row" else "mean"  # rows ignore it
-    stability = _stability(body, params)
+    stability = _stability(body, params, model)
     request = {
         "model_sha256": model.sha256, "architecture": model.architecture, "task": model.task,
         "dataset_sha256": dataset.sha256, "samples": body.samples, "method": body.method,
@@ -169,17 +169,22 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
                       hashlib.sha256(canonical.encode()).hexdigest(), group_reduce, stability)
 
 
-def _stability(body: QueryCreate, params: MethodParams) -> dict[str, Any] | None:
+def _stability(body: QueryCreate, params: MethodParams, model: Model) -> dict[str, Any] | None:
     """The rank-stability request with its bound checked (`limits.MAXIMUMS["resamples"]`), or None;
     422 naming the field when over the bound, or when the method and params leave nothing to
-    resample (`attribution.stability.resampling_for`) or the ranking is not by row."""
+    resample (`attribution.stability.resampling_for`; a `projection_dim` ≥ the model's parameter
+    count projects nothing) or the ranking is not by row."""
     if body.stability is None:
         return None
     try:
         checked = StabilityParams(resamples=body.stability.resamples)
-        resampling_for(body.method, params)
+        resampling = resampling_for(body.method, params)
     except StabilityError as exc:
         raise InvalidInput(str(exc)) from exc
+    dim = getattr(params, "projection_dim", None)
+    if resampling is Resampling.PROJECTION_SEED and dim is not None and dim >= model.num_parameters:
+        raise InvalidInput(f"stability: params.projection_dim {dim} ≥ the model's {model.num_parameters} parameters, "
+                           "so the gradients are not projected and there is no seed to resample; lower projection_dim")
     if body.group_by != "row":
         raise InvalidInput("stability: ranks rows; it does not apply to group_by shard/group")
     return {"resamples": checked.resamples}

@@ -203,3 +203,47 @@ def test_unprojected_params_are_refused(wine_mlp: Trained) -> None:
     with pytest.raises(StabilityError, match="not projected"):
         _run(wine_mlp.adapter, "trak", {"projection_dim": 10_000}, train, query,
              FitContext("stability-test", InMemoryArtifacts()), resamples=2, k=3)
+
+
+@pytest.mark.parametrize(("method", "params", "resampling"), [
+    ("influence", {"ihvp": "lissa", "lissa_depth": 50, "damping": 0.05}, Resampling.LISSA_SEED),
+    ("forward_inf", {"unlearning": "newton", "ihvp": "exact"}, Resampling.DAMPING),
+    ("integrated_influence", {"ihvp": "exact", "steps": 2, "unlearn_steps": 2}, Resampling.DAMPING),
+    ("forward_inf", {"auto": True}, Resampling.STEP_SIZE),
+])
+def test_each_documented_resampling_runs_and_reports_its_values(
+    wine_mlp: Trained, method: str, params: dict[str, object], resampling: Resampling
+) -> None:
+    train, query, _ = _leaked(wine_mlp)
+    context = FitContext("stability-test", InMemoryArtifacts())
+    fitted: list[AttributionMethod] = []
+    scores = attribute(wine_mlp.adapter, method, params, train, context, queries=query, on_fitted=fitted.append)
+    report = rank_stability(fitted[0], scores, train, StabilityParams(3), queries=query, k=4)
+    assert report.resampling == resampling and report.resamples == 3 and len(report.rows) == 8
+    if resampling == Resampling.LISSA_SEED:
+        assert report.values == [1.0, 2.0, 3.0]
+    elif resampling == Resampling.DAMPING:
+        assert report.values == pytest.approx(spread(context.extras["damping"], 10.0, 3))
+    else:  # auto: around the chosen step size
+        assert report.values == pytest.approx(spread(context.extras["auto"]["lr"], 2.0, 3))
+    assert all(0.0 <= f.stability <= 1.0 and 1 <= f.rank_low <= f.rank_high for f in report.rows.values())
+
+
+def test_a_later_query_reuses_the_resampled_fits(wine_mlp: Trained) -> None:
+    """TRAK's per-seed fits land in the artifact store: another query's R resamples refit nothing."""
+    train = wine_mlp.train
+    store = InMemoryArtifacts()
+    params = {"projection_dim": 16}
+
+    def stability_of(query_row: int) -> StabilityReport:
+        fitted: list[AttributionMethod] = []
+        query = wine_mlp.test_batch([query_row])
+        scores = attribute(wine_mlp.adapter, "trak", params, train, FitContext("reuse", store), queries=query,
+                           on_fitted=fitted.append)
+        return rank_stability(fitted[0], scores, train, StabilityParams(4), queries=query, k=3)
+
+    stability_of(0)
+    fits = {key for key in store.data if key.startswith("attr:trak")}
+    assert len(fits) == 5  # the reported seed and 4 resampled seeds
+    stability_of(1)
+    assert {key for key in store.data if key.startswith("attr:trak")} == fits

@@ -138,6 +138,7 @@ def test_the_request_is_part_of_the_hash(http: TestClient, ids: dict[str, str]) 
     ({"stability": {"resamples": 4}, "method": "gradient_similarity", "params": {}},
      "stability: gradient_similarity without projection_dim"),
     ({"stability": {"resamples": 4}, "group_by": "shard"}, "stability: ranks rows"),
+    ({"stability": {"resamples": 4}, "method": "trak", "params": {}}, "stability: params.projection_dim 2048 ≥ the model's"),
 ])
 def test_invalid_requests_are_422_naming_the_field(http: TestClient, ids: dict[str, str],
                                                    request_extra: dict[str, Any], detail: str) -> None:
