@@ -37,7 +37,8 @@ What is resampled (`Resampling`, chosen by `resampling_for` from the method and 
   iHVP): λ_r = λ · 10^{u_r}, u_r as above, over [λ/√10, λ√10] around the reported (or
   default-resolved) λ. Damping is applied at solve time, so the fitted curvature is reused.
 - `lissa_seed` (the same methods when the iHVP is LiSSA): seeds `seed + 1 … seed + R` of its
-  sampled recursion.
+  sampled recursion (and of any seeded estimate the fit makes, e.g. a Hutchinson trace for the
+  default damping).
 
 With `step_size`, `damping` and `lissa_seed` the RelatIF normaliser of the reported run is
 reused for every resample (it is a per-row weight that would cost N unlearning runs or N
@@ -79,6 +80,7 @@ from attribution.methods.gradient_features import (
 )
 from attribution.methods.limits import first_excess
 from attribution.pipeline import attribute, cached_self_influence, relative_scores
+from attribution.topk import PAD_INDEX, bottom_k, top_k
 
 LOW_QUANTILE = 0.05
 HIGH_QUANTILE = 0.95
@@ -212,8 +214,6 @@ def stability_from_scores(reported: Tensor, resampled: Iterator[Tensor], k: int,
                           values: list[float], offset: int = 0) -> StabilityReport:
     """Figures of the top-k and bottom-k rows of `reported` `[Q, N]` over the resampled score
     matrices (each `[Q, N]`), which are consumed one at a time (memory O(Q·N + R·Q·k))."""
-    from attribution.topk import PAD_INDEX, bottom_k, top_k
-
     k = min(k, reported.shape[-1])
     lists = {"top": top_k(reported, k), "bottom": bottom_k(reported, k)}
     ranks: dict[tuple[str, int], list[Tensor]] = {(kind, q): [] for kind in lists for q in range(reported.shape[0])}

@@ -94,7 +94,7 @@ def compute_scores(
         second_moment=load_second_moment(optimizer_state, settings.data_root) if optimizer_state else None,
     )
     context.timings["load_s"] = time.perf_counter() - started
-    stability = StabilityParams(**query.stability) if query.stability else None
+    stability = StabilityParams.from_dict(query.stability) if query.stability else None
     share = 1.0 / (1 + stability.resamples) if stability is not None else 1.0  # of the progress bar
     if stability is not None:
         context.progress = lambda fraction: progress(share * fraction)
