@@ -82,6 +82,9 @@ def test_per_sample_rankings_each_carry_figures(http: TestClient, ids: dict[str,
         for kind, row in rows_of(ranking):
             figures = expected.get(kind, ranking["sample"], row["index"])
             assert figures is not None and row["stability"] == pytest.approx(figures.stability)
+    header = http.get(f"/v1/queries/{done['id']}/scores?format=csv").text.splitlines()[0]
+    assert header == ("index,sample_0,sample_1,stability_0,rank_low_0,rank_high_0,"
+                      "stability_1,rank_low_1,rank_high_1")
 
 
 def test_without_the_field_rows_have_null_figures_and_the_csv_no_columns(http: TestClient, ids: dict[str, str]) -> None:
