@@ -147,3 +147,13 @@ def test_invalid_requests_are_422_naming_the_field(http: TestClient, ids: dict[s
                                                    request_extra: dict[str, Any], detail: str) -> None:
     request = {**body(ids), **request_extra}
     assert_error(http.post("/v1/queries", json=request), 422, mentions=detail)
+
+
+def test_self_influence_audits_take_stability_too(http: TestClient, ids: dict[str, str]) -> None:
+    request = {"model_id": ids["model"], "dataset_id": ids["dataset"], "method": "tracin", "self_influence": True,
+               "top_k": 3, "params": {"projection_dim": 4}, "stability": {"resamples": 3}}
+    done = e.run(http, request)
+    rows = rows_of(done["result"])
+    assert len(rows) == 6 and all(0.0 <= row["stability"] <= 1.0 and row["rank_low"] <= row["rank_high"]
+                                  for _, row in rows)
+    assert done["result"]["extras"]["stability"]["resampling"] == "projection_seed"
