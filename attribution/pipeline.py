@@ -23,7 +23,7 @@ filled in, reason).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ def attribute(
     queries: Batch | None,
     per_sample: bool = False,
     self_influence: bool = False,
+    on_fitted: Callable[[AttributionMethod], None] | None = None,
 ) -> Tensor:
     """Scores of every training row: `[1, N]` (joint), `[Q, N]` (per_sample), `[1, N]` (self-influence).
 
@@ -63,6 +64,8 @@ def attribute(
     dataclass or a raw mapping (validated with the method's `from_dict`). Raises
     `ValueError` (incl. `ParamsError`, `UnknownMethodError`) for invalid requests. `"auto"`:
     see `resolve_auto`; its choice is reported in `context.extras["auto"]`.
+    `on_fitted` receives the fitted method instance (its resolved params and context), e.g. for
+    `attribution.stability` to resample around the reported run.
     """
     if isinstance(method, str) and method == AUTO:
         method, params = resolve_auto(model, params, context, self_influence=self_influence)
@@ -75,6 +78,8 @@ def attribute(
 
     instance = cls(model, params, context)
     instance.fit(train)
+    if on_fitted is not None:
+        on_fitted(instance)
     effective = instance.params  # a method may resolve settings in fit (Forward-INF auto)
     relative = effective.normalize == Normalize.RELATIVE
     if relative and not cls.supports_self_influence:

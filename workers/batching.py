@@ -78,6 +78,7 @@ def sweep_key(query: Query) -> tuple[str, str, str] | None:
     """What must match for two queries to share a sweep; `None` if the query cannot be batched."""
     params = dict(query.params or {})
     if (query.method != MethodName.FORWARD_INF.value or query.mode != "joint" or query.self_influence
+            or query.stability  # its resamples rerun the method on its own
             or params.get("auto") or params.get("unlearning") == "newton"
             or any(name in params for name in CHECKPOINT_PARAMS)):
         return None

@@ -83,7 +83,9 @@ def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:
         if model_row is None or dataset_row is None:
             _fail(query_id, "the query's model or dataset no longer exists", settings)
             return
-        if should_fan_out(query, int(dataset_row.num_samples), settings, task=str(model_row.task)):
+        # rank stability ranks each resample over every row, so such a query runs as one job
+        if not query.stability and should_fan_out(query, int(dataset_row.num_samples), settings,
+                                                  task=str(model_row.task)):
             with_retries(lambda: dispatch_parts(query_id, [int(s.num_samples) for s in dataset_row.shards], settings),
                          settings, what=f"query {query_id}: fan out")
             return
@@ -109,7 +111,7 @@ def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:
         stored = with_retries(
             lambda: store_result(query, computed.scores.numpy(), computed.train, settings,
                                  timings=computed.timings, extras=computed.extras,
-                                 model_row=model_row, dataset_row=dataset_row),
+                                 model_row=model_row, dataset_row=dataset_row, stability=computed.stability),
             settings, what=f"query {query_id}: store")
         log.info("query %s: %s", query_id, "succeeded" if stored else "no longer running; result dropped")
     except Canceled as exc:

@@ -10,6 +10,7 @@ runs once on the merged matrix, so both paths rank identically.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -23,9 +24,10 @@ from torch import Tensor
 from attribution.feature_files import FeatureFiles
 from attribution.interrupts import interruptible
 from attribution.methods.auto import auto_record
-from attribution.methods.base import FitContext
+from attribution.methods.base import AttributionMethod, FitContext
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
+from attribution.stability import StabilityParams, StabilityReport, rank_stability
 from attribution.topk import bottom_k, top_k
 from service.db.models import Dataset, Model, Query, QueryStatus
 from service.db.repositories import jobs as repo
@@ -57,6 +59,7 @@ class Computed:
     train: ShardedTrainingSet
     timings: dict[str, float]
     extras: dict[str, Any]
+    stability: StabilityReport | None = None  # when the query asked for rank stability
 
 
 def amp_dtype(settings: Settings, model: ModelAdapter) -> torch.dtype | None:
@@ -92,13 +95,29 @@ def compute_scores(
         second_moment=load_second_moment(optimizer_state, settings.data_root) if optimizer_state else None,
     )
     context.timings["load_s"] = time.perf_counter() - started
+    stability = StabilityParams.from_dict(query.stability) if query.stability else None
+    share = 1.0 / (1 + stability.resamples) if stability is not None else 1.0  # of the progress bar
+    if stability is not None:
+        context.progress = lambda fraction: progress(share * fraction)
+    fitted: list[AttributionMethod] = []
+    rows = CheckedRows(train, progress.check)
+    per_sample, self_influence = query.mode == "per_sample", bool(query.self_influence)
     with interruptible(progress.check):
-        scores = attribute(model, query.method, params, CheckedRows(train, progress.check), context,
-                           queries=queries, per_sample=query.mode == "per_sample",
-                           self_influence=bool(query.self_influence))
+        scores = attribute(model, query.method, params, rows, context, queries=queries, per_sample=per_sample,
+                           self_influence=self_influence, on_fitted=fitted.append)
+    scores = scores.detach().float().cpu()
+    report = None
+    if stability is not None:
+        resampled_at = time.perf_counter()
+        with interruptible(progress.check):
+            report = rank_stability(fitted[0], scores, rows, stability, queries=queries, k=int(query.top_k),
+                                    per_sample=per_sample, self_influence=self_influence, offset=train.row_start,
+                                    progress=lambda fraction: progress(share + (1 - share) * fraction))
+        context.extras["stability"] = report.summary()
+        context.timings["stability_s"] = time.perf_counter() - resampled_at
     context.extras.update(train.text_extras())
     context.timings["total_s"] = time.perf_counter() - started
-    return Computed(scores.detach().float().cpu(), train, dict(context.timings), dict(context.extras))
+    return Computed(scores, train, dict(context.timings), dict(context.extras), report)
 
 
 def _checkpoints(session: Any, query: Query, ids: Any, settings: Settings) -> list[ModelAdapter]:
@@ -115,8 +134,10 @@ def _checkpoints(session: Any, query: Query, ids: Any, settings: Settings) -> li
 
 
 # ----------------------------------------------------------------------------- results
-def ranked_rows(scores: np.ndarray, train: ShardedTrainingSet, k: int) -> list[RankedRow]:
-    """Top-k (highest first) and bottom-k (lowest first) rows of each score row of `[Q, N]`.
+def ranked_rows(scores: np.ndarray, train: ShardedTrainingSet, k: int,
+                stability: StabilityReport | None = None) -> list[RankedRow]:
+    """Top-k (highest first) and bottom-k (lowest first) rows of each score row of `[Q, N]`,
+    with their rank stability figures when `stability` (computed on the same scores) is given.
 
     Ties go to the lower row index and NaN scores never rank (`attribution.topk`, which
     streams each row: no `[N]` index or sort buffers). Sample ids and shards of all picked
@@ -132,12 +153,21 @@ def ranked_rows(scores: np.ndarray, train: ShardedTrainingSet, k: int) -> list[R
     indices = [index for _, _, pairs in picks for index, _ in pairs]
     ids, shards = iter(train.sample_ids(indices)), iter(train.shard_of_row(indices))
     previews = iter(text if text is None else text[:PREVIEW_CHARS] for text in train.texts_at(indices))
-    return [
+    rows = [
         RankedRow(kind=kind, sample=sample, rank=rank, index=index, sample_id=next(ids), shard=next(shards),
                   score=score, preview=next(previews))
         for kind, sample, pairs in picks
         for rank, (index, score) in enumerate(pairs, start=1)
     ]
+    return rows if stability is None else [_with_stability(row, stability) for row in rows]
+
+
+def _with_stability(row: RankedRow, stability: StabilityReport) -> RankedRow:
+    figures = stability.get(row.kind, row.sample, row.index)
+    if figures is None:
+        raise ValueError(f"no stability figures for the {row.kind} row {row.index} of sample {row.sample}")
+    return dataclasses.replace(row, stability=figures.stability, rank_low=figures.rank_low,
+                               rank_high=figures.rank_high)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -147,7 +177,8 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def store_result(query: Query, scores: np.ndarray, train: ShardedTrainingSet, settings: Settings, *,
-                 timings: dict[str, float], extras: dict[str, Any], model_row: Model, dataset_row: Dataset) -> bool:
+                 timings: dict[str, float], extras: dict[str, Any], model_row: Model, dataset_row: Dataset,
+                 stability: StabilityReport | None = None) -> bool:
     """Write the score file and, in one transaction, the ranked rows, the provenance record
     (`workers.provenance`) and `succeeded`.
 
@@ -174,7 +205,7 @@ def store_result(query: Query, scores: np.ndarray, train: ShardedTrainingSet, se
     k = min(int(query.top_k), matrix.shape[1])
     if groups is not None:
         write_labels(path, groups)
-    rows = groups.ranked(matrix, k) if groups is not None else ranked_rows(matrix, train, k)
+    rows = groups.ranked(matrix, k) if groups is not None else ranked_rows(matrix, train, k, stability)
     outcome = repo.QueryOutcome(rows=rows, num_scored=num_scored, scores_path=name,
                                 scores_shape=list(stored.shape), timings=timings, extras=_jsonable(extras),
                                 provenance=provenance_record(query, model_row, dataset_row, settings, timings))

@@ -10,12 +10,13 @@ Order of work, cheapest first:
    checkpoint models the params name (TracIn, TRAK: the tenant's live models of the same
    task and size, else 422 "unknown model" — another tenant's id is unknown too), samples
    structure, `top_k`, `callback_url`, `group_by` (`group` needs a `group` column in every
-   shard: only the shard files' headers are read);
+   shard: only the shard files' headers are read), `stability` (`resamples` within its limit, a
+   method and params with something to resample, rows not groups);
 2. the request hash over (model sha, architecture, dataset sha, task, canonical samples,
    method, params with defaults filled, checkpoint shas, mode, self_influence, top_k,
    group_by, group_reduce; for `auto`: method "auto" and the resolved method and params,
    so an auto request is cached and replayed only as an auto request, and an explicit one
-   keeps its hash);
+   keeps its hash; `stability` only when requested, so other hashes are unchanged);
 3. `Idempotency-Key`: a retry with the same key and the same request returns the same query
    (a different request under that key is a 409);
 4. an identical succeeded query of the tenant: a new `succeeded`, `cached: true` query
@@ -57,6 +58,7 @@ from attribution.methods.gradient_features import CheckpointFeatureParams
 from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
 from attribution.methods.trackstar import TrackStarParams
+from attribution.stability import Resampling, StabilityError, StabilityParams, resampling_for
 from attribution.structure import ModelStructure
 from service import queue
 from service.api.errors import (
@@ -112,6 +114,7 @@ class _Validated:
     request_hash: str
     group_reduce: str
     auto: dict[str, Any] | None  # `method: "auto"`: the choice (`AutoChoice.report`)
+    stability: dict[str, Any] | None  # the validated stability request, or None
 
 
 def submit_query(
@@ -141,7 +144,7 @@ def submit_query(
             self_influence=body.self_influence, top_k=body.top_k, samples=checked.samples,
             num_query_samples=num_samples, request_hash=checked.request_hash,
             idempotency_key=idempotency_key, callback_url=body.callback_url,
-            group_by=body.group_by, group_reduce=checked.group_reduce,
+            group_by=body.group_by, group_reduce=checked.group_reduce, stability=checked.stability,
             extras={"auto": checked.auto} if checked.auto is not None else None,
         ), None
     submitted = _insert(session, tenant, idempotency_key, checked, body, Outcome.ENQUEUED, queued)
@@ -171,6 +174,7 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
     _check_samples_given(settings, body)
     _check_group_by(settings, body, dataset)
     group_reduce = body.group_reduce if body.group_by != "row" else "mean"  # rows ignore it
+    stability = _stability(body, method, params, model)
     request = {
         "model_sha256": model.sha256, "architecture": model.architecture, "task": model.task,
         "dataset_sha256": dataset.sha256, "samples": body.samples, "method": body.method,
@@ -183,10 +187,33 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
     optimizer_sha = _optimizer_state_sha(settings, params)
     if optimizer_sha is not None:  # only then, so every other request keeps its hash
         request["optimizer_state_sha256"] = optimizer_sha
+    if stability is not None:  # likewise
+        request["stability"] = stability
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return _Validated(model, dataset, method, params, params_dict, body.samples,
                       hashlib.sha256(canonical.encode()).hexdigest(), group_reduce,
-                      choice.report(params_dict) if choice is not None else None)
+                      choice.report(params_dict) if choice is not None else None, stability)
+
+
+def _stability(body: QueryCreate, method: str, params: MethodParams, model: Model) -> dict[str, Any] | None:
+    """The rank-stability request with its bound checked (`limits.MAXIMUMS["resamples"]`), or None;
+    422 naming the field when over the bound, or when the method and params leave nothing to
+    resample (`attribution.stability.resampling_for`; a `projection_dim` ≥ the model's parameter
+    count projects nothing) or the ranking is not by row."""
+    if body.stability is None:
+        return None
+    try:
+        checked = StabilityParams(resamples=body.stability.resamples)
+        resampling = resampling_for(method, params)
+    except StabilityError as exc:
+        raise InvalidInput(str(exc)) from exc
+    dim = getattr(params, "projection_dim", None)
+    if resampling is Resampling.PROJECTION_SEED and dim is not None and dim >= model.num_parameters:
+        raise InvalidInput(f"stability: params.projection_dim {dim} ≥ the model's {model.num_parameters} parameters, "
+                           "so the gradients are not projected and there is no seed to resample; lower projection_dim")
+    if body.group_by != "row":
+        raise InvalidInput("stability: ranks rows; it does not apply to group_by shard/group")
+    return {"resamples": checked.resamples}
 
 
 def _model_and_dataset(session: Session, tenant: str, body: QueryCreate) -> tuple[Model, Dataset]:
