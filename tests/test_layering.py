@@ -1,7 +1,10 @@
 """The dependency rule, enforced by reading every module's imports with `ast`.
 
 `attribution/` (the core library) imports no web, queue, database or settings code and no
-other package of this project; `workers/` never imports `service.api`.
+other package of this project; `loading/` (user files → models, shards, batches; shared by the
+API and the workers) imports neither the API nor the workers; `service/` (API, database, queue)
+imports nothing from `workers/` (it reaches worker code only by import path, through
+`service.queue`); `workers/` never imports `service.api`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN_IN_CORE = {"fastapi", "rq", "sqlalchemy", "redis", "service", "workers", "pydantic",
+FORBIDDEN_IN_CORE = {"fastapi", "rq", "sqlalchemy", "redis", "service", "workers", "loading", "pydantic",
                      "pydantic_settings", "alembic", "starlette", "uvicorn", "psycopg"}
 
 
@@ -52,7 +55,23 @@ def test_workers_never_import_the_api(path: Path | None) -> None:
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
-FORBIDDEN_IN_CLIENT = {"attribution", "service", "workers", "torch", "fastapi", "sqlalchemy", "rq", "redis"}
+@pytest.mark.parametrize("path", python_files("service"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_service_imports_nothing_from_the_workers(path: Path) -> None:
+    bad = sorted(m for m in imported_modules(path) if m.split(".")[0] == "workers")
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+FORBIDDEN_IN_LOADING = {"workers", "fastapi", "starlette", "rq", "uvicorn"}
+
+
+@pytest.mark.parametrize("path", python_files("loading"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_loading_imports_neither_the_api_nor_the_workers(path: Path) -> None:
+    bad = sorted(m for m in imported_modules(path)
+                 if m.split(".")[0] in FORBIDDEN_IN_LOADING or m == "service.api" or m.startswith("service.api."))
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+FORBIDDEN_IN_CLIENT = {"attribution", "loading", "service", "workers", "torch", "fastapi", "sqlalchemy", "rq", "redis"}
 
 
 @pytest.mark.parametrize("path", python_files("attribution_client"), ids=lambda p: str(p.relative_to(ROOT)))

@@ -52,19 +52,19 @@ from attribution.methods.forward_inf_engine import (
     sweep,
 )
 from attribution.pipeline import cached_self_influence, relative_scores
-from service.db.models import Dataset, Model, Query, QueryStatus
-from service.db.repositories import jobs as repo
-from service.db.session import session_scope
-from service.settings import Settings
-from workers.cache import artifact_store
-from workers.leases import HeldLease, holding, leases
-from workers.loading import (
+from loading import (
     ShardedTrainingSet,
     input_spec,
     load_model,
     load_tokenizer,
     samples_to_batch,
 )
+from service.artifact_store import artifact_store
+from service.db.models import Dataset, Model, Query, QueryStatus
+from service.db.repositories import jobs as repo
+from service.db.session import session_scope
+from service.settings import Settings
+from workers.leases import HeldLease, holding, leases
 from workers.retrying import is_transient, with_retries
 from workers.scoring import CHECKPOINT_PARAMS, amp_dtype, notify, one_line, store_result
 from workers.stopping import Canceled, CheckedRows, ProgressWriter

@@ -11,7 +11,7 @@ partial matrices in row order and stores the result exactly as a single job woul
 ranking code on the same `[Q, N]` matrix).
 
 Per-part cost is kept to what the part needs: the query's model and dataset rows, file
-hashes and built models are memoised per worker process (`_RowMemo`, `workers.loading`),
+hashes and built models are memoised per worker process (`_RowMemo`, `loading`),
 one part file is written (one fsync), bookkeeping commits that may be lost
 harmlessly (a part marked `running`, progress) do not wait for the database's WAL flush,
 and only the final `finish_part` commit does. Each part's phases (`part_claim_s`, the
@@ -44,14 +44,14 @@ from sqlalchemy.orm import Session
 
 from attribution.methods.base import MethodName, Normalize
 from attribution.methods.forward_inf_params import ForwardInfParams
+from loading import ShardedTrainingSet, input_spec, load_model, load_tokenizer
 from service import queue
+from service.atomic_files import atomic_file
 from service.db.models import Dataset, Model, Query
 from service.db.repositories import jobs as repo
 from service.db.session import session_scope
 from service.settings import Settings, get_settings
-from workers.cache import atomic_file
 from workers.leases import holding, leases
-from workers.loading import ShardedTrainingSet, input_spec, load_model, load_tokenizer
 from workers.retrying import is_transient, with_retries
 from workers.scoring import compute_scores, notify, one_line, store_result
 from workers.stopping import Canceled, ProgressWriter

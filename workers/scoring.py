@@ -26,14 +26,7 @@ from attribution.methods.base import FitContext
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
 from attribution.topk import bottom_k, top_k
-from service.db.models import Dataset, Model, Query, QueryStatus
-from service.db.repositories import jobs as repo
-from service.db.repositories.queries import PREVIEW_CHARS, RankedRow
-from service.db.session import session_scope
-from service.settings import Settings
-from workers.cache import artifact_store, atomic_file
-from workers.grouping import labels_path, row_groups, write_labels
-from workers.loading import (
+from loading import (
     ShardedTrainingSet,
     input_spec,
     load_model,
@@ -41,7 +34,15 @@ from workers.loading import (
     load_tokenizer,
     samples_to_batch,
 )
-from workers.loading.errors import ModelLoadError
+from loading.errors import ModelLoadError
+from service.artifact_store import artifact_store
+from service.atomic_files import atomic_file
+from service.db.models import Dataset, Model, Query, QueryStatus
+from service.db.repositories import jobs as repo
+from service.db.repositories.queries import PREVIEW_CHARS, RankedRow
+from service.db.session import session_scope
+from service.settings import Settings
+from workers.grouping import labels_path, row_groups, write_labels
 from workers.provenance import provenance_record
 from workers.stopping import CheckedRows, ProgressWriter
 

@@ -44,6 +44,9 @@ from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
 from attribution.methods.trackstar import TrackStarParams
 from attribution.structure import ModelStructure
+from loading import optimizer_state_sha256, parse_samples
+from loading.errors import LoadError
+from loading.shards import GROUP_COLUMN, shards_without_column
 from service import queue
 from service.api.errors import (
     Conflict,
@@ -60,10 +63,6 @@ from service.db.repositories import datasets as dataset_repo
 from service.db.repositories import models as model_repo
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
-from workers.grouping import GROUP_COLUMN
-from workers.loading import optimizer_state_sha256, parse_samples
-from workers.loading.errors import LoadError
-from workers.loading.shards import shards_without_column
 
 RUN_QUERY_JOB = "workers.jobs.run_query"
 RETRY_WITH_KEY = ("retry with the same Idempotency-Key header: it returns the query if it was stored and "

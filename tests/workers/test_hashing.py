@@ -1,4 +1,4 @@
-"""The per-process hash memo (`workers.loading.hashing`): an unchanged file is read once, any
+"""The per-process hash memo (`loading.hashing`): an unchanged file is read once, any
 change to it — even one that keeps its size and mtime — is hashed again."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.loading import hashing
+from loading import hashing
 
 
 @pytest.fixture()

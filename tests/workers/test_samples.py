@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from loading import SamplesError, load_model, parse_samples, samples_to_batch
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.workers import support
-from workers.loading import SamplesError, load_model, parse_samples, samples_to_batch
 
 
 @pytest.fixture(scope="module")

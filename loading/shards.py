@@ -25,12 +25,12 @@ import numpy as np
 
 from attribution.data import Batch
 from attribution.tasks import TaskName
+from loading.batches import InputSpec, rows_to_batch, split_by_tokens, text_batch
+from loading.errors import ShardError
+from loading.hashing import cached_sha256, file_sha256
+from loading.readers import SHARD_FORMATS, Rows, open_reader
+from loading.uris import resolve_uri
 from service.settings import Settings
-from workers.loading.batches import InputSpec, rows_to_batch, split_by_tokens, text_batch
-from workers.loading.errors import ShardError
-from workers.loading.hashing import cached_sha256, file_sha256
-from workers.loading.readers import SHARD_FORMATS, Rows, open_reader
-from workers.loading.uris import resolve_uri
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,10 @@ def inspect_shard(path: Path) -> ShardInfo:
     finally:
         reader.close()
     return ShardInfo(format=reader.format, num_samples=reader.num_rows, sha256=file_sha256(path))
+
+
+# The optional shard column naming each row's group (a query's `group_by: "group"`).
+GROUP_COLUMN = "group"
 
 
 def shards_without_column(dataset_row: Any, name: str, settings: Settings) -> list[int]:

@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from workers.loading.errors import ShardError
+from loading.errors import ShardError
 
 SHARD_FORMATS = {".npz": "npz", ".parquet": "parquet", ".pt": "pt", ".safetensors": "pt", ".jsonl": "jsonl"}
 COLUMNS = ("x", "y", "ids", "group", "text", "prompt", "completion")
@@ -131,7 +131,7 @@ def open_reader(path: Path, format: str | None = None, *, num_rows: int | None =
                                 f"use one of {', '.join(sorted(SHARD_FORMATS))}")
     if not path.is_file():
         raise ShardError("uri", "a shard must be a regular file")
-    from workers.loading.tabular import JsonlReader, ParquetReader
+    from loading.tabular import JsonlReader, ParquetReader
 
     if fmt == "jsonl":
         return JsonlReader(path, num_rows=num_rows)

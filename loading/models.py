@@ -34,10 +34,10 @@ from attribution.device import resolve_device
 from attribution.model import ModelAdapter
 from attribution.structure import ModelStructure
 from attribution.tasks import TaskName, task_for
+from loading.errors import ModelLoadError
+from loading.hashing import cached_sha256, path_sha256
+from loading.uris import resolve_uri
 from service.settings import Settings
-from workers.loading.errors import ModelLoadError
-from workers.loading.hashing import cached_sha256, path_sha256
-from workers.loading.uris import resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def load_tokenizer_from(path: Path) -> Any:
         if tokenizer.eos_token is None:
             raise ModelLoadError("uri", "the tokenizer has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # batches are right-padded (see workers.loading.batches)
+    tokenizer.padding_side = "right"  # batches are right-padded (see loading.batches)
     return tokenizer
 
 

@@ -12,14 +12,14 @@ import torch
 from redis import Redis
 
 from attribution.artifacts import artifact_key, cached_tensors
-from service.settings import Settings
-from workers.cache import (
+from service.artifact_store import (
     FileArtifactStore,
     RedisArtifactStore,
     artifact_store,
-    atomic_file,
     cache_stats,
 )
+from service.atomic_files import atomic_file
+from service.settings import Settings
 from workers.leases import FileLeases, RedisLeases, holding
 from workers.scoring import save_npy
 

@@ -22,13 +22,13 @@ from sqlalchemy.orm import Session
 from attribution.data import Batch
 from attribution.model import ModelAdapter
 from attribution.tasks import TaskName
+from loading.batches import InputSpec, input_spec, rows_to_batch
+from loading.errors import LoadError, SamplesError
+from loading.models import load_model, load_tokenizer
+from loading.readers import Rows
+from loading.shards import ShardedTrainingSet
 from service.db.repositories import datasets as dataset_repo
 from service.settings import Settings
-from workers.loading.batches import InputSpec, input_spec, rows_to_batch
-from workers.loading.errors import LoadError, SamplesError
-from workers.loading.models import load_model, load_tokenizer
-from workers.loading.readers import Rows
-from workers.loading.shards import ShardedTrainingSet
 
 
 def parse_samples(samples: dict[str, Any], *, model_row: Any, dataset_row: Any, settings: Settings,
