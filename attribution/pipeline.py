@@ -18,7 +18,7 @@ params except `normalize`): it is computed once and cached in the artifact store
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from attribution.artifacts import artifact_key, cached_tensors
 from attribution.data import Batch, TrainingSet
 from attribution.methods.base import (
     AttributionMethod,
+    BatchedScores,
     FitContext,
     MethodName,
     MethodParams,
@@ -82,6 +83,37 @@ def attribute(
         if scores.dtype == torch.float64 and model.live_params()[0].dtype != torch.float64:
             scores = scores.float()  # float64 only carried memorised rows' tiny loss changes to the division
     return scores
+
+
+def attribute_many(
+    model: ModelAdapter,
+    method: str | MethodName | type[AttributionMethod],
+    params: Sequence[MethodParams],
+    train: TrainingSet,
+    context: FitContext,
+    *,
+    queries: Sequence[Batch],
+) -> list[BatchedScores]:
+    """Joint scores `[1, N]` of several queries (query b: `params[b]`, `queries[b]`) from one pass
+    over `train` (`AttributionMethod.score_many`), each normalised as `attribute` would.
+
+    Every params object must have the same, non-None `batch_key`; raises `ValueError` otherwise.
+    """
+    cls = method if isinstance(method, type) else method_class(str(method))
+    keys = {cls.batch_key(p) for p in params}
+    if not params or len(keys) != 1 or None in keys:
+        raise ValueError(f"{cls.name}: queries scored together need params of one batch_key")
+    if len(train) == 0:
+        raise ValueError("the training set is empty")
+    instance = cls(model, params[0], context)
+    instance.fit(train)
+    results = instance.score_many(list(zip(params, queries, strict=True)), train)
+    for p, result in zip(params, results, strict=True):
+        if cls.resolved_normalize(p, model.task.name) == Normalize.RELATIVE:  # this query's own denominator
+            own = cls(model, p, context)
+            norms = cached_self_influence(own, train, relative_norm=True)
+            result.scores = relative_scores(result.scores, norms, floor=own.relative_norm_floor())
+    return results
 
 
 def _check_request(cls: type[AttributionMethod], train: TrainingSet, queries: Batch | None,

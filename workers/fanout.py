@@ -18,11 +18,12 @@ and only the final `finish_part` commit does. Each part's phases (`part_claim_s`
 method's `load_s`/`base_losses_s`/`unlearn_s`/`sweep_s`, ...) are summed into the query's
 `timings`; the worker log has one line per part with its wall and CPU time.
 
-Only methods whose score for row i depends on row i alone (given the query) are split:
-Forward-INF with fixed settings and gradient unlearning (the run uses only the query samples),
-TracIn and gradient similarity, without relative normalisation (whose floor uses the
-median self-influence over all rows). Influence functions, TRAK and Integrated Influence
-fit curvature/kernels over the whole training set and run as one job.
+Only queries whose method says they may be split are (`AttributionMethod.can_fan_out`): a
+row-separable method (score of row i depends on row i alone given the query: Forward-INF with
+gradient unlearning and fixed settings, TracIn, gradient similarity), no whole-set fit, and no
+relative normalisation (whose floor uses the median self-influence over all rows). Influence
+functions, TRAK and Integrated Influence fit curvature/kernels over the whole training set
+and run as one job.
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from attribution.methods.base import MethodName, Normalize
-from attribution.methods.forward_inf_params import ForwardInfParams
 from loading import ShardedTrainingSet, input_spec, load_model, load_tokenizer
 from service import queue
 from service.atomic_files import atomic_file
@@ -53,13 +52,12 @@ from service.db.session import session_scope
 from service.settings import Settings, get_settings
 from workers.leases import holding, leases
 from workers.retrying import is_transient, with_retries
-from workers.scoring import compute_scores, notify, one_line, store_result
+from workers.scoring import compute_scores, method_and_params, notify, one_line, store_result
 from workers.stopping import Canceled, ProgressWriter
 
 log = logging.getLogger(__name__)
 
 PART_JOB = "workers.jobs.run_query_part"
-_ROW_SEPARABLE = {MethodName.FORWARD_INF, MethodName.TRACIN, MethodName.GRADIENT_SIMILARITY}
 
 
 def plan_ranges(shard_sizes: Sequence[int], target: int) -> list[tuple[int, int]]:
@@ -86,22 +84,16 @@ def plan_ranges(shard_sizes: Sequence[int], target: int) -> list[tuple[int, int]
 
 
 def should_fan_out(query: Query, num_samples: int, settings: Settings, *, task: str = "") -> bool:
-    """Whether the query runs as part jobs; `task`: the model's, whose defaults may make an unset
-    `normalize` relative (Forward-INF on causal LMs, `ForwardInfParams.for_task`)."""
+    """Whether the query runs as part jobs: more rows than `fanout_rows` and a method that says
+    these params may be scored by row ranges (`AttributionMethod.can_fan_out`; `task`: the
+    model's, whose defaults may make an unset `normalize` relative)."""
     if num_samples <= settings.fanout_rows:
         return False
-    params = query.params or {}
     try:
-        method = MethodName(query.method)
+        cls, params = method_and_params(query)
     except ValueError:
-        return False
-    normalize = params.get("normalize") or Normalize.NONE.value
-    if method == MethodName.FORWARD_INF and params.get("normalize") is None:
-        normalize = ForwardInfParams.from_dict({**params, "normalize": None}).for_task(task).normalize
-    if method not in _ROW_SEPARABLE or normalize == Normalize.RELATIVE.value:
-        return False
-    # auto searches, and the Newton step fits (G + λI)⁻¹, over the whole training set
-    return not (method == MethodName.FORWARD_INF and (params.get("auto") or params.get("unlearning") == "newton"))
+        return False  # the single job reports the problem
+    return cls.can_fan_out(params, task)
 
 
 def part_job_id(query_id: str, part: int) -> str:

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from attribution.feature_files import FeatureFiles
 from attribution.interrupts import interruptible
-from attribution.methods.base import FitContext
+from attribution.methods.base import AttributionMethod, FitContext, MethodParams
+from attribution.methods.registry import method_class
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
 from attribution.topk import bottom_k, top_k
@@ -48,8 +49,6 @@ from workers.stopping import CheckedRows, ProgressWriter
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PARAMS = ("checkpoint_model_ids", "checkpoint_lrs")
-
 
 @dataclass
 class Computed:
@@ -57,6 +56,20 @@ class Computed:
     train: ShardedTrainingSet
     timings: dict[str, float]
     extras: dict[str, Any]
+
+
+def method_and_params(query: Query) -> tuple[type[AttributionMethod], MethodParams]:
+    """The query's method class and its typed params, rebuilt from the stored (resolved) dict;
+    raises `ValueError` (`UnknownMethodError`, `ParamsError`) naming the problem."""
+    cls = method_class(query.method)
+    return cls, cls.params_type.from_dict(query.params or {})
+
+
+def artifact_fingerprint(model_row: Model, dataset_row: Dataset, row_start: int, row_stop: int) -> str:
+    """What the cached artifacts of a method run depend on besides its params: model and
+    dataset contents, task and the row range scored. The single-query, fan-out and batched
+    paths all use it, so they share the cached `L(θ̂, ·)` and fits."""
+    return f"{model_row.sha256}:{dataset_row.sha256}:{model_row.task}:{row_start}-{row_stop}"
 
 
 def amp_dtype(settings: Settings, model: ModelAdapter) -> torch.dtype | None:
@@ -76,24 +89,22 @@ def compute_scores(
     model = load_model(model_row, settings)
     spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
     train = ShardedTrainingSet.for_dataset(dataset_row, spec, settings, row_start=row_start, row_stop=row_stop)
-    params = dict(query.params or {})
-    checkpoint_ids = params.get("checkpoint_model_ids")
-    checkpoint_lrs = params.get("checkpoint_lrs")
-    optimizer_state = params.get("optimizer_state")
+    cls, params = method_and_params(query)
+    inputs = params.context_inputs()
     with session_scope(settings) as session:
         queries = None if query.self_influence else samples_to_batch(
             query.samples or {}, model_row=model_row, model=model, settings=settings, session=session)
-        checkpoints = _checkpoints(session, query, checkpoint_ids, settings)
+        checkpoints = _checkpoints(session, query, list(inputs.checkpoint_model_ids), settings)
     context = FitContext(
-        fingerprint=f"{model_row.sha256}:{dataset_row.sha256}:{model_row.task}:{row_start}-{row_stop}",
+        fingerprint=artifact_fingerprint(model_row, dataset_row, row_start, row_stop),
         store=artifact_store(settings), progress=progress, amp_dtype=amp_dtype(settings, model),
-        checkpoints=checkpoints, checkpoint_lrs=[float(v) for v in checkpoint_lrs or []],
+        checkpoints=checkpoints, checkpoint_lrs=list(inputs.checkpoint_lrs),
         feature_files=FeatureFiles(settings.features_dir),
-        second_moment=load_second_moment(optimizer_state, settings.data_root) if optimizer_state else None,
+        second_moment=load_second_moment(inputs.optimizer_state, settings.data_root) if inputs.optimizer_state else None,
     )
     context.timings["load_s"] = time.perf_counter() - started
     with interruptible(progress.check):
-        scores = attribute(model, query.method, params, CheckedRows(train, progress.check), context,
+        scores = attribute(model, cls, params, CheckedRows(train, progress.check), context,
                            queries=queries, per_sample=query.mode == "per_sample",
                            self_influence=bool(query.self_influence))
     context.extras.update(train.text_extras())
@@ -101,12 +112,10 @@ def compute_scores(
     return Computed(scores.detach().float().cpu(), train, dict(context.timings), dict(context.extras))
 
 
-def _checkpoints(session: Any, query: Query, ids: Any, settings: Settings) -> list[ModelAdapter]:
+def _checkpoints(session: Any, query: Query, ids: list[str], settings: Settings) -> list[ModelAdapter]:
     """Registered checkpoint models θ_c of the query's tenant, in the given order."""
     if not ids:
         return []
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise ValueError("params.checkpoint_model_ids must be a list of model ids")
     found = repo.tenant_models(session, query.tenant, ids)
     missing = [i for i in ids if i not in found]
     if missing:

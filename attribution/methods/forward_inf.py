@@ -118,6 +118,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -129,6 +130,7 @@ from attribution.device import precision_tag
 from attribution.ihvp import IHVPEstimator
 from attribution.methods.base import (
     AttributionMethod,
+    BatchedScores,
     FitContext,
     MethodName,
     MethodParams,
@@ -194,6 +196,34 @@ class ForwardInf(AttributionMethod):
 
     name = MethodName.FORWARD_INF
     params_type = ForwardInfParams
+    row_separable = True  # with gradient unlearning the run sees only the query samples
+
+    @classmethod
+    def fits_curvature(cls, params: MethodParams) -> bool:
+        """Newton-step unlearning fits (G + λI)⁻¹ over the whole training set."""
+        return isinstance(params, ForwardInfParams) and params.newton
+
+    @classmethod
+    def resolved_normalize(cls, params: MethodParams, task: str) -> Normalize:
+        """An unset `normalize` takes the task's default (`ForwardInfParams.for_task`)."""
+        if not isinstance(params, ForwardInfParams):
+            raise TypeError("forward_inf takes ForwardInfParams")
+        return Normalize(str(params.for_task(task).normalize))  # for_task always sets it
+
+    @classmethod
+    def can_fan_out(cls, params: MethodParams, task: str) -> bool:
+        """As every method, and not `auto` (its search runs over the whole training set)."""
+        return super().can_fan_out(params, task) and not (isinstance(params, ForwardInfParams) and params.auto)
+
+    @classmethod
+    def batch_key(cls, params: MethodParams) -> str | None:
+        """Every param except `normalize` (relative and raw queries apart: relative scores of
+        classifiers sweep log-losses); None for `auto` and Newton-step unlearning, whose
+        unlearned copies are not Algorithm 1's K steps on the query alone."""
+        if not isinstance(params, ForwardInfParams) or params.auto or params.newton:
+            return None
+        shared = {k: v for k, v in params.to_dict().items() if k != "normalize"}
+        return repr((params.normalize == Normalize.RELATIVE, sorted(shared.items())))
 
     def __init__(self, model: ModelAdapter, params: MethodParams, context: FitContext) -> None:
         super().__init__(model, params, context)
@@ -282,6 +312,37 @@ class ForwardInf(AttributionMethod):
             raise ValueError("at least one query sample is required")
         base = self._base(train)
         return self._scores(self.settings, queries, train, base, per_sample=per_sample, report=True)
+
+    def score_many(self, queries: Sequence[tuple[MethodParams, Batch]], train: TrainingSet) -> list[BatchedScores]:
+        """`[1, N]` joint scores of B queries (each its params and samples z_b, all of one
+        `batch_key`) from one sweep (Algorithm 1 per query):
+
+            θ_K^(b) = K ascent steps from θ̂ on (1/|z_b|) Σ_{z ∈ z_b} L(θ, z)       b = 1..B
+            score_b,i = sign · (L(θ_K^(b), z_i) − L(θ̂, z_i))                         [B, N]
+
+        Each training batch is read once and all B unlearned copies are evaluated on it; each
+        copy runs exactly the ops `score` runs, so each query's scores equal its one-query result.
+        Each query's params get its model's task defaults (`for_task`), as alone.
+        """
+        settings = [p.for_task(self.model.task.name) for p, _ in queries if isinstance(p, ForwardInfParams)]
+        keys = {self.batch_key(p) for p in settings}
+        if len(settings) != len(queries) or len(keys) != 1 or None in keys:
+            raise ValueError("score_many takes forward_inf params of one batch_key (no auto, no Newton step)")
+        self._base(train)
+        copies, results = [], []
+        for p, (_, batch) in zip(settings, queries, strict=True):
+            began = time.perf_counter()
+            how = p.gradient_unlearning
+            copies.append(self.unlearned_copy(p, batch, how))
+            results.append(BatchedScores(torch.empty(0), timings={"unlearn_s": time.perf_counter() - began},
+                                         extras={"unlearning_steps": how.log.steps_taken} if how.until_forgotten else {}))
+        began = time.perf_counter()
+        after = self._sweep(copies_losses(copies), train, settings[0].batch_size, True)  # [B, N]
+        sweep_s = time.perf_counter() - began
+        for b, (p, result) in enumerate(zip(settings, results, strict=True)):
+            result.scores = self.loss_change(p, after[b:b + 1], train)
+            result.timings["sweep_s"] = sweep_s
+        return results
 
     def _scores(self, p: ForwardInfParams, queries: Batch, train: TrainingSet, base: Tensor,
                 *, per_sample: bool, report: bool) -> Tensor:
