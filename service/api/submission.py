@@ -46,6 +46,7 @@ from attribution.methods.trackstar import TrackStarParams
 from attribution.structure import ModelStructure
 from loading import optimizer_state_sha256, parse_samples
 from loading.errors import LoadError
+from loading.sample_structure import check_samples
 from loading.shards import GROUP_COLUMN, shards_without_column
 from service import queue
 from service.api.errors import (
@@ -55,7 +56,6 @@ from service.api.errors import (
     NotFound,
     invalid_from_load_error,
 )
-from service.api.samples import check_samples
 from service.api.schemas import QueryCreate
 from service.api.storing import commit_created
 from service.db.models import Dataset, Model, Query
@@ -278,7 +278,7 @@ def _check_group_by(settings: Settings, body: QueryCreate, dataset: Dataset) -> 
 
 
 def _check_samples_given(settings: Settings, body: QueryCreate) -> None:
-    """Samples xor self_influence, and the samples object well-formed (see `service.api.samples`)."""
+    """Samples xor self_influence, and the samples object well-formed (`loading.sample_structure`)."""
     if body.self_influence:
         if body.samples is not None:
             raise InvalidInput("samples: must be omitted when self_influence is true")
@@ -287,7 +287,10 @@ def _check_samples_given(settings: Settings, body: QueryCreate) -> None:
         return
     if body.samples is None:
         raise InvalidInput("samples: required unless self_influence is true", code="invalid_samples")
-    check_samples(body.samples, max_samples=settings.max_query_samples)
+    try:
+        check_samples(body.samples, max_samples=settings.max_query_samples)
+    except LoadError as exc:
+        raise invalid_from_load_error(exc) from exc
 
 
 def _samples_against_model(session: Session, settings: Settings, checked: _Validated) -> int:

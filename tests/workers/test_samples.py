@@ -70,12 +70,14 @@ def test_missing_labels_become_the_models_predictions(setup: dict[str, Any], emb
     ({"x": [[0.0] * 6], "y": [-1]}, "samples.y[0]", "between 0 and 2"),
     ({"x": [[0.0] * 6], "y": [0.5]}, "samples.y", "must be integers"),
     ({"x": [[0.0] * 5], "y": [0]}, "samples.x", "cannot run"),
-    ({"x": [[0.0] * 6, [0.0] * 5], "y": [0, 1]}, "samples.x", "ragged"),
-    ({"x": [[float("nan")] * 6], "y": [0]}, "samples.x", "finite"),
-    ({"x": [["a"] * 6], "y": [0]}, "samples.x", "numbers only"),
+    # structure: the API's own checks (`loading.sample_structure`), naming the first bad entry
+    ({"x": [[0.0] * 6, [0.0] * 5], "y": [0, 1]}, "samples.x[1]", "ragged"),
+    ({"x": [[float("nan")] * 6], "y": [0]}, "samples.x[0][0]", "finite"),
+    ({"x": [["a"] * 6], "y": [0]}, "samples.x[0][0]", "must be a number"),
     ({"x": [[0.0] * 6], "y": [0, 1]}, "samples.y", "2 entries"),
     ({"x": []}, "samples.x", "non-empty"),
-    ({"z": [1]}, "samples", "exactly one of"),
+    ({"z": [1]}, "samples.z", "unknown field"),
+    ({"x": [[0.0] * 6], "text": ["a"]}, "samples", "exactly one of"),
     ({"text": ["the cat"]}, "samples.text", "tokenizer"),
 ])
 def test_invalid_samples_name_the_field(setup: dict[str, Any], embedded: Settings, samples: dict[str, Any],
