@@ -49,16 +49,12 @@ from service.db.models import Dataset, Model, Query, QueryStatus
 from service.db.repositories import jobs as repo
 from service.db.session import session_scope
 from service.settings import Settings
+from workers.compute import amp_dtype, artifact_fingerprint, method_and_params
+from workers.error_text import one_line
 from workers.leases import HeldLease, holding, leases
+from workers.notifications import notify
+from workers.results import store_result
 from workers.retrying import is_transient, with_retries
-from workers.scoring import (
-    amp_dtype,
-    artifact_fingerprint,
-    method_and_params,
-    notify,
-    one_line,
-    store_result,
-)
 from workers.stopping import Canceled, CheckedRows, ProgressWriter
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,14 @@ from service.db.repositories import jobs as repo
 from service.db.session import session_scope
 from service.settings import Settings, get_settings
 from workers.batching import Member, claim_companions, notify_all, run_batch
-from workers.fanout import dispatch_parts, merge_query, run_query_part, should_fan_out
+from workers.compute import compute_scores
+from workers.error_text import one_line
+from workers.fanout import dispatch_parts, merge_query, run_query_part
+from workers.fanout_plan import should_fan_out
 from workers.leases import HeldLease, holding, leases
+from workers.notifications import notify
+from workers.results import store_result
 from workers.retrying import is_transient, with_retries
-from workers.scoring import compute_scores, notify, one_line, store_result
 from workers.stopping import Canceled, ProgressWriter
 
 log = logging.getLogger(__name__)

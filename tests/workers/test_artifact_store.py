@@ -21,7 +21,7 @@ from service.artifact_store import (
 from service.atomic_files import atomic_file
 from service.settings import Settings
 from workers.leases import FileLeases, RedisLeases, holding
-from workers.scoring import save_npy
+from workers.results import save_npy
 
 
 def test_redis_store_round_trip_ttl_and_counters(redis_url: str) -> None:
