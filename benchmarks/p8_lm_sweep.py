@@ -42,9 +42,9 @@ from benchmarks.lm_folder import word_tokenizer
 from benchmarks.report import Report
 from benchmarks.speed_common import Clock, machine, torch_threads
 from loading import ShardedTrainingSet
-from loading.batches import InputSpec, rows_to_batch
+from loading.model_inputs import InputSpec, rows_to_batch
 from loading.models import build_module, load_tokenizer_from
-from loading.readers import Rows
+from loading.rows import Rows
 from loading.shards import ShardSpec
 
 STUDY = "p8_lm_sweep"

@@ -250,7 +250,7 @@ def load_tokenizer_from(path: Path) -> Any:
         if tokenizer.eos_token is None:
             raise ModelLoadError("uri", "the tokenizer has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # batches are right-padded (see loading.batches)
+    tokenizer.padding_side = "right"  # batches are right-padded (see loading.model_inputs)
     return tokenizer
 
 

@@ -10,7 +10,7 @@ These checks need no model: numbers that fit the tensors they become (integers w
 int64, floats finite and within float32 range: Python's JSON parser accepts `NaN`,
 `Infinity` and integers of any size; they are refused here), rectangular (non-ragged) arrays, storable text, sample
 counts within the server's limit. Whether the samples fit the model is checked afterwards
-by `loading.parse_samples`. Errors are `SamplesError`s naming the field (the API answers
+by `loading.check_samples_against_model`. Errors are `SamplesError`s naming the field (the API answers
 422 `invalid_samples`).
 """
 

@@ -6,7 +6,7 @@ classification then explains the model's own predicted class, causal LMs their t
 `{"prompt": [...], "completion": [...]}` for causal LMs (the loss counts the completion's
 tokens only), and `{"refs": [{"dataset_id", "index"}]}` naming training rows of the
 tenant's datasets.
-`parse_samples` builds the batch and runs one forward pass, so a sample that does not
+`check_samples_against_model` builds the batch and runs one forward pass, so a sample that does not
 fit the model is refused at submission with the field named; the job rebuilds the same
 batch with `samples_to_batch`.
 """
@@ -22,17 +22,17 @@ from sqlalchemy.orm import Session
 from attribution.data import Batch
 from attribution.model import ModelAdapter
 from attribution.tasks import TaskName
-from loading.batches import InputSpec, input_spec, rows_to_batch
 from loading.errors import LoadError, SamplesError
+from loading.model_inputs import InputSpec, input_spec, rows_to_batch
 from loading.models import load_model, load_tokenizer
-from loading.readers import Rows
+from loading.rows import Rows
 from loading.sample_structure import check_samples
 from loading.shards import ShardedTrainingSet
 from service.db.repositories import datasets as dataset_repo
 from service.settings import Settings
 
 
-def parse_samples(samples: dict[str, Any], *, model_row: Any, dataset_row: Any, settings: Settings,
+def check_samples_against_model(samples: dict[str, Any], *, model_row: Any, dataset_row: Any, settings: Settings,
                   session: Session) -> int:
     """Validate the samples against the model (one forward pass); the number of query samples.
 

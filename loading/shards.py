@@ -25,10 +25,11 @@ import numpy as np
 
 from attribution.data import Batch
 from attribution.tasks import TaskName
-from loading.batches import InputSpec, rows_to_batch, split_by_tokens, text_batch
 from loading.errors import ShardError
 from loading.hashing import cached_sha256, file_sha256
-from loading.readers import SHARD_FORMATS, Rows, open_reader
+from loading.model_inputs import InputSpec, rows_to_batch, split_by_tokens, text_batch
+from loading.readers import SHARD_FORMATS, open_reader
+from loading.rows import Rows
 from loading.uris import resolve_uri
 from service.settings import Settings
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from loading.errors import ShardError
-from loading.readers import COLUMNS, Rows, ShardReader
+from loading.rows import COLUMNS, Rows, ShardReader
 
 
 # --------------------------------------------------------------------------- parquet

@@ -17,7 +17,7 @@ Order of work, cheapest first:
    sharing its result (no model load): one select of the model and dataset, one of the
    succeeded query, one INSERT and one INSERT ... SELECT ... RETURNING of its ranked rows,
    one commit; the response is built from those rows (`Submitted.results`), not read back;
-5. otherwise the samples are checked against the model (`parse_samples`), the row is
+5. otherwise the samples are checked against the model (`check_samples_against_model`), the row is
    inserted `queued` and committed, then `workers.jobs.run_query(id)` is enqueued with
    `job_id = id`; if the queue is down the row is marked failed (its Idempotency-Key freed,
    so a retry with the key creates a fresh query) and the answer is 503 `queue_unavailable`.
@@ -44,7 +44,7 @@ from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
 from attribution.methods.trackstar import TrackStarParams
 from attribution.structure import ModelStructure
-from loading import optimizer_state_sha256, parse_samples
+from loading import check_samples_against_model, optimizer_state_sha256
 from loading.errors import LoadError
 from loading.sample_structure import check_samples
 from loading.shards import GROUP_COLUMN, shards_without_column
@@ -294,11 +294,11 @@ def _check_samples_given(settings: Settings, body: QueryCreate) -> None:
 
 
 def _samples_against_model(session: Session, settings: Settings, checked: _Validated) -> int:
-    """Forward pass of the model on the samples (`parse_samples`); 422 naming the field otherwise."""
+    """Forward pass of the model on the samples (`check_samples_against_model`); 422 naming the field otherwise."""
     if checked.samples is None:
         return 0
     try:
-        count = parse_samples(checked.samples, model_row=checked.model, dataset_row=checked.dataset,
+        count = check_samples_against_model(checked.samples, model_row=checked.model, dataset_row=checked.dataset,
                               settings=settings, session=session)
     except LoadError as exc:
         raise invalid_from_load_error(exc) from exc

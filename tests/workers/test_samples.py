@@ -1,4 +1,4 @@
-"""`parse_samples` / `samples_to_batch`: query samples checked against the model by a forward pass."""
+"""`check_samples_against_model` / `samples_to_batch`: query samples checked against the model by a forward pass."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from loading import SamplesError, load_model, parse_samples, samples_to_batch
+from loading import SamplesError, check_samples_against_model, load_model, samples_to_batch
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.workers import support
@@ -40,7 +40,7 @@ def setup(embedded: Settings, hf_folders: dict[str, Path]) -> dict[str, Any]:
 def _parse(setup: dict[str, Any], settings: Settings, samples: dict[str, Any], model: str = "model",
            dataset: str = "dataset") -> int:
     with session_scope(settings) as session:
-        return parse_samples(samples, model_row=setup[model], dataset_row=setup[dataset], settings=settings,
+        return check_samples_against_model(samples, model_row=setup[model], dataset_row=setup[dataset], settings=settings,
                              session=session)
 
 

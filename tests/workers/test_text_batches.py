@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from attribution.model import ModelAdapter
 from attribution.tasks import task_for
-from loading.batches import InputSpec, split_by_tokens, text_batch
+from loading.model_inputs import InputSpec, split_by_tokens, text_batch
 from loading.models import build_module, load_tokenizer_from
-from loading.readers import Rows
+from loading.rows import Rows
 from tests.language_models import (
     CAUSAL_ARCHITECTURES,
     CONTEXT,

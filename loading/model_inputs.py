@@ -29,7 +29,7 @@ from attribution.data import Batch
 from attribution.model import ModelAdapter
 from attribution.tasks import TaskName
 from loading.errors import ShardError
-from loading.readers import Rows
+from loading.rows import Rows
 
 
 @dataclass(frozen=True)
