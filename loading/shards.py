@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import bisect
 import math
-import queue
-import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,47 +332,16 @@ def _as_label(value: Any) -> str:
 _END = object()
 
 
-@dataclass
-class _Failure:
-    error: BaseException
-
-
 def _prefetched(stream: Iterator[Any]) -> Iterator[Any]:
-    """Run `stream` on a daemon thread one item ahead of the consumer; errors re-raise in the consumer."""
-    handoff: queue.Queue[Any] = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def produce() -> None:
+    """Read `stream` one item ahead of the consumer on a worker thread (the next chunk is read
+    and decoded while the consumer computes on this one); its errors re-raise in the consumer."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
+        pending = pool.submit(next, stream, _END)
         try:
-            for item in stream:
-                while not stop.is_set():
-                    try:
-                        handoff.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            handoff.put(_END)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            handoff.put(_Failure(exc))
-
-    thread = threading.Thread(target=produce, name="shard-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = handoff.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                handoff.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
-        if hasattr(stream, "close"):
-            stream.close()
+            while (item := pending.result()) is not _END:
+                pending = pool.submit(next, stream, _END)
+                yield item
+        finally:
+            wait([pending])  # the stream is idle: it can be closed from this thread
+            if hasattr(stream, "close"):
+                stream.close()
