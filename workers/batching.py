@@ -126,7 +126,7 @@ def run_batch(members: list[Member], model_row: Model, dataset_row: Dataset, set
     persists leaves the members `running` for the reaper. Any other error fails every member.
     """
     ids = [m.query.id for m in members]
-    log.info("batch of %d forward_inf queries, one sweep: %s", len(ids), ", ".join(ids))
+    log.info("batch of %d %s queries, one sweep: %s", len(ids), members[0].query.method, ", ".join(ids))
     progress = ProgressWriter(lambda f: _write_progress(ids, f, settings), [m.lease for m in members],
                               timeout_s=settings.job_timeout_s)
     try:

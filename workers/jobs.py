@@ -8,9 +8,9 @@ progress writer that also stops the job on a cancel, a lost lease or `JOB_TIMEOU
 `succeeded`. A transient database/Redis error retries the step (`workers.retrying`); any
 other error marks the query `failed` with a one-line `Class: message` (the traceback goes
 to the log); nothing partial is written.
-Large datasets fan out (`workers.fanout`): `run_query_part` / `merge_query`. A joint
-forward_inf query also claims compatible queued queries and sweeps once for all of them
-(`workers.batching`).
+Large datasets fan out when the method allows it (`workers.fanout_plan`, `workers.fanout`):
+`run_query_part` / `merge_query`. A joint query whose method batches (`batch_key`; Forward-INF)
+also claims compatible queued queries and sweeps once for all of them (`workers.batching`).
 
 `on_job_failure` is RQ's failure callback (see `service.queue.enqueue`): when RQ gives up
 on a job that died outside this code (worker lost, hard timeout), it fails the query —
@@ -94,7 +94,7 @@ def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:
         with contextlib.ExitStack() as companion_leases:
             companions = with_retries(lambda: claim_companions(query, settings, companion_leases), settings,
                                       what=f"query {query_id}: claim companions")
-            if companions:  # other queued forward_inf queries share this query's sweep
+            if companions:  # other queued queries share this query's sweep
                 run_batch([Member(query, lease), *companions], model_row, dataset_row, settings)
                 notify_all(companions, settings)
                 return
