@@ -17,9 +17,7 @@ import torch
 from torch import Tensor
 
 from attribution.topk import bottom_k, top_k
-from loading import (
-    ShardedTrainingSet,
-)
+from loading import ShardedTrainingSet
 from service.atomic_files import atomic_file
 from service.db.models import Dataset, Model, Query
 from service.db.repositories import jobs as repo
