@@ -61,6 +61,33 @@ def test_service_imports_nothing_from_the_workers(path: Path) -> None:
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
+def _reads_a_parameter_by_name(path: Path) -> list[int]:
+    """Lines where a `params` mapping is read by key (`params.get("x")`, `params["x"]`)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        target = None
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            target = node.func.value
+        elif isinstance(node, ast.Subscript):
+            target = node.value
+        if target is not None and ast.unparse(target).split(".")[-1] == "params":
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_parameter_reader_sees_get_and_subscripts(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("a = query.params.get('auto')\nb = params['unlearning']\nc = extras.get('x')\n")
+    assert _reads_a_parameter_by_name(sample) == [1, 2]
+
+
+@pytest.mark.parametrize("path", python_files("workers"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_workers_read_no_method_parameter_by_name(path: Path) -> None:
+    """How a query may run is the method's call (`AttributionMethod` traits on typed params)."""
+    lines = _reads_a_parameter_by_name(path)
+    assert not lines, f"{path.relative_to(ROOT)} reads params by name on lines {lines}"
+
+
 FORBIDDEN_IN_LOADING = {"workers", "fastapi", "starlette", "rq", "uvicorn"}
 
 
