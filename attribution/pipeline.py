@@ -23,7 +23,7 @@ filled in, reason).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from attribution.data import Batch, TrainingSet
 from attribution.methods.auto import AUTO, AutoInputs, AutoParams, choose_method, with_task_defaults
 from attribution.methods.base import (
     AttributionMethod,
+    BatchedScores,
     FitContext,
     MethodName,
     MethodParams,
@@ -115,6 +116,37 @@ def resolve_auto(model: ModelAdapter, params: MethodParams | Mapping[str, Any] |
     chosen = with_task_defaults(cls.params_type.from_dict(choice.params), inputs.task)
     context.extras["auto"] = choice.report(chosen.to_dict())
     return cls, chosen
+
+
+def attribute_many(
+    model: ModelAdapter,
+    method: str | MethodName | type[AttributionMethod],
+    params: Sequence[MethodParams],
+    train: TrainingSet,
+    context: FitContext,
+    *,
+    queries: Sequence[Batch],
+) -> list[BatchedScores]:
+    """Joint scores `[1, N]` of several queries (query b: `params[b]`, `queries[b]`) from one pass
+    over `train` (`AttributionMethod.score_many`), each normalised as `attribute` would.
+
+    Every params object must have the same, non-None `batch_key`; raises `ValueError` otherwise.
+    """
+    cls = method if isinstance(method, type) else method_class(str(method))
+    keys = {cls.batch_key(p) for p in params}
+    if not params or len(keys) != 1 or None in keys:
+        raise ValueError(f"{cls.name}: queries scored together need params of one batch_key")
+    if len(train) == 0:
+        raise ValueError("the training set is empty")
+    instance = cls(model, params[0], context)
+    instance.fit(train)
+    results = instance.score_many(list(zip(params, queries, strict=True)), train)
+    for p, result in zip(params, results, strict=True):
+        if cls.resolved_normalize(p, model.task.name) == Normalize.RELATIVE:  # this query's own denominator
+            own = cls(model, p, context)
+            norms = cached_self_influence(own, train, relative_norm=True)
+            result.scores = relative_scores(result.scores, norms, floor=own.relative_norm_floor())
+    return results
 
 
 def _check_request(cls: type[AttributionMethod], train: TrainingSet, queries: Batch | None,

@@ -12,8 +12,8 @@ from typing import Any
 
 from attribution.methods.base import MethodParams, Normalize, ParamsError
 from attribution.methods.checkpoints import check_checkpoint_params
-from attribution.methods.forward_inf_engine import Unlearning
 from attribution.methods.forward_inf_newton import NewtonStep, removal_scale
+from attribution.methods.forward_inf_unlearning import Unlearning
 from attribution.methods.influence import IHVPParams
 
 

@@ -75,6 +75,7 @@ class TracIn(AttributionMethod):
     """TracInCP: η-weighted sum over checkpoints of query·train loss-gradient dot products."""
 
     name = MethodName.TRACIN
+    row_separable = True  # Σ_c η_c ∇L(θ_c, z_q)·∇L(θ_c, z_i): row i enters only its own term
     params_type = TracInParams
     params: TracInParams
 

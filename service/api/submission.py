@@ -23,7 +23,7 @@ Order of work, cheapest first:
    sharing its result (no model load): one select of the model and dataset, one of the
    succeeded query, one INSERT and one INSERT ... SELECT ... RETURNING of its ranked rows,
    one commit; the response is built from those rows (`Submitted.results`), not read back;
-5. otherwise the samples are checked against the model (`parse_samples`), the row is
+5. otherwise the samples are checked against the model (`check_samples_against_model`), the row is
    inserted `queued` and committed, then `workers.jobs.run_query(id)` is enqueued with
    `job_id = id`; if the queue is down the row is marked failed (its Idempotency-Key freed,
    so a retry with the key creates a fresh query) and the answer is 503 `queue_unavailable`.
@@ -60,6 +60,10 @@ from attribution.methods.registry import UnknownMethodError, method_class, parse
 from attribution.methods.trackstar import TrackStarParams
 from attribution.stability import Resampling, StabilityError, StabilityParams, resampling_for
 from attribution.structure import ModelStructure
+from loading import check_samples_against_model, optimizer_state_sha256
+from loading.errors import LoadError
+from loading.sample_structure import check_samples
+from loading.shards import GROUP_COLUMN, shards_without_column
 from service import queue
 from service.api.errors import (
     Conflict,
@@ -68,7 +72,6 @@ from service.api.errors import (
     NotFound,
     invalid_from_load_error,
 )
-from service.api.samples import check_samples
 from service.api.schemas import QueryCreate
 from service.api.storing import commit_created
 from service.db.models import Dataset, Model, Query
@@ -76,10 +79,6 @@ from service.db.repositories import datasets as dataset_repo
 from service.db.repositories import models as model_repo
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
-from workers.grouping import GROUP_COLUMN
-from workers.loading import optimizer_state_sha256, parse_samples
-from workers.loading.errors import LoadError
-from workers.loading.shards import shards_without_column
 
 RUN_QUERY_JOB = "workers.jobs.run_query"
 RETRY_WITH_KEY = ("retry with the same Idempotency-Key header: it returns the query if it was stored and "
@@ -358,7 +357,7 @@ def _check_group_by(settings: Settings, body: QueryCreate, dataset: Dataset) -> 
 
 
 def _check_samples_given(settings: Settings, body: QueryCreate) -> None:
-    """Samples xor self_influence, and the samples object well-formed (see `service.api.samples`)."""
+    """Samples xor self_influence, and the samples object well-formed (`loading.sample_structure`)."""
     if body.self_influence:
         if body.samples is not None:
             raise InvalidInput("samples: must be omitted when self_influence is true")
@@ -367,15 +366,18 @@ def _check_samples_given(settings: Settings, body: QueryCreate) -> None:
         return
     if body.samples is None:
         raise InvalidInput("samples: required unless self_influence is true", code="invalid_samples")
-    check_samples(body.samples, max_samples=settings.max_query_samples)
+    try:
+        check_samples(body.samples, max_samples=settings.max_query_samples)
+    except LoadError as exc:
+        raise invalid_from_load_error(exc) from exc
 
 
 def _samples_against_model(session: Session, settings: Settings, checked: _Validated) -> int:
-    """Forward pass of the model on the samples (`parse_samples`); 422 naming the field otherwise."""
+    """Forward pass of the model on the samples (`check_samples_against_model`); 422 naming the field otherwise."""
     if checked.samples is None:
         return 0
     try:
-        count = parse_samples(checked.samples, model_row=checked.model, dataset_row=checked.dataset,
+        count = check_samples_against_model(checked.samples, model_row=checked.model, dataset_row=checked.dataset,
                               settings=settings, session=session)
     except LoadError as exc:
         raise invalid_from_load_error(exc) from exc

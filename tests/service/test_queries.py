@@ -261,13 +261,13 @@ def test_cached_answer_loads_no_model(
     finish(settings, original, np.ones(NUM_ROWS))
 
     evaluated: list[int] = []
-    real_parse_samples = submission.parse_samples
+    real_parse_samples = submission.check_samples_against_model
 
     def counting(*args: Any, **kwargs: Any) -> int:
         evaluated.append(1)
         return real_parse_samples(*args, **kwargs)
 
-    monkeypatch.setattr(submission, "parse_samples", counting)
+    monkeypatch.setattr(submission, "check_samples_against_model", counting)
     assert submit(client, query_body(*registered))["source_query_id"] == original
     assert evaluated == []  # the cached path never touched the model
     assert submit(client, query_body(*registered, top_k=9))["cached"] is False
