@@ -44,6 +44,10 @@ class RedisArtifactStore:
         self.redis.incr(MISSES_KEY if value is None else HITS_KEY)
         return value
 
+    def contains(self, key: str) -> bool:
+        """Whether `key` is stored, without reading it or counting a hit or miss (cost estimates)."""
+        return bool(self.redis.exists(key))
+
     def put(self, key: str, value: bytes) -> None:
         self.redis.set(key, value, ex=self.ttl if self.ttl > 0 else None)
 
@@ -98,6 +102,14 @@ class FileArtifactStore:
             value = None
         self.counters.count(value is not None)
         return value
+
+    def contains(self, key: str) -> bool:
+        """Whether a live entry for `key` exists, without reading it or counting a hit or miss."""
+        try:
+            age = time.time() - self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return self.ttl <= 0 or age <= self.ttl
 
     def put(self, key: str, value: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -340,3 +340,11 @@ def _enqueue(session: Session, settings: Settings, query: Query) -> None:
         raise DependencyDown(f"the job queue is unreachable: query {query.id} was recorded as failed, not run; "
                              "retry later (a retry with the same Idempotency-Key creates a new query)",
                              code="queue_unavailable") from exc
+
+
+def validate_query(session: Session, settings: Settings, tenant: str, body: QueryCreate) -> tuple[_Validated, int]:
+    """Every check `submit_query` makes before it stores anything (the same 4xx errors),
+    including the samples against the model, and the number of query samples; stores nothing
+    (`POST /v1/queries?dry_run=true`, `service.api.estimates`)."""
+    checked = _validate(session, settings, tenant, body)
+    return checked, _samples_against_model(session, settings, checked)

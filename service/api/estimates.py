@@ -1,0 +1,119 @@
+"""`POST /v1/queries?dry_run=true`: what a query would cost, without storing or enqueuing it.
+
+The body is validated exactly as a real POST (`submission.validate_query`: the same 4xx
+errors, the samples checked against the model). Then the job's phases are planned
+(`attribution.cost_plan`), each cacheable artifact is looked up where the workers store it
+(Redis or the embedded file store, and the feature files) without reading it or counting a
+hit, and the fitted coefficients (`attribution/cost_coefficients.json`) turn rows × passes
+into predicted seconds and peak memory (`attribution.cost`). An identical succeeded query
+means a real POST answers at once: `result_cached: true`, predicted 0 s.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Literal
+
+from sqlalchemy.orm import Session
+
+from attribution.cost import Coefficients, CostEstimate, estimate
+from attribution.cost_artifacts import ArtifactProbe, artifact_probes
+from attribution.cost_plan import JobShape, memory_sizes, plan
+from attribution.feature_files import ARGUMENTS_FILE, FeatureFiles
+from attribution.methods.base import MethodParams
+from attribution.structure import ModelStructure
+from service.api.estimate_schemas import PhaseOut, QueryEstimate
+from service.api.schemas import QueryCreate
+from service.api.submission import validate_query
+from service.db.repositories import queries as query_repo
+from service.settings import Settings
+from workers.cache import FileArtifactStore, RedisArtifactStore, artifact_store
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def coefficients() -> Coefficients:
+    """The committed fitted coefficients (`benchmarks/cost_fit.py` writes them)."""
+    return Coefficients.load()
+
+
+def estimate_query(session: Session, settings: Settings, tenant: str, body: QueryCreate) -> QueryEstimate:
+    checked, num_samples = validate_query(session, settings, tenant, body)
+    model, dataset = checked.model, checked.dataset
+    structure = ModelStructure.from_dict(model.structure) if model.structure is not None else None
+    layers = tuple(getattr(checked.params, "layers", ()))
+    shape = JobShape(
+        task=model.task, num_rows=int(dataset.num_samples), num_queries=num_samples,
+        num_parameters=int(model.num_parameters), per_sample=body.mode == "per_sample",
+        self_influence=body.self_influence,
+        kfac_supported=structure is None or structure.kfac_problem(layers) is None,
+        num_checkpoints=len(getattr(checked.params, "checkpoint_model_ids", ())),
+    )
+    phases, notes = plan(body.method, checked.params, shape)
+    warm = _warm_artifacts(settings, body.method, checked.params, shape, model.sha256, dataset.sha256,
+                           structure, notes)
+    predicted = estimate(phases, memory_sizes(body.method, checked.params, shape, phases), coefficients(),
+                         warm=warm, notes=notes)
+    result_cached = query_repo.find_succeeded(session, tenant, checked.request_hash) is not None
+    return _out(body, checked.params_dict, shape, predicted, result_cached)
+
+
+def _warm_artifacts(settings: Settings, method: str, params: MethodParams, shape: JobShape, model_sha: str,
+                    dataset_sha: str, structure: ModelStructure | None, notes: list[str]) -> set[str]:
+    """The artifacts of the job already cached. Jobs that fan out cache per part: counted cold."""
+    if shape.num_rows > settings.fanout_rows:
+        notes.append(f"N = {shape.num_rows} > FANOUT_ROWS = {settings.fanout_rows}: row-separable methods run as "
+                     "parts on several workers (the seconds are the total over parts); cached parts are not "
+                     "looked up, the estimate counts them cold")
+        return set()
+    fingerprint = f"{model_sha}:{dataset_sha}:{shape.task}:0-{shape.num_rows}"
+    precisions = ["fp32"] if settings.mixed_precision == "none" else ["fp32", settings.mixed_precision]
+    probes = artifact_probes(method, params, shape, fingerprint=fingerprint,
+                             parameter_names=structure.parameters if structure is not None else None,
+                             precisions=precisions)
+    try:
+        store = artifact_store(settings)
+        return {name for name, found in probes.items() if any(_found(store, settings, p) for p in found)}
+    except Exception as exc:  # the estimate stays useful without the cache: count everything cold
+        log.warning("dry run: artifact lookup failed (%s); counting every part cold", exc.__class__.__name__)
+        notes.append("the artifact cache could not be read: every part counted cold")
+        return set()
+
+
+def _found(store: RedisArtifactStore | FileArtifactStore, settings: Settings, probe: ArtifactProbe) -> bool:
+    if probe.store_key is not None:
+        return store.contains(probe.store_key)
+    if probe.files_kind is not None and probe.files_arguments is not None:
+        entry = FeatureFiles(settings.features_dir).entry(probe.files_kind, probe.files_arguments)
+        return (entry / ARGUMENTS_FILE).is_file()
+    return False
+
+
+def _out(body: QueryCreate, params: dict[str, object], shape: JobShape, predicted: CostEstimate,
+         result_cached: bool) -> QueryEstimate:
+    artifacts = predicted.artifacts
+    cache: Literal["warm", "partial", "cold", "none"]
+    if not artifacts:
+        cache = "none"
+    elif all(artifacts.values()):
+        cache = "warm"
+    elif any(artifacts.values()):
+        cache = "partial"
+    else:
+        cache = "cold"
+    notes = list(predicted.notes)
+    if result_cached:
+        notes.append("an identical query already succeeded: a real POST answers at once with its stored result")
+    return QueryEstimate(
+        method=body.method, params=params, mode=body.mode, self_influence=body.self_influence,
+        num_rows=shape.num_rows, num_query_samples=shape.num_queries, num_parameters=shape.num_parameters,
+        predicted_seconds=0.0 if result_cached else round(predicted.seconds, 6),
+        predicted_seconds_cold=round(predicted.cold_seconds, 6), peak_memory_bytes=predicted.peak_memory_bytes,
+        rows_x_passes=0 if result_cached else predicted.rows_x_passes,
+        rows_x_passes_cold=predicted.cold_rows_x_passes, cache=cache, warm=artifacts, result_cached=result_cached,
+        passes=[PhaseOut(name=p.name, kind=p.kind.value, rows=p.rows, passes=p.passes, rows_x_passes=p.rows_x_passes,
+                         artifact=p.artifact, warm=p.warm) for p in predicted.phases],
+        notes=notes, coefficients=coefficients().source,
+    )
