@@ -1,4 +1,4 @@
-"""Fit the cost model's coefficients (`attribution/cost_coefficients.json`) from measured runs.
+"""Fit the cost model's coefficients (`service/costs/coefficients.json`) from measured runs.
 
     python -m benchmarks.cost_fit                       # measure, fit, write the committed file
     python -m benchmarks.cost_fit --out /tmp/coef.json  # elsewhere (e.g. to compare machines)
@@ -8,7 +8,7 @@ Runs every setting of `cost_runs.CONFIGS` at the fit sizes (N × hidden widths),
 (`benchmarks.cost_runs`), then solves two non-negative least-squares problems on relative
 error: CPU seconds ≈ Σ_kind c_kind · units_kind + c_batch · batches + c_0 over the phases each
 run executed (cold: all; warm: those without a cached artifact), and peak bytes ≈ Σ_term
-m_term · bytes_term + m_0 over the cold runs (`attribution.cost`). Minimising
+m_term · bytes_term + m_0 over the cold runs (`service.costs.model`). Minimising
 Σ ((prediction − measured) / measured)² weights a 0.05 s run like a 50 s one, which is what
 a "within 2×" target asks for. The file records the machine, the torch version, the grid and
 the fit's own share of runs within 2×. On another machine or a GPU worker, run it there
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from scipy.optimize import least_squares, nnls
 
-from attribution.cost import (
+from benchmarks.cost_runs import CONFIGS, Measured, RunSpec, grid, measure
+from service.costs.model import (
     COEFFICIENTS_FILE,
     MEMORY_TERMS,
     Coefficients,
@@ -38,7 +39,6 @@ from attribution.cost import (
     design_row,
     memory_row,
 )
-from benchmarks.cost_runs import CONFIGS, Measured, RunSpec, grid, measure
 
 FIT_SIZES = [(800, (32,)), (6000, (32,)), (600, (256, 256)), (3000, (128,)), (10000, (64,))]
 QUICK_SIZES = [(400, (32,)), (2000, (64,))]
@@ -124,7 +124,7 @@ def machine_source(sizes: Sequence[tuple[int, tuple[int, ...]]], quick: bool) ->
     return {"machine": f"{os.cpu_count()} cores ({cpu}), device cpu, 1 intra-op thread",
             "torch": torch.__version__, "measure": "CPU seconds (time.process_time) of attribute(); peak VmHWM",
             "sizes": [[n, list(h)] for n, h in sizes], "quick": quick,
-            "refit": "python -m benchmarks.cost_fit (see attribution/cost.py)"}
+            "refit": "python -m benchmarks.cost_fit (see service/costs/model.py)"}
 
 
 def measure_all(specs: Sequence[RunSpec]) -> list[Measured]:

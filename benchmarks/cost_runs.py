@@ -7,7 +7,7 @@ and once more with other query samples on the same store (warm: cached artifacts
 child reports CPU seconds of each (`time.process_time`, robust when other jobs share the
 cores; wall seconds beside them) and the peak resident memory the cold job added (`VmHWM`
 after `clear_refs` resets it, minus the resident size before the job). `phases` gives the
-plan (`attribution.cost_plan`) the predictions and the fit are built from.
+plan (`service.costs.plan`) the predictions and the fit are built from.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from typing import Any
 import torch
 
 from attribution.artifacts import InMemoryArtifacts
-from attribution.cost import Coefficients, CostEstimate, MemorySizes, Phase, estimate
-from attribution.cost_plan import JobShape, memory_sizes, plan
 from attribution.data import Batch, TensorTrainingSet
 from attribution.feature_files import FeatureFiles
 from attribution.methods.base import FitContext
@@ -36,9 +34,12 @@ from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
 from attribution.tasks import ClassificationTask
 from benchmarks.speed_common import blobs, trained_mlp
+from service.costs.model import Coefficients, CostEstimate, MemorySizes, Phase, estimate
+from service.costs.plan import JobShape, memory_sizes, plan
 
 FEATURES = 64
 CLASSES = 10
+MAX_PEAK_BYTES = 4 << 30  # the machine is shared: no run may plan to hold more
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,8 @@ def measure(spec: RunSpec, *, timeout_s: float = 900.0) -> Measured:
 def grid(configs: Sequence[tuple[str, dict[str, Any], dict[str, Any]]], sizes: Sequence[tuple[int, tuple[int, ...]]],
          *, max_seconds: float, coefficients: Coefficients | None = None) -> list[RunSpec]:
     """Every config at every (N, hidden) size whose cold run is predicted (with `coefficients`,
-    default the committed ones) to take at most `max_seconds` of CPU — keeps exact curvature and
-    per-output curvature passes off the large sizes. A config is `(method, params, {num_queries,
+    default the committed ones) to take at most `max_seconds` of CPU and `MAX_PEAK_BYTES` of
+    memory — keeps exact curvature and per-output curvature passes off the large sizes. A config is `(method, params, {num_queries,
     per_sample, self_influence, max_parameters})`."""
     coefficients = coefficients or Coefficients.load()
     specs = []
@@ -177,7 +178,8 @@ def grid(configs: Sequence[tuple[str, dict[str, Any], dict[str, Any]]], sizes: S
                            self_influence=options.get("self_influence", False))
             if limit is not None and spec.num_parameters > limit:
                 continue
-            if spec.predict(coefficients, warm=False).seconds <= max_seconds:
+            cold = spec.predict(coefficients, warm=False)
+            if cold.seconds <= max_seconds and cold.peak_memory_bytes <= MAX_PEAK_BYTES:
                 specs.append(spec)
     return specs
 

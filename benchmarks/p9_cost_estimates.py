@@ -1,7 +1,7 @@
 """P9 — cost estimates: predicted vs measured seconds (and peak memory) across methods and sizes.
 
-What `POST /v1/queries?dry_run=true` answers comes from `attribution.cost` with the committed
-coefficients (`attribution/cost_coefficients.json`, fitted by `benchmarks/cost_fit.py` at
+What `POST /v1/queries?dry_run=true` answers comes from `service.costs.model` with the committed
+coefficients (`service/costs/coefficients.json`, fitted by `benchmarks/cost_fit.py` at
 other sizes). This study measures every setting of `cost_runs.CONFIGS` — Forward-INF (relative
 default, raw K = 1 and K = 20, per_sample, self-influence), influence functions (CG, EK-FAC,
 exact, LiSSA), TracIn (full and projected), TRAK, gradient similarity, TrackStar, Integrated
@@ -21,14 +21,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from attribution.cost import COEFFICIENTS_FILE, Coefficients
 from benchmarks.cli import Options, parse_options
 from benchmarks.cost_runs import CONFIGS, Measured, cpu_note, grid, measure
 from benchmarks.report import Report
+from benchmarks.speed_common import machine
+from service.costs.model import COEFFICIENTS_FILE, Coefficients
 
 STUDY = "p9_cost_estimates"
 TARGET = 0.9
-EVAL_SIZES = [(2000, (32,)), (16000, (32,)), (1500, (256, 256)), (8000, (128,)), (4000, (64, 64))]
+EVAL_SIZES = [(2000, (32,)), (16000, (32,)), (1500, (128, 128)), (8000, (128,)), (4000, (64, 64))]
 QUICK_SIZES = [(500, (32,)), (1500, (48,))]
 MAX_SECONDS = 40.0
 QUICK_MAX_SECONDS = 1.0
@@ -76,10 +77,11 @@ def run(options: Options, coefficients_path: Path = COEFFICIENTS_FILE) -> Report
     report.setup = (
         f"{len(specs)} jobs ({len(CONFIGS)} settings × sizes N ∈ {sorted({n for n, _ in sizes})}, MLP 64→"
         f"{{{', '.join('-'.join(map(str, h)) for _, h in sizes)}}}→10; sizes the fit did not use), each run cold and "
-        f"warm in a forked process: {len(compared)} compared points. Predictions: `attribution.cost` with "
+        f"warm in a forked process: {len(compared)} compared points. Predictions: `service.costs.model` with "
         f"`{coefficients_path.name}` (fitted on {coefficients.source.get('machine', '?')}, fit sizes "
         f"{coefficients.source.get('sizes', '?')}). Measured: {cpu_note()}. "
-        "A point is within 2× when max(predicted/measured, measured/predicted) ≤ 2.")
+        "A point is within 2× when max(predicted/measured, measured/predicted) ≤ 2. "
+        f"Machine: {machine()}.")
     report.figure("runs with predicted seconds within 2× of measured", f"{share:.1%} of {len(within)}",
                   "—", "issue #15", f"≥ {TARGET:.0%}", share >= TARGET)
     report.figure("median predicted/measured ratio", statistics.median([p / m for _, _, p, m in compared if m > 0])

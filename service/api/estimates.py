@@ -2,10 +2,10 @@
 
 The body is validated exactly as a real POST (`submission.validate_query`: the same 4xx
 errors, the samples checked against the model). Then the job's phases are planned
-(`attribution.cost_plan`), each cacheable artifact is looked up where the workers store it
+(`service.costs.plan`), each cacheable artifact is looked up where the workers store it
 (Redis or the embedded file store, and the feature files) without reading it or counting a
-hit, and the fitted coefficients (`attribution/cost_coefficients.json`) turn rows × passes
-into predicted seconds and peak memory (`attribution.cost`). An identical succeeded query
+hit, and the fitted coefficients (`service/costs/coefficients.json`) turn rows × passes
+into predicted seconds and peak memory (`service.costs.model`). An identical succeeded query
 means a real POST answers at once: `result_cached: true`, predicted 0 s.
 """
 
@@ -17,15 +17,15 @@ from typing import Literal
 
 from sqlalchemy.orm import Session
 
-from attribution.cost import Coefficients, CostEstimate, estimate
-from attribution.cost_artifacts import ArtifactProbe, artifact_probes
-from attribution.cost_plan import JobShape, memory_sizes, plan
 from attribution.feature_files import ARGUMENTS_FILE, FeatureFiles
 from attribution.methods.base import MethodParams
 from attribution.structure import ModelStructure
 from service.api.estimate_schemas import PhaseOut, QueryEstimate
 from service.api.schemas import QueryCreate
 from service.api.submission import validate_query
+from service.costs.artifacts import ArtifactProbe, artifact_probes
+from service.costs.model import Coefficients, CostEstimate, estimate
+from service.costs.plan import JobShape, memory_sizes, plan
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
 from workers.cache import FileArtifactStore, RedisArtifactStore, artifact_store
@@ -109,8 +109,8 @@ def _out(body: QueryCreate, params: dict[str, object], shape: JobShape, predicte
     return QueryEstimate(
         method=body.method, params=params, mode=body.mode, self_influence=body.self_influence,
         num_rows=shape.num_rows, num_query_samples=shape.num_queries, num_parameters=shape.num_parameters,
-        predicted_seconds=0.0 if result_cached else round(predicted.seconds, 6),
-        predicted_seconds_cold=round(predicted.cold_seconds, 6), peak_memory_bytes=predicted.peak_memory_bytes,
+        predicted_seconds=0.0 if result_cached else predicted.seconds,
+        predicted_seconds_cold=predicted.cold_seconds, peak_memory_bytes=predicted.peak_memory_bytes,
         rows_x_passes=0 if result_cached else predicted.rows_x_passes,
         rows_x_passes_cold=predicted.cold_rows_x_passes, cache=cache, warm=artifacts, result_cached=result_cached,
         passes=[PhaseOut(name=p.name, kind=p.kind.value, rows=p.rows, passes=p.passes, rows_x_passes=p.rows_x_passes,

@@ -1,7 +1,7 @@
 """Dry runs see the cache (embedded mode: file artifact store, in-process worker): every
 cacheable part of a method is cold before its first query and warm after it, the warm
 estimate is below the cold one, and an identical succeeded query is reported as answered at
-once. This also checks that `attribution.cost_artifacts` rebuilds the methods' real keys."""
+once. This also checks that `service.costs.artifacts` rebuilds the methods' real keys."""
 
 from __future__ import annotations
 

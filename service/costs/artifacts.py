@@ -1,4 +1,4 @@
-"""Where each cacheable part of a job (`attribution.cost_plan` artifacts) would be found.
+"""Where each cacheable part of a job (`service.costs.plan` artifacts) would be found.
 
 `artifact_probes` rebuilds, without loading the model, the keys the methods store their
 artifacts under — `artifact_key(...)` in the artifact store, or `FeatureFiles` entries — from
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from attribution.artifacts import artifact_key
-from attribution.cost_plan import JobShape, resolve_ihvp
 from attribution.curvature import CurvatureName
 from attribution.methods.base import MethodName, MethodParams
 from attribution.methods.forward_inf_params import ForwardInfParams, Precision
@@ -26,6 +25,7 @@ from attribution.methods.gradient_features import CheckpointFeatureParams, Gradi
 from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.trackstar import FEATURES_KIND, SECOND_MOMENT_KIND, TrackStarParams
 from attribution.methods.trak import TrakParams
+from service.costs.plan import JobShape, resolve_ihvp
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Predicted cost of one attribution job before it runs: rows × passes per phase, seconds, memory.
 
-A job is a list of `Phase`s (`cost_plan.plan`): each touches `rows` rows `passes` times
+A job is a list of `Phase`s (`service.costs.plan.plan`): each touches `rows` rows `passes` times
 with one kind of work whose per-row size is `width`,
 
     units(phase) = rows · passes · width,
@@ -13,7 +13,7 @@ rows = 1 and width P³, reading a cached artifact `READ` with width its bytes. T
     seconds = overhead + Σ_phases c[kind] · units + c_batch · batches,
 
 with coefficients `c` fitted from measured runs (`benchmarks/cost_fit.py`, stored as
-`cost_coefficients.json` beside this module; refit per machine/GPU). A phase that produces a
+`coefficients.json` beside this module; refit per machine/GPU). A phase that produces a
 cached artifact (`Phase.artifact`: base losses, curvature fits, TRAK / TrackStar features,
 self-influence norms) costs nothing when that artifact already exists (`warm`), so an
 estimate has a cold and a warm total and says which parts are warm.
@@ -34,7 +34,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-COEFFICIENTS_FILE = Path(__file__).with_name("cost_coefficients.json")
+COEFFICIENTS_FILE = Path(__file__).with_name("coefficients.json")
 
 
 class PassKind(StrEnum):

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attribution.cost import (
+from attribution.methods.registry import available_methods, parse_params
+from benchmarks.cost_fit import TIME_COLUMNS, fit_nnls
+from service.costs.model import (
     COEFFICIENTS_FILE,
     MEMORY_TERMS,
     Coefficients,
@@ -17,9 +19,7 @@ from attribution.cost import (
     design_row,
     estimate,
 )
-from attribution.cost_plan import JobShape, memory_sizes, plan
-from attribution.methods.registry import available_methods, parse_params
-from benchmarks.cost_fit import TIME_COLUMNS, fit_nnls
+from service.costs.plan import JobShape, memory_sizes, plan
 
 SHAPE = JobShape(task="classification", num_rows=10_000, num_queries=2, num_parameters=5_000)
 

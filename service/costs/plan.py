@@ -1,4 +1,4 @@
-"""The phases of one attribution job, per method (`attribution.cost` turns them into seconds).
+"""The phases of one attribution job, per method (`service.costs.model` turns them into seconds).
 
 `plan(method, params, shape)` lists what the method runs for N training rows, Q query samples
 and a model with P parameters — how many rows each phase touches and how many times — read
@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from attribution.cost import MemorySizes, PassKind, Phase
 from attribution.curvature import CurvatureName
 from attribution.ihvp.arnoldi import BASIS_BUDGET, MAX_KRYLOV
 from attribution.methods.base import MethodName, MethodParams, Normalize
@@ -43,6 +42,7 @@ from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.integrated_influence import Baseline, IntegratedInfluenceParams
 from attribution.methods.trackstar import TrackStarParams
 from attribution.methods.trak import TrakParams
+from service.costs.model import MemorySizes, PassKind, Phase
 
 AUTO_ROWS = 3000  # forward_inf_auto's subset of training rows
 AUTO_QUERIES = 32
@@ -83,7 +83,7 @@ def plan(method: str, params: MethodParams, shape: JobShape) -> tuple[list[Phase
 
 
 def memory_sizes(method: str, params: MethodParams, shape: JobShape, phases: list[Phase]) -> MemorySizes:
-    """The byte sizes peak memory grows with (see `attribution.cost.MemorySizes`)."""
+    """The byte sizes peak memory grows with (see `service.costs.model.MemorySizes`)."""
     n, p = shape.num_rows, shape.num_parameters
     scored = shape.num_queries if shape.per_sample and not shape.self_influence else 1
     kinds = {phase.kind for phase in phases}
