@@ -160,11 +160,11 @@ class Estimate(ApiModel):
     peak_memory_bytes: int
     rows_x_passes: int
     rows_x_passes_cold: int
-    cache: str
+    cache: Literal["warm", "partial", "cold", "none"]
     warm: dict[str, bool]
     result_cached: bool
     passes: list[EstimatePhase]
-    notes: list[str]
+    notes: list[str] = []
 
 
 # The server's component schema each client model mirrors (checked against /openapi.json).
