@@ -139,8 +139,30 @@ def _child(spec: RunSpec, out: Any) -> None:
         out.close()
 
 
+_WARMED: list[bool] = []
+
+
+def _warm_up_parent() -> None:
+    """Run every method once on a tiny problem in this process, so the forked children inherit
+    the lazily imported modules (torch's compiler stack alone takes seconds to import) instead of
+    each paying for them inside its measured job."""
+    if _WARMED:
+        return
+    x, y = blobs(72, seed=3)
+    model = ModelAdapter(trained_mlp(x, y, hidden=(8,), steps=2, rows=64), ClassificationTask())
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    train, query = TensorTrainingSet(xs[:64], ys[:64]), Batch(xs[64:66], ys[64:66])
+    with tempfile.TemporaryDirectory(prefix="cost-warm-") as tmp:
+        for method, params, _ in CONFIGS:
+            context = FitContext(fingerprint="warm-up", store=InMemoryArtifacts(), feature_files=FeatureFiles(Path(tmp)))
+            with contextlib.suppress(Exception):
+                attribute(model, method, {**params, "batch_size": 16}, train, context, queries=query)
+    _WARMED.append(True)
+
+
 def measure(spec: RunSpec, *, timeout_s: float = 900.0) -> Measured:
     """Run `spec` cold and warm in a forked child (see module docstring)."""
+    _warm_up_parent()
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(spec, send), daemon=True)

@@ -29,9 +29,9 @@ from service.costs.model import COEFFICIENTS_FILE, Coefficients
 
 STUDY = "p9_cost_estimates"
 TARGET = 0.9
-EVAL_SIZES = [(2000, (32,)), (16000, (32,)), (1500, (128, 128)), (8000, (128,)), (4000, (64, 64))]
+EVAL_SIZES = [(1500, (32,)), (5000, (32,)), (1000, (96,)), (2500, (64, 64)), (12000, (24,))]
 QUICK_SIZES = [(500, (32,)), (1500, (48,))]
-MAX_SECONDS = 40.0
+MAX_SECONDS = 12.0
 QUICK_MAX_SECONDS = 1.0
 
 

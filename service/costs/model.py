@@ -45,7 +45,8 @@ class PassKind(StrEnum):
     DIRECTION = "direction"  # per-sample gradient as direction × log-scale (`gradient_directions`): width P
     PSEUDO_GRADIENT = "pseudo_gradient"  # a row's curvature factors Σ r rᵀ (one gradient per output): width P
     CURVATURE = "curvature"  # one curvature-vector product of a row (CG, LiSSA, Arnoldi iterations): width P
-    STEP = "step"  # one optimizer step on the P parameters (unlearning): rows = 1, width P
+    STEP = "step"  # one unlearning step (backward of the query loss + optimizer update): rows = copies, width P
+    RANDOM = "random"  # entries of a random projection matrix drawn: rows = 1, width P·k
     PROJECTION = "projection"  # a row's P-vector times a P×k matrix (random projection, factored solves): width P·k
     DENSE = "dense"  # outer-product accumulation of a row: width P² (or k² for TRAK's kernel)
     EIGEN = "eigen"  # eigendecomposition / Cholesky of a d×d matrix: rows = 1, width d³

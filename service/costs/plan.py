@@ -6,8 +6,8 @@ from the same code paths the methods take (module docstrings of each method):
 
 - forward_inf: base losses L(θ̂, z_i) (forward N, cached `base_losses`), base log-losses for a
   classifier's relative scores (forward N, cached), RelatIF gradient norms (gradient N, cached
-  `relative_norm`), K unlearning steps on the Q queries (Q gradients + one optimizer step each;
-  per_sample: per query), the sweep (forward N × 1, or × Q per_sample). Self-influence: each row
+  `relative_norm`), K unlearning steps on the Q queries (a backward of their loss and an
+  optimizer step each; per_sample: per query copy), the sweep (forward N × 1, or × Q per_sample). Self-influence: each row
   unlearned alone (gradient N × K, forward N). `auto`: a cached search over ≤ 3,000 rows.
   Newton unlearning and `stop: forgotten` (K is a cap: an upper bound) as noted.
 - influence / integrated_influence / Newton: the curvature trace for the default damping
@@ -42,6 +42,7 @@ from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.integrated_influence import Baseline, IntegratedInfluenceParams
 from attribution.methods.trackstar import TrackStarParams
 from attribution.methods.trak import TrakParams
+from attribution.projection import DEFAULT_CACHE_ELEMENTS
 from service.costs.model import MemorySizes, PassKind, Phase
 
 AUTO_ROWS = 3000  # forward_inf_auto's subset of training rows
@@ -150,8 +151,7 @@ def _forward_inf(params: ForwardInfParams, shape: JobShape) -> tuple[list[Phase]
         phases.append(_read("read_relative_norm", n * 16))
     copies = q if shape.per_sample else 1
     phases += [
-        Phase("unlearning", PassKind.GRADIENT, q, steps, size),
-        Phase("unlearning_steps", PassKind.STEP, copies, steps, size),
+        Phase("unlearning", PassKind.STEP, copies, steps, size, None, copies),  # a batch per step: its overhead
         Phase("sweep", PassKind.FORWARD, n, copies, size, None, batch),
     ]
     return phases, notes
@@ -331,12 +331,26 @@ def _feature_dim(params: MethodParams, size: int) -> int:
 
 def _featurize(name: str, params: GradientFeatureParams, shape: JobShape, rows: int, passes: int,
                artifact: str | None, kind: PassKind = PassKind.GRADIENT) -> list[Phase]:
+    """Gradients of `rows` rows (`passes` times) and their projection; a projection matrix too large
+    to keep (P·k above `RandomProjector`'s cache) is redrawn block by block at every batch."""
     size = shape.num_parameters
     k = _feature_dim(params, size)
     phases = [Phase(name, kind, rows, passes, size, artifact, params.batch_size)]
     if k < size:
         phases.append(Phase(f"{name}_projection", PassKind.PROJECTION, rows, passes, size * k, artifact))
+        if size * k > DEFAULT_CACHE_ELEMENTS:
+            calls = max(1, -(-rows // params.batch_size)) * passes
+            phases.append(Phase(f"{name}_projection_draws", PassKind.RANDOM, 1, calls, size * k, artifact))
     return phases
+
+
+def _matrix_draws(params: GradientFeatureParams, shape: JobShape, count: int, artifact: str | None = None) -> list[Phase]:
+    """A projection matrix small enough to keep is drawn once per projector the method builds."""
+    size = shape.num_parameters
+    k = _feature_dim(params, size)
+    if k >= size or size * k > DEFAULT_CACHE_ELEMENTS:
+        return []
+    return [Phase("projection_matrix", PassKind.RANDOM, 1, count, size * k, artifact)]
 
 
 def _checkpoints(params: MethodParams, shape: JobShape) -> int:
@@ -353,10 +367,12 @@ def _gradient_dots(name: MethodName, params: GradientFeatureParams, shape: JobSh
         return _featurize("self_influence", params, shape, n, c, "self_influence"), []
     cosine = isinstance(params, GradientSimilarityParams) and params.similarity is Similarity.COSINE
     kind = PassKind.DIRECTION if cosine else PassKind.GRADIENT
-    phases = _featurize("query_features", params, shape, q, c, None, kind)
+    phases = _matrix_draws(params, shape, 1)
+    phases += _featurize("query_features", params, shape, q, c, None, kind)
     phases += _featurize("score_sweep", params, shape, n, c, None, kind)
     phases.append(Phase("dot_products", PassKind.PRODUCT, n, c * (q if shape.per_sample else 1), k))
     if params.normalize == Normalize.RELATIVE and not cosine:
+        phases += _matrix_draws(params, shape, 1, "relative_norm")
         phases += _featurize("relative_norm", params, shape, n, c, "relative_norm")
         phases.append(_read("read_relative_norm", n * 4))
     return phases, []
@@ -365,7 +381,8 @@ def _gradient_dots(name: MethodName, params: GradientFeatureParams, shape: JobSh
 def _trak(params: TrakParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
     c, n, q = _checkpoints(params, shape), shape.num_rows, shape.num_queries
     k = _feature_dim(params, shape.num_parameters)
-    phases = _featurize("trak_features", params, shape, n, c, "trak_features")
+    phases = _matrix_draws(params, shape, 2)  # `fit` and `score` each build the featurizers
+    phases += _featurize("trak_features", params, shape, n, c, "trak_features")
     phases += [
         Phase("trak_kernel", PassKind.DENSE, n, c, k * k, "trak_features"),
         Phase("trak_cholesky", PassKind.EIGEN, 1, c, k ** 3, "trak_features"),
@@ -386,6 +403,7 @@ def _trackstar(params: TrackStarParams, shape: JobShape) -> tuple[list[Phase], l
     if params.optimizer_state is None:
         phases.append(Phase("second_moment", PassKind.GRADIENT, min(n, params.fit_rows), 1, shape.num_parameters,
                             "trackstar_second_moment", params.batch_size))
+    phases += _matrix_draws(params, shape, 1, "trackstar_features")  # kept by the worker process
     phases += _featurize("trackstar_features", params, shape, n, 1, "trackstar_features")
     phases += _featurize("query_features", params, shape, q, 1, None)
     phases.append(Phase("trackstar_products", PassKind.PRODUCT, n, q if shape.per_sample else 1, k))
