@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from sqlalchemy.orm import Session
@@ -24,7 +25,7 @@ from service.api.estimate_schemas import PhaseOut, QueryEstimate
 from service.api.schemas import QueryCreate
 from service.api.submission import validate_query
 from service.costs.artifacts import ArtifactProbe, artifact_probes
-from service.costs.model import Coefficients, CostEstimate, estimate
+from service.costs.model import COEFFICIENTS_FILE, Coefficients, CostEstimate, estimate
 from service.costs.plan import JobShape, memory_sizes, plan
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
@@ -33,13 +34,14 @@ from workers.cache import FileArtifactStore, RedisArtifactStore, artifact_store
 log = logging.getLogger(__name__)
 
 
-@lru_cache(maxsize=1)
-def coefficients() -> Coefficients:
-    """The committed fitted coefficients (`benchmarks/cost_fit.py` writes them)."""
-    return Coefficients.load()
+@lru_cache(maxsize=4)
+def coefficients(path: Path = COEFFICIENTS_FILE) -> Coefficients:
+    """Fitted coefficients (`benchmarks/cost_fit.py` writes them): `COST_COEFFICIENTS`, else the committed file."""
+    return Coefficients.load(path)
 
 
 def estimate_query(session: Session, settings: Settings, tenant: str, body: QueryCreate) -> QueryEstimate:
+    """The predicted cost of `body` as a real POST would run it now; stores nothing."""
     checked, num_samples = validate_query(session, settings, tenant, body)
     model, dataset = checked.model, checked.dataset
     structure = ModelStructure.from_dict(model.structure) if model.structure is not None else None
@@ -49,15 +51,15 @@ def estimate_query(session: Session, settings: Settings, tenant: str, body: Quer
         num_parameters=int(model.num_parameters), per_sample=body.mode == "per_sample",
         self_influence=body.self_influence,
         kfac_supported=structure is None or structure.kfac_problem(layers) is None,
-        num_checkpoints=len(getattr(checked.params, "checkpoint_model_ids", ())),
     )
     phases, notes = plan(body.method, checked.params, shape)
     warm = _warm_artifacts(settings, body.method, checked.params, shape, model.sha256, dataset.sha256,
                            structure, notes)
-    predicted = estimate(phases, memory_sizes(body.method, checked.params, shape, phases), coefficients(),
+    fitted = coefficients(settings.cost_coefficients or COEFFICIENTS_FILE)
+    predicted = estimate(phases, memory_sizes(body.method, checked.params, shape, phases), fitted,
                          warm=warm, notes=notes)
     result_cached = query_repo.find_succeeded(session, tenant, checked.request_hash) is not None
-    return _out(body, checked.params_dict, shape, predicted, result_cached)
+    return _out(body, checked.params_dict, shape, predicted, result_cached, fitted)
 
 
 def _warm_artifacts(settings: Settings, method: str, params: MethodParams, shape: JobShape, model_sha: str,
@@ -92,7 +94,7 @@ def _found(store: RedisArtifactStore | FileArtifactStore, settings: Settings, pr
 
 
 def _out(body: QueryCreate, params: dict[str, object], shape: JobShape, predicted: CostEstimate,
-         result_cached: bool) -> QueryEstimate:
+         result_cached: bool, fitted: Coefficients) -> QueryEstimate:
     artifacts = predicted.artifacts
     cache: Literal["warm", "partial", "cold", "none"]
     if not artifacts:
@@ -115,5 +117,5 @@ def _out(body: QueryCreate, params: dict[str, object], shape: JobShape, predicte
         rows_x_passes_cold=predicted.cold_rows_x_passes, cache=cache, warm=artifacts, result_cached=result_cached,
         passes=[PhaseOut(name=p.name, kind=p.kind.value, rows=p.rows, passes=p.passes, rows_x_passes=p.rows_x_passes,
                          artifact=p.artifact, warm=p.warm) for p in predicted.phases],
-        notes=notes, coefficients=coefficients().source,
+        notes=notes, coefficients=fitted.source,
     )

@@ -62,7 +62,6 @@ class JobShape:
     per_sample: bool = False
     self_influence: bool = False
     kfac_supported: bool = True  # every tracked parameter is in a layer K-FAC factors
-    num_checkpoints: int = 0  # TracIn/TRAK checkpoint models (0: the final model only)
 
 
 def plan(method: str, params: MethodParams, shape: JobShape) -> tuple[list[Phase], list[str]]:

@@ -4,6 +4,7 @@ an estimate that grows with N and with steps, and cold → warm once a real quer
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from redis import Redis
 from rq import Queue
 from sqlalchemy import func, select
 
+from service.costs.model import Coefficients
 from service.db.models import Query
 from service.db.session import session_scope
 from service.settings import Settings
@@ -20,8 +22,10 @@ from tests.service.conftest import (
     DataFiles,
     Tenants,
     assert_error,
+    make_client,
     query_body,
     register_dataset,
+    register_model,
 )
 
 pytestmark = pytest.mark.integration
@@ -121,7 +125,6 @@ def test_the_estimate_grows_with_steps_and_with_rows(
     assert fewer["num_rows"] == SHARD_SIZES[1] < one["num_rows"]
     assert fewer["predicted_seconds_cold"] < one["predicted_seconds_cold"]
     assert fewer["rows_x_passes_cold"] < one["rows_x_passes_cold"]
-    assert register_dataset  # (the two-shard dataset is the fixture's)
 
 
 def test_per_sample_and_self_influence_estimates(client: TestClient, registered: tuple[str, str]) -> None:
@@ -134,3 +137,25 @@ def test_per_sample_and_self_influence_estimates(client: TestClient, registered:
     audit = client.post(DRY, json=query_body(model_id, dataset_id, samples=None, self_influence=True))
     assert audit.status_code == 200, audit.text
     assert audit.json()["num_query_samples"] == 0 and audit.json()["self_influence"] is True
+
+
+def test_coefficients_from_settings_scale_the_prediction(
+    settings: Settings, tenants: Tenants, data_files: DataFiles, tmp_path: Path,
+) -> None:
+    """`COST_COEFFICIENTS` (a refit for other hardware) replaces the committed file: seconds are
+    linear in the coefficients, so doubling every one doubles the prediction."""
+    committed = Coefficients.load()
+    doubled = Coefficients({k: 2 * v for k, v in committed.seconds_per_unit.items()}, 2 * committed.seconds_per_batch,
+                           2 * committed.overhead_seconds, committed.memory_per_byte, committed.memory_overhead_bytes,
+                           {"machine": "twice as slow"})
+    doubled.save(tmp_path / "slow.json")
+    answers = []
+    for current in (settings, settings.model_copy(update={"cost_coefficients": tmp_path / "slow.json"})):
+        with make_client(current, tenants.key_a) as http:
+            ids = register_model(http, data_files)["id"], register_dataset(http, data_files)["id"]
+            response = http.post(DRY, json=query_body(*ids))
+            assert response.status_code == 200, response.text
+            answers.append(response.json())
+    assert answers[1]["predicted_seconds_cold"] == pytest.approx(2 * answers[0]["predicted_seconds_cold"], rel=1e-9)
+    assert answers[1]["coefficients"] == {"machine": "twice as slow"}
+    assert answers[1]["peak_memory_bytes"] == answers[0]["peak_memory_bytes"]
