@@ -42,8 +42,11 @@ def artifact_probes(method: str, params: MethodParams, shape: JobShape, *, finge
                     ) -> dict[str, list[ArtifactProbe]]:
     """`{artifact: probes}`: the artifact is warm when any probe finds it (one per precision a
     worker may sweep in). `parameter_names`: the model's trainable parameters (None: unknown)."""
-    name = MethodName(method)
     out: dict[str, list[ArtifactProbe]] = {}
+    try:
+        name = MethodName(method)
+    except ValueError:
+        return out
     names = _tracked_names(params, parameter_names)
     if isinstance(params, ForwardInfParams):
         p = params.for_task(shape.task).resolved()

@@ -65,8 +65,12 @@ class JobShape:
 
 
 def plan(method: str, params: MethodParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
-    """`(phases, notes)` of a job; `params` is the method's parsed params dataclass."""
-    name = MethodName(method)
+    """`(phases, notes)` of a job; `params` is the method's parsed params dataclass. A method this
+    module has no plan for is estimated as a gradient method (`_generic`), and says so."""
+    try:
+        name = MethodName(method)
+    except ValueError:
+        return _generic(method, params, shape)
     if name is MethodName.FORWARD_INF and isinstance(params, ForwardInfParams):
         return _forward_inf(params, shape)
     if name is MethodName.INTEGRATED_INFLUENCE and isinstance(params, IntegratedInfluenceParams):
@@ -79,7 +83,15 @@ def plan(method: str, params: MethodParams, shape: JobShape) -> tuple[list[Phase
         return _trackstar(params, shape)
     if name in (MethodName.TRACIN, MethodName.GRADIENT_SIMILARITY) and isinstance(params, GradientFeatureParams):
         return _gradient_dots(name, params, shape)
-    raise ValueError(f"no cost plan for method {method} with {type(params).__name__}")
+    return _generic(method, params, shape)
+
+
+def _generic(method: str, params: MethodParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
+    """One per-sample gradient pass over the N rows and the Q queries (most methods' floor)."""
+    size = shape.num_parameters
+    phases = [Phase("query_gradients", PassKind.GRADIENT, shape.num_queries, 1, size),
+              Phase("score_sweep", PassKind.GRADIENT, shape.num_rows, 1, size, None, params.batch_size)]
+    return phases, [f"no cost model for method {method}: estimated as one per-sample gradient pass over the rows"]
 
 
 def memory_sizes(method: str, params: MethodParams, shape: JobShape, phases: list[Phase]) -> MemorySizes:
@@ -92,7 +104,7 @@ def memory_sizes(method: str, params: MethodParams, shape: JobShape, phases: lis
     curvature_rows = min(n, fit_batch) if kinds & {PassKind.PSEUDO_GRADIENT, PassKind.CURVATURE} else 0
     features = dense = 0
     k = _feature_dim(params, p)
-    if MethodName(method) is MethodName.TRAK:
+    if method == MethodName.TRAK.value:
         features = n * k * 4
         dense = k * k * 8 * 2
     if isinstance(params, IHVPParams) and _uses_ihvp(method, params):
@@ -160,7 +172,7 @@ def _forward_inf(params: ForwardInfParams, shape: JobShape) -> tuple[list[Phase]
 def _uses_ihvp(method: str, params: MethodParams) -> bool:
     if isinstance(params, ForwardInfParams):
         return params.newton
-    return MethodName(method) in (MethodName.INFLUENCE, MethodName.INTEGRATED_INFLUENCE)
+    return method in (MethodName.INFLUENCE.value, MethodName.INTEGRATED_INFLUENCE.value)
 
 
 def resolve_ihvp(params: IHVPParams, shape: JobShape) -> IHVPChoice:

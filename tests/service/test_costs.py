@@ -142,3 +142,12 @@ def test_design_rows_skip_warm_phases() -> None:
     warm = design_row(estimate(phases, memory_sizes("forward_inf", parsed, SHAPE, phases), coefficients(),
                                warm={"base_losses"}).phases)
     assert cold["forward"] - warm["forward"] == SHAPE.num_rows * SHAPE.num_parameters
+
+
+def test_a_method_without_a_plan_is_estimated_as_a_gradient_sweep_and_says_so() -> None:
+    params = parse_params("tracin", {})
+    phases, notes = plan("some_new_method", params, SHAPE)
+    assert [(p.kind, p.rows) for p in phases] == [(PassKind.GRADIENT, 2), (PassKind.GRADIENT, SHAPE.num_rows)]
+    assert "no cost model for method some_new_method" in notes[0]
+    sizes = memory_sizes("some_new_method", params, SHAPE, phases)
+    assert sizes.gradient_batch == params.batch_size * SHAPE.num_parameters * 4
