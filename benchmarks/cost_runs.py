@@ -34,8 +34,8 @@ from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
 from attribution.tasks import ClassificationTask
 from benchmarks.speed_common import blobs, trained_mlp
-from service.costs.model import Coefficients, CostEstimate, MemorySizes, Phase, estimate
-from service.costs.plan import JobShape, memory_sizes, plan
+from service.costs.model import Coefficients, CostEstimate, JobShape, MemorySizes, Phase, estimate
+from service.costs.plan import memory_sizes, plan
 
 FEATURES = 64
 CLASSES = 10

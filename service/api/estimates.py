@@ -25,8 +25,8 @@ from service.api.estimate_schemas import PhaseOut, QueryEstimate
 from service.api.schemas import QueryCreate
 from service.api.submission import validate_query
 from service.costs.artifacts import ArtifactProbe, artifact_probes
-from service.costs.model import COEFFICIENTS_FILE, Coefficients, CostEstimate, estimate
-from service.costs.plan import JobShape, memory_sizes, plan
+from service.costs.model import COEFFICIENTS_FILE, Coefficients, CostEstimate, JobShape, estimate
+from service.costs.plan import memory_sizes, plan
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
 from workers.cache import FileArtifactStore, RedisArtifactStore, artifact_store

@@ -25,7 +25,8 @@ from attribution.methods.gradient_features import CheckpointFeatureParams, Gradi
 from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.trackstar import FEATURES_KIND, SECOND_MOMENT_KIND, TrackStarParams
 from attribution.methods.trak import TrakParams
-from service.costs.plan import JobShape, resolve_ihvp
+from service.costs.model import JobShape
+from service.costs.plan import resolve_ihvp
 
 
 @dataclass(frozen=True)

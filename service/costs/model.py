@@ -174,6 +174,24 @@ class CostEstimate:
         return out
 
 
+@dataclass(frozen=True)
+class JobShape:
+    """What the cost depends on besides the method's params."""
+
+    task: str  # classification | regression | causal_lm
+    num_rows: int  # N training rows scored
+    num_queries: int  # Q query samples (0 for self-influence)
+    num_parameters: int  # P trainable parameters of the model
+    per_sample: bool = False
+    self_influence: bool = False
+    kfac_supported: bool = True  # every tracked parameter is in a layer K-FAC factors
+
+
+def read_phase(name: str, size: int) -> Phase:
+    """Serialising or reading `size` bytes of a cached artifact (paid cold and warm)."""
+    return Phase(name, PassKind.READ, 1, 1, max(int(size), 1))
+
+
 def phase_seconds(phase: Phase, coefficients: Coefficients) -> float:
     return coefficients.seconds_per_unit[phase.kind.value] * phase.units + coefficients.seconds_per_batch * phase.batches
 

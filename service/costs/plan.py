@@ -5,22 +5,27 @@ and a model with P parameters — how many rows each phase touches and how many 
 from the same code paths the methods take (module docstrings of each method):
 
 - forward_inf: base losses L(θ̂, z_i) (forward N, cached `base_losses`), base log-losses for a
-  classifier's relative scores (forward N, cached), RelatIF gradient norms (gradient N, cached
-  `relative_norm`), K unlearning steps on the Q queries (a backward of their loss and an
-  optimizer step each; per_sample: per query copy), the sweep (forward N × 1, or × Q per_sample). Self-influence: each row
-  unlearned alone (gradient N × K, forward N). `auto`: a cached search over ≤ 3,000 rows.
-  Newton unlearning and `stop: forgotten` (K is a cap: an upper bound) as noted.
+  classifier's relative scores (forward N, cached), RelatIF gradient norms (gradient directions
+  over N, cached `relative_norm`), K unlearning steps (a backward of the query loss and an
+  optimizer step each; per_sample: per query copy), the sweep (forward N × 1, or × Q per_sample).
+  Self-influence: each row unlearned alone (gradient N × K, forward N), or gradient norms.
+  `auto`: a cached search over ≤ 3,000 rows. Newton unlearning as influence below; `stop:
+  forgotten` at its cap K (an upper bound).
 - influence / integrated_influence / Newton: the curvature trace for the default damping
-  (curvature F, cached), the estimator's fit (exact: dense F × P² + eigh P³; kfac/ekfac:
-  curvature F × 1/2; arnoldi: curvature F × iterations; lissa: power iterations; cg: none;
-  cached `ihvp`), per-query solves (cg: `cg_max_iter` curvature passes over F rows — an upper
-  bound, CG stops at its tolerance; lissa: depth × repeats batches), the gradient sweep over N;
-  relative scores (the default) solve one system per training row (cached `relative_norm`).
-- tracin / gradient_similarity: per checkpoint a gradient sweep over N (+ projection), relative
-  norms another (cached); trak: per checkpoint featurise N rows (gradient + projection), the
-  kernel k×k (dense N × k², Cholesky k³), loss weights (forward N), all cached `trak_features`;
-  trackstar: second moment (gradient over fit_rows), features (gradient + projection over N),
-  cached as files `trackstar_features`; a query is its Q gradients and an N × k product.
+  (per-output pseudo-gradients over F rows, cached), the estimator's fit (exact: pseudo-gradients,
+  dense F × P², eigh P³; kfac/ekfac: 1/2 factor passes over F; arnoldi: F × iterations curvature
+  products; lissa: power iterations; cg: none; cached `ihvp_fit`), per-query solves (cg:
+  `cg_max_iter` curvature passes over F rows — an upper bound, CG stops at its tolerance; lissa:
+  depth × repeats batches; factored estimators: products with the fit), the gradient sweep over
+  N; relative scores (the default) solve one system per training row (cached `relative_norm`).
+- tracin / gradient_similarity: per checkpoint a gradient sweep over N (+ projection; the cosine
+  takes gradient directions), relative norms another (cached); trak: per checkpoint featurise N
+  rows (gradient + projection), the kernel k×k (dense N × k², Cholesky k³), loss weights
+  (forward N), all cached `trak_features`; trackstar: second moment (gradient over fit_rows),
+  features (gradient + projection over N), cached as files; a query is its Q gradients and an
+  N × k product. Random projection matrices are drawn once per projector, or per batch when
+  P·k is too large to keep; cached artifacts are (de)serialised every query (`READ`).
+- any other method: one per-sample gradient pass (with a note saying so).
 
 F = min(N, fit_rows) rows fit the curvature. `layers` / `last_layer` restrictions are not
 known before the model loads, so P is the model's full parameter count (an over-estimate).
@@ -29,39 +34,24 @@ known before the model loads, so P is the model's full parameter count (an over-
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from attribution.curvature import CurvatureName
 from attribution.ihvp.arnoldi import BASIS_BUDGET, MAX_KRYLOV
 from attribution.methods.base import MethodName, MethodParams, Normalize
 from attribution.methods.forward_inf_auto import DEFAULT_SPACE
 from attribution.methods.forward_inf_params import ForwardInfParams, SelfInfluenceMode, StopRule
-from attribution.methods.gradient_features import CheckpointFeatureParams, GradientFeatureParams
-from attribution.methods.gradient_similarity import GradientSimilarityParams, Similarity
+from attribution.methods.gradient_features import GradientFeatureParams
 from attribution.methods.influence import IHVPChoice, IHVPParams
 from attribution.methods.integrated_influence import Baseline, IntegratedInfluenceParams
 from attribution.methods.trackstar import TrackStarParams
 from attribution.methods.trak import TrakParams
-from attribution.projection import DEFAULT_CACHE_ELEMENTS
-from service.costs.model import MemorySizes, PassKind, Phase
+from service.costs.model import JobShape, MemorySizes, PassKind, Phase, read_phase
+from service.costs.plan_features import feature_dim, gradient_dots, trackstar, trak
 
 AUTO_ROWS = 3000  # forward_inf_auto's subset of training rows
 AUTO_QUERIES = 32
 LISSA_POWER_ITERATIONS = 30
 SOLVE_BLOCK = 512  # rows solved together for relative norms / self-influence
-
-
-@dataclass(frozen=True)
-class JobShape:
-    """What the cost depends on besides the method's params."""
-
-    task: str  # classification | regression | causal_lm
-    num_rows: int  # N training rows scored
-    num_queries: int  # Q query samples (0 for self-influence)
-    num_parameters: int  # P trainable parameters of the model
-    per_sample: bool = False
-    self_influence: bool = False
-    kfac_supported: bool = True  # every tracked parameter is in a layer K-FAC factors
 
 
 def plan(method: str, params: MethodParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
@@ -78,11 +68,11 @@ def plan(method: str, params: MethodParams, shape: JobShape) -> tuple[list[Phase
     if name is MethodName.INFLUENCE and isinstance(params, IHVPParams):
         return _influence(params, shape)
     if name is MethodName.TRAK and isinstance(params, TrakParams):
-        return _trak(params, shape)
+        return trak(params, shape)
     if name is MethodName.TRACKSTAR and isinstance(params, TrackStarParams):
-        return _trackstar(params, shape)
+        return trackstar(params, shape)
     if name in (MethodName.TRACIN, MethodName.GRADIENT_SIMILARITY) and isinstance(params, GradientFeatureParams):
-        return _gradient_dots(name, params, shape)
+        return gradient_dots(name, params, shape)
     return _generic(method, params, shape)
 
 
@@ -103,7 +93,7 @@ def memory_sizes(method: str, params: MethodParams, shape: JobShape, phases: lis
     fit_batch = getattr(params, "fit_batch_size", params.batch_size)
     curvature_rows = min(n, fit_batch) if kinds & {PassKind.PSEUDO_GRADIENT, PassKind.CURVATURE} else 0
     features = dense = 0
-    k = _feature_dim(params, p)
+    k = feature_dim(params, p)
     if method == MethodName.TRAK.value:
         features = n * k * 4
         dense = k * k * 8 * 2
@@ -123,7 +113,7 @@ def _forward_inf(params: ForwardInfParams, shape: JobShape) -> tuple[list[Phase]
     n, q, size, batch = shape.num_rows, shape.num_queries, shape.num_parameters, p.batch_size
     notes: list[str] = []
     phases = [Phase("base_losses", PassKind.FORWARD, n, 1, size, "base_losses", batch),
-              _read("read_base_losses", n * 4)]
+              read_phase("read_base_losses", n * 4)]
     if p.newton:
         phases += _ihvp_phases(p, shape)
         relative = p.normalize == Normalize.RELATIVE
@@ -159,7 +149,7 @@ def _forward_inf(params: ForwardInfParams, shape: JobShape) -> tuple[list[Phase]
         phases.append(Phase("base_log_losses", PassKind.FORWARD, n, 1, size, "base_log_losses", batch))
     if relative:
         phases.append(Phase("relative_norm", PassKind.DIRECTION, n, 1, size, "relative_norm", batch))
-        phases.append(_read("read_relative_norm", n * 16))
+        phases.append(read_phase("read_relative_norm", n * 16))
     copies = q if shape.per_sample else 1
     phases += [
         Phase("unlearning", PassKind.STEP, copies, steps, size, None, copies),  # a batch per step: its overhead
@@ -218,7 +208,7 @@ def _ihvp_phases(params: IHVPParams, shape: JobShape, *, artifact: str = "ihvp_f
                             batch))
     elif ihvp is IHVPChoice.LISSA and params.lissa_scale is None:
         phases.append(Phase("lissa_scale", PassKind.CURVATURE, fit, LISSA_POWER_ITERATIONS, size, artifact, batch))
-    phases.append(_read(f"read_{artifact}", _state_bytes(params, shape)))
+    phases.append(read_phase(f"read_{artifact}", _state_bytes(params, shape)))
     return phases
 
 
@@ -234,11 +224,6 @@ def _state_bytes(params: IHVPParams, shape: JobShape) -> int:
     if ihvp in (IHVPChoice.KFAC, IHVPChoice.EKFAC):
         return 4 * size * 8
     return 64
-
-
-def _read(name: str, size: int) -> Phase:
-    """Serialising or reading `size` bytes of a cached artifact (paid cold and warm)."""
-    return Phase(name, PassKind.READ, 1, 1, max(int(size), 1))
 
 
 def _solve_passes(params: IHVPParams, shape: JobShape) -> tuple[int, int] | None:
@@ -269,7 +254,7 @@ def _row_solves(artifact: str, params: IHVPParams, shape: JobShape) -> list[Phas
     """Per-row gradients and `g_iᵀ(G + λI)⁻¹g_i` for every training row (blocks of rows)."""
     n, size = shape.num_rows, shape.num_parameters
     phases = [Phase(f"{artifact}_gradients", PassKind.GRADIENT, n, 1, size, artifact, params.batch_size),
-              _read(f"read_{artifact}", n * 4)]
+              read_phase(f"read_{artifact}", n * 4)]
     solve = _solve_passes(params, shape)
     if solve is not None:
         rows, passes = solve
@@ -331,92 +316,4 @@ def _integrated_influence(params: IntegratedInfluenceParams, shape: JobShape) ->
         phases.append(Phase(phase.name, phase.kind, phase.rows, phase.passes * steps, phase.width, None,
                             phase.batch_rows))
     phases.append(Phase("path_vjp_sweeps", PassKind.GRADIENT, n, steps, size, None, params.batch_size))
-    return phases, []
-
-
-# ------------------------------------------------------------------------- gradient features
-def _feature_dim(params: MethodParams, size: int) -> int:
-    k = getattr(params, "projection_dim", None)
-    return size if k is None or k >= size else int(k)
-
-
-def _featurize(name: str, params: GradientFeatureParams, shape: JobShape, rows: int, passes: int,
-               artifact: str | None, kind: PassKind = PassKind.GRADIENT) -> list[Phase]:
-    """Gradients of `rows` rows (`passes` times) and their projection; a projection matrix too large
-    to keep (P·k above `RandomProjector`'s cache) is redrawn block by block at every batch."""
-    size = shape.num_parameters
-    k = _feature_dim(params, size)
-    phases = [Phase(name, kind, rows, passes, size, artifact, params.batch_size)]
-    if k < size:
-        phases.append(Phase(f"{name}_projection", PassKind.PROJECTION, rows, passes, size * k, artifact))
-        if size * k > DEFAULT_CACHE_ELEMENTS:
-            calls = max(1, -(-rows // params.batch_size)) * passes
-            phases.append(Phase(f"{name}_projection_draws", PassKind.RANDOM, 1, calls, size * k, artifact))
-    return phases
-
-
-def _matrix_draws(params: GradientFeatureParams, shape: JobShape, count: int, artifact: str | None = None) -> list[Phase]:
-    """A projection matrix small enough to keep is drawn once per projector the method builds."""
-    size = shape.num_parameters
-    k = _feature_dim(params, size)
-    if k >= size or size * k > DEFAULT_CACHE_ELEMENTS:
-        return []
-    return [Phase("projection_matrix", PassKind.RANDOM, 1, count, size * k, artifact)]
-
-
-def _checkpoints(params: MethodParams, shape: JobShape) -> int:
-    if isinstance(params, CheckpointFeatureParams):
-        return max(1, len(params.checkpoint_model_ids))
-    return 1
-
-
-def _gradient_dots(name: MethodName, params: GradientFeatureParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
-    """TracIn (per checkpoint) and gradient similarity: gradient sweeps, nothing fitted."""
-    c, n, q = _checkpoints(params, shape), shape.num_rows, shape.num_queries
-    k = _feature_dim(params, shape.num_parameters)
-    if shape.self_influence:
-        return _featurize("self_influence", params, shape, n, c, "self_influence"), []
-    cosine = isinstance(params, GradientSimilarityParams) and params.similarity is Similarity.COSINE
-    kind = PassKind.DIRECTION if cosine else PassKind.GRADIENT
-    phases = _matrix_draws(params, shape, 1)
-    phases += _featurize("query_features", params, shape, q, c, None, kind)
-    phases += _featurize("score_sweep", params, shape, n, c, None, kind)
-    phases.append(Phase("dot_products", PassKind.PRODUCT, n, c * (q if shape.per_sample else 1), k))
-    if params.normalize == Normalize.RELATIVE and not cosine:
-        phases += _matrix_draws(params, shape, 1, "relative_norm")
-        phases += _featurize("relative_norm", params, shape, n, c, "relative_norm")
-        phases.append(_read("read_relative_norm", n * 4))
-    return phases, []
-
-
-def _trak(params: TrakParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
-    c, n, q = _checkpoints(params, shape), shape.num_rows, shape.num_queries
-    k = _feature_dim(params, shape.num_parameters)
-    phases = _matrix_draws(params, shape, 2)  # `fit` and `score` each build the featurizers
-    phases += _featurize("trak_features", params, shape, n, c, "trak_features")
-    phases += [
-        Phase("trak_kernel", PassKind.DENSE, n, c, k * k, "trak_features"),
-        Phase("trak_cholesky", PassKind.EIGEN, 1, c, k ** 3, "trak_features"),
-        Phase("trak_weighting", PassKind.DENSE, n, c, k * k, "trak_features"),
-        Phase("trak_loss_weights", PassKind.FORWARD, n, c, shape.num_parameters, "trak_features", params.batch_size),
-        _read("read_trak_features", c * n * (k + 2) * 4),
-    ]
-    if not shape.self_influence:
-        phases += _featurize("query_features", params, shape, q, c, None)
-        phases.append(Phase("trak_products", PassKind.PRODUCT, n, c * (q if shape.per_sample else 1), k))
-    return phases, []
-
-
-def _trackstar(params: TrackStarParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
-    n, q = shape.num_rows, shape.num_queries
-    k = _feature_dim(params, shape.num_parameters)
-    phases: list[Phase] = []
-    if params.optimizer_state is None:
-        phases.append(Phase("second_moment", PassKind.GRADIENT, min(n, params.fit_rows), 1, shape.num_parameters,
-                            "trackstar_second_moment", params.batch_size))
-    phases += _matrix_draws(params, shape, 1, "trackstar_features")  # kept by the worker process
-    phases += _featurize("trackstar_features", params, shape, n, 1, "trackstar_features")
-    phases += _featurize("query_features", params, shape, q, 1, None)
-    phases.append(Phase("trackstar_products", PassKind.PRODUCT, n, q if shape.per_sample else 1, k))
-    phases.append(_read("read_trackstar_features", n * k * 4))
     return phases, []

@@ -15,11 +15,12 @@ from service.costs.model import (
     COEFFICIENTS_FILE,
     MEMORY_TERMS,
     Coefficients,
+    JobShape,
     PassKind,
     design_row,
     estimate,
 )
-from service.costs.plan import JobShape, memory_sizes, plan
+from service.costs.plan import memory_sizes, plan
 
 SHAPE = JobShape(task="classification", num_rows=10_000, num_queries=2, num_parameters=5_000)
 
