@@ -31,7 +31,8 @@ class QueryEstimate(BaseModel):
     num_query_samples: int = Field(description="Q, query samples (0 for self_influence)")
     num_parameters: int = Field(description="P, the model's trainable parameters")
     predicted_seconds: float = Field(description="predicted compute seconds with the cache as it stands now "
-                                                 "(0 when an identical query's result is stored)")
+                                                 "(0 when an identical query's result is stored, or the "
+                                                 "Idempotency-Key already names this request's query)")
     predicted_seconds_cold: float = Field(description="predicted compute seconds with nothing cached")
     peak_memory_bytes: int = Field(description="predicted peak memory the job adds to an idle worker")
     rows_x_passes: int = Field(description="rows × passes of the phases still to run (warm phases excluded)")

@@ -12,6 +12,7 @@ means a real POST answers at once: `result_cached: true`, predicted 0 s.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -40,9 +41,10 @@ def coefficients(path: Path = COEFFICIENTS_FILE) -> Coefficients:
     return Coefficients.load(path)
 
 
-def estimate_query(session: Session, settings: Settings, tenant: str, body: QueryCreate) -> QueryEstimate:
+def estimate_query(session: Session, settings: Settings, tenant: str, body: QueryCreate,
+                   idempotency_key: str | None = None) -> QueryEstimate:
     """The predicted cost of `body` as a real POST would run it now; stores nothing."""
-    checked, num_samples = validate_query(session, settings, tenant, body)
+    checked, num_samples, replayed = validate_query(session, settings, tenant, body, idempotency_key)
     model, dataset = checked.model, checked.dataset
     structure = ModelStructure.from_dict(model.structure) if model.structure is not None else None
     layers = tuple(getattr(checked.params, "layers", ()))
@@ -59,7 +61,10 @@ def estimate_query(session: Session, settings: Settings, tenant: str, body: Quer
     predicted = estimate(phases, memory_sizes(body.method, checked.params, shape, phases), fitted,
                          warm=warm, notes=notes)
     result_cached = query_repo.find_succeeded(session, tenant, checked.request_hash) is not None
-    return _out(body, checked.params_dict, shape, predicted, result_cached, fitted)
+    if replayed is not None:
+        predicted = replace(predicted, notes=(*predicted.notes, f"this Idempotency-Key already names query "
+                                              f"{replayed.id}: a real POST returns it instead of running again"))
+    return _out(body, checked.params_dict, shape, predicted, result_cached, fitted, replayed=replayed is not None)
 
 
 def _warm_artifacts(settings: Settings, method: str, params: MethodParams, shape: JobShape, model_sha: str,
@@ -94,7 +99,10 @@ def _found(store: RedisArtifactStore | FileArtifactStore, settings: Settings, pr
 
 
 def _out(body: QueryCreate, params: dict[str, object], shape: JobShape, predicted: CostEstimate,
-         result_cached: bool, fitted: Coefficients) -> QueryEstimate:
+         result_cached: bool, fitted: Coefficients, *, replayed: bool) -> QueryEstimate:
+    """The response; with nothing new to compute (a stored identical result, or an Idempotency-Key
+    retry of an existing query) the seconds and rows × passes still to run are 0."""
+    nothing_to_run = result_cached or replayed
     artifacts = predicted.artifacts
     cache: Literal["warm", "partial", "cold", "none"]
     if not artifacts:
@@ -111,9 +119,9 @@ def _out(body: QueryCreate, params: dict[str, object], shape: JobShape, predicte
     return QueryEstimate(
         method=body.method, params=params, mode=body.mode, self_influence=body.self_influence,
         num_rows=shape.num_rows, num_query_samples=shape.num_queries, num_parameters=shape.num_parameters,
-        predicted_seconds=0.0 if result_cached else predicted.seconds,
+        predicted_seconds=0.0 if nothing_to_run else predicted.seconds,
         predicted_seconds_cold=predicted.cold_seconds, peak_memory_bytes=predicted.peak_memory_bytes,
-        rows_x_passes=0 if result_cached else predicted.rows_x_passes,
+        rows_x_passes=0 if nothing_to_run else predicted.rows_x_passes,
         rows_x_passes_cold=predicted.cold_rows_x_passes, cache=cache, warm=artifacts, result_cached=result_cached,
         passes=[PhaseOut(name=p.name, kind=p.kind.value, rows=p.rows, passes=p.passes, rows_x_passes=p.rows_x_passes,
                          artifact=p.artifact, warm=p.warm) for p in predicted.phases],

@@ -159,3 +159,18 @@ def test_coefficients_from_settings_scale_the_prediction(
     assert answers[1]["predicted_seconds_cold"] == pytest.approx(2 * answers[0]["predicted_seconds_cold"], rel=1e-9)
     assert answers[1]["coefficients"] == {"machine": "twice as slow"}
     assert answers[1]["peak_memory_bytes"] == answers[0]["peak_memory_bytes"]
+
+
+def test_a_dry_run_checks_the_idempotency_key_like_a_real_post(
+    client: TestClient, settings: Settings, tenants: Tenants, registered: tuple[str, str],
+) -> None:
+    first = client.post("/v1/queries", json=query_body(*registered), headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 202, first.text
+    other = query_body(*registered, top_k=4)
+    dry = assert_error(client.post(DRY, json=other, headers={"Idempotency-Key": "k-1"}), 409, "idempotency_key_reused")
+    assert dry == assert_error(client.post("/v1/queries", json=other, headers={"Idempotency-Key": "k-1"}), 409)
+    retry = client.post(DRY, json=query_body(*registered), headers={"Idempotency-Key": "k-1"})
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["predicted_seconds"] == 0.0 and retry.json()["rows_x_passes"] == 0
+    assert any(first.json()["id"] in note for note in retry.json()["notes"])
+    assert stored_queries(settings, tenants.tenant_a) == 1

@@ -64,7 +64,7 @@ def create_query(
     (a new id, already `succeeded`, `cached: true`); an Idempotency-Key retry returns the same id.
     `?dry_run=true`: 200 with the cost estimate, nothing stored or enqueued."""
     if dry_run:
-        predicted = estimate_query(session, settings, tenant, body)
+        predicted = estimate_query(session, settings, tenant, body, idempotency_key)
         session.rollback()  # nothing was written; end the read transaction
         return Response(predicted.model_dump_json(), status_code=200, media_type="application/json")
     submitted = submit_query(session, settings, tenant, body, idempotency_key)
