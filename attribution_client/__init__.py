@@ -19,6 +19,8 @@ from attribution_client.errors import (
 from attribution_client.handle import AsyncQueryHandle, QueryHandle
 from attribution_client.models import (
     Dataset,
+    Estimate,
+    EstimatePhase,
     Model,
     Provenance,
     Query,
@@ -29,7 +31,8 @@ from attribution_client.models import (
 )
 
 __all__ = [
-    "ApiError", "AsyncClient", "AsyncQueryHandle", "AttributionError", "Client", "Dataset", "Model", "Provenance", "Query",
+    "ApiError", "AsyncClient", "AsyncQueryHandle", "AttributionError", "Client", "Dataset", "Estimate",
+    "EstimatePhase", "Model", "Provenance", "Query",
     "QueryFailed", "QueryHandle", "QueryResult", "RankedRow", "SampleResult", "ServiceUnreachable", "Shard",
     "WaitTimeout",
 ]

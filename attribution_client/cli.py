@@ -34,7 +34,7 @@ from attribution_client.cli_support import (
 )
 from attribution_client.client import Client
 from attribution_client.errors import ApiError, QueryFailed, ServiceUnreachable, WaitTimeout
-from attribution_client.models import ApiModel, Query
+from attribution_client.models import ApiModel, Estimate, Query
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 models_app = typer.Typer(help="Register and list models.", no_args_is_help=True)
@@ -129,6 +129,19 @@ def _describe(query: Query) -> str:
     return "\n".join(lines)
 
 
+def _describe_estimate(predicted: Estimate) -> str:
+    warm = ", ".join(f"{name} {'warm' if hit else 'cold'}" for name, hit in predicted.warm.items()) or "nothing cached"
+    lines = [f"{predicted.method}: N = {predicted.num_rows}, Q = {predicted.num_query_samples}, "
+             f"P = {predicted.num_parameters}",
+             f"predicted {predicted.predicted_seconds:.3g} s now ({predicted.cache}; cold {predicted.predicted_seconds_cold:.3g} s), "
+             f"peak memory {predicted.peak_memory_bytes / 2**20:.1f} MiB, rows × passes {predicted.rows_x_passes}",
+             f"cache: {warm}"]
+    if predicted.result_cached:
+        lines.append("an identical query already succeeded: it would be answered at once")
+    lines += [f"note: {note}" for note in predicted.notes]
+    return "\n".join(lines)
+
+
 @app.command()
 def query(
     ctx: typer.Context,
@@ -150,12 +163,22 @@ def query(
     timeout: Annotated[float | None, typer.Option(help="seconds to wait at most (exit 6 past it)")] = None,
     fail_if_top_score_above: Annotated[float | None, typer.Option(
         help="leakage gate: exit 1 when any sample's top-1 row scores above this (implies --wait)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the predicted cost (seconds, memory, rows × passes, "
+                                               "warm parts); submit nothing")] = False,
     as_json: JsonOut = False,
 ) -> None:
     """Submit an attribution query; with --wait, print its ranking (and apply the gate)."""
     if samples is not None and text:
         raise UsageError("give --samples or --text, not both")
     body = read_samples(samples, sample_index or []) if samples is not None else ({"text": text} if text else None)
+    if dry_run:
+        if wait or fail_if_top_score_above is not None:
+            raise UsageError("--dry-run submits nothing: it cannot be combined with --wait or a gate")
+        with _client(ctx) as client:
+            predicted = client.estimate(model, dataset, body, method=method, top_k=top_k, mode=mode,
+                                        params=parse_params(param or [], params), self_influence=self_influence)
+        _emit(as_json, predicted, _describe_estimate(predicted))
+        return
     with _client(ctx) as client:
         extra: dict[str, Any] = {"stability": {"resamples": stability}} if stability is not None else {}
         handle = client.query(model, dataset, body, method=method, top_k=top_k, mode=mode,

@@ -26,7 +26,7 @@ import numpy as np
 
 from attribution_client import requests as bodies
 from attribution_client.handle import AsyncQueryHandle, QueryHandle
-from attribution_client.models import Dataset, Model, Query
+from attribution_client.models import Dataset, Estimate, Model, Query
 from attribution_client.transport import ClientConfig, checked, may_retry, unreachable
 
 
@@ -99,6 +99,18 @@ class Client:
         key = idempotency_key or bodies.new_idempotency_key()
         response = self._request("POST", "/v1/queries", json=body, headers={"Idempotency-Key": key}, repeatable=True)
         return QueryHandle(self, Query.model_validate_json(response.content))
+
+    def estimate(self, model: str | Model, dataset: str | Dataset, samples: Mapping[str, Any] | None = None, *,
+                 x: Any = None, y: Any = None, text: Any = None, method: str = "forward_inf", top_k: int = 10,
+                 params: Mapping[str, Any] | None = None, mode: str = "joint", self_influence: bool = False,
+                 **extra: Any) -> Estimate:
+        """The predicted cost of `query(...)` with the same arguments (`?dry_run=true`): seconds,
+        peak memory, rows × passes and which cached parts are warm. Nothing is stored or run."""
+        body = bodies.query_body(model, dataset, method=method, top_k=top_k, params=params, mode=mode,
+                                 self_influence=self_influence, extra=extra,
+                                 samples=bodies.samples_payload(samples, {"x": x, "y": y, "text": text}))
+        response = self._request("POST", "/v1/queries", json=body, params={"dry_run": "true"}, repeatable=True)
+        return Estimate.model_validate_json(response.content)
 
     def handle(self, query_id: str) -> QueryHandle:
         """A handle on an existing query."""
@@ -192,6 +204,18 @@ class AsyncClient:
         response = await self._request("POST", "/v1/queries", json=body, headers={"Idempotency-Key": key},
                                        repeatable=True)
         return AsyncQueryHandle(self, Query.model_validate_json(response.content))
+
+    async def estimate(self, model: str | Model, dataset: str | Dataset, samples: Mapping[str, Any] | None = None,
+                       *, x: Any = None, y: Any = None, text: Any = None, method: str = "forward_inf",
+                       top_k: int = 10, params: Mapping[str, Any] | None = None, mode: str = "joint",
+                       self_influence: bool = False, **extra: Any) -> Estimate:
+        """`Client.estimate`: the predicted cost of the query; nothing is stored or run."""
+        body = bodies.query_body(model, dataset, method=method, top_k=top_k, params=params, mode=mode,
+                                 self_influence=self_influence, extra=extra,
+                                 samples=bodies.samples_payload(samples, {"x": x, "y": y, "text": text}))
+        response = await self._request("POST", "/v1/queries", json=body, params={"dry_run": "true"},
+                                       repeatable=True)
+        return Estimate.model_validate_json(response.content)
 
     async def handle(self, query_id: str) -> AsyncQueryHandle:
         return AsyncQueryHandle(self, await self.get_query(query_id))

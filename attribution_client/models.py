@@ -141,9 +141,42 @@ class Query(ApiModel):
         return self.status in FINAL_STATUSES
 
 
+class EstimatePhase(ApiModel):
+    """One part of an estimated job: rows × passes of one kind of work, and the cached artifact it builds."""
+
+    name: str
+    kind: str
+    rows: int
+    passes: int
+    rows_x_passes: int
+    artifact: str | None
+    warm: bool
+
+
+class Estimate(ApiModel):
+    """The predicted cost of a query (`POST /v1/queries?dry_run=true`); nothing was stored."""
+
+    method: str
+    params: dict[str, Any]
+    num_rows: int
+    num_query_samples: int
+    num_parameters: int
+    predicted_seconds: float
+    predicted_seconds_cold: float
+    peak_memory_bytes: int
+    rows_x_passes: int
+    rows_x_passes_cold: int
+    cache: Literal["warm", "partial", "cold", "none"]
+    warm: dict[str, bool]
+    result_cached: bool
+    passes: list[EstimatePhase]
+    notes: list[str] = []
+
+
 # The server's component schema each client model mirrors (checked against /openapi.json).
 SERVER_SCHEMAS: dict[type[ApiModel], str] = {
     Model: "ModelOut", Shard: "ShardOut", Dataset: "DatasetOut", RankedRow: "RankedRow",
     SampleResult: "SampleResult", QueryResult: "QueryResultOut", Query: "QueryOut",
     Provenance: "ProvenanceOut", Worker: "WorkerOut", CodeVersion: "CodeOut",
+    EstimatePhase: "PhaseOut", Estimate: "QueryEstimate",
 }

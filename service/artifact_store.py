@@ -25,6 +25,14 @@ from typing import Any
 from service.atomic_files import write_atomic
 from service.settings import Settings
 
+
+def artifact_fingerprint(model_sha256: str, dataset_sha256: str, task: str, row_start: int, row_stop: int) -> str:
+    """What the cached artifacts of a method run depend on besides its params: model and
+    dataset contents, task and the row range scored. The single-query, fan-out and batched
+    paths (and the dry-run estimate's cache lookups) all use it, so they share the cached `L(θ̂, ·)` and fits."""
+    return f"{model_sha256}:{dataset_sha256}:{task}:{row_start}-{row_stop}"
+
+
 HITS_KEY = "attr:stats:hits"
 MISSES_KEY = "attr:stats:misses"
 
@@ -40,6 +48,10 @@ class RedisArtifactStore:
         value = self.redis.get(key)
         self.redis.incr(MISSES_KEY if value is None else HITS_KEY)
         return value
+
+    def contains(self, key: str) -> bool:
+        """Whether `key` is stored, without reading it or counting a hit or miss (cost estimates)."""
+        return bool(self.redis.exists(key))
 
     def put(self, key: str, value: bytes) -> None:
         self.redis.set(key, value, ex=self.ttl if self.ttl > 0 else None)
@@ -95,6 +107,14 @@ class FileArtifactStore:
             value = None
         self.counters.count(value is not None)
         return value
+
+    def contains(self, key: str) -> bool:
+        """Whether a live entry for `key` exists, without reading it or counting a hit or miss."""
+        try:
+            age = time.time() - self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return self.ttl <= 0 or age <= self.ttl
 
     def put(self, key: str, value: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
                                    "database/Redis error (backoff 0.5, 1, 2, 4, 8, 8, ... s)")
     fanout_rows: int = Field(default=200_000, description="datasets with more rows are split into parts, one RQ job each")
     artifact_ttl_s: int = Field(default=7 * 24 * 3600, description="TTL of cached losses and fit artifacts in Redis")
+    cost_coefficients: Path | None = Field(
+        default=None, description="JSON of fitted cost coefficients for `?dry_run=true` estimates (written by "
+        "`python -m benchmarks.cost_fit` on the workers' hardware); unset: the committed service/costs/coefficients.json")
     inprocess_workers: int = 1
     # A running job renews its lease every third of this; a `running` query whose lease
     # expired belongs to a dead worker and is re-enqueued or failed by the reaper.

@@ -27,6 +27,7 @@ STUDIES = {
     "p5_memory": "growth per extra row, bytes",
     "p6_load": "queries reaching a final status",
     "p7_feature_query": "Forward-INF wall ÷ TrackStar wall (per new query)",
+    "p9_cost_estimates": "runs with predicted seconds within 2× of measured",
 }
 
 

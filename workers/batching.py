@@ -44,12 +44,12 @@ from loading import (
     load_tokenizer,
     samples_to_batch,
 )
-from service.artifact_store import artifact_store
+from service.artifact_store import artifact_fingerprint, artifact_store
 from service.db.models import Dataset, Model, Query, QueryStatus
 from service.db.repositories import jobs as repo
 from service.db.session import session_scope
 from service.settings import Settings
-from workers.compute import amp_dtype, artifact_fingerprint, method_and_params
+from workers.compute import amp_dtype, method_and_params
 from workers.error_text import one_line
 from workers.leases import HeldLease, holding, leases
 from workers.notifications import notify
@@ -191,7 +191,7 @@ def compute_batch(
     with session_scope(settings) as session:
         batches = [samples_to_batch(q.samples or {}, model_row=model_row, model=model, settings=settings,
                                     session=session) for q in queries]
-    context = FitContext(fingerprint=artifact_fingerprint(model_row, dataset_row, 0, rows),
+    context = FitContext(fingerprint=artifact_fingerprint(model_row.sha256, dataset_row.sha256, model_row.task, 0, rows),
                          store=artifact_store(settings), progress=progress, amp_dtype=amp_dtype(settings, model))
     load_s = time.perf_counter() - started
     results = attribute_many(model, typed[0][0], [params for _, params in typed],

@@ -4,7 +4,7 @@
 a registered dataset and returns the score matrix `[Q, n]` (Q = 1 in joint and
 self-influence modes). The method class and its typed params are rebuilt once from the
 stored query (`method_and_params`); the artifacts it caches are keyed by
-`artifact_fingerprint`, shared by the single-job, fan-out and batched paths.
+`service.artifact_store.artifact_fingerprint`, shared by the single-job, fan-out and batched paths.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from loading import (
     samples_to_batch,
 )
 from loading.errors import ModelLoadError
-from service.artifact_store import artifact_store
+from service.artifact_store import artifact_fingerprint, artifact_store
 from service.db.models import Dataset, Model, Query
 from service.db.repositories import jobs as repo
 from service.db.session import session_scope
@@ -54,13 +54,6 @@ def method_and_params(query: Query) -> tuple[type[AttributionMethod], MethodPara
     raises `ValueError` (`UnknownMethodError`, `ParamsError`) naming the problem."""
     cls = method_class(query.method)
     return cls, cls.params_type.from_dict(query.params or {})
-
-
-def artifact_fingerprint(model_row: Model, dataset_row: Dataset, row_start: int, row_stop: int) -> str:
-    """What the cached artifacts of a method run depend on besides its params: model and
-    dataset contents, task and the row range scored. The single-query, fan-out and batched
-    paths all use it, so they share the cached `L(θ̂, ·)` and fits."""
-    return f"{model_row.sha256}:{dataset_row.sha256}:{model_row.task}:{row_start}-{row_stop}"
 
 
 def amp_dtype(settings: Settings, model: ModelAdapter) -> torch.dtype | None:
@@ -87,7 +80,7 @@ def compute_scores(
             query.samples or {}, model_row=model_row, model=model, settings=settings, session=session)
         checkpoints = _checkpoints(session, query, list(inputs.checkpoint_model_ids), settings)
     context = FitContext(
-        fingerprint=artifact_fingerprint(model_row, dataset_row, row_start, row_stop),
+        fingerprint=artifact_fingerprint(model_row.sha256, dataset_row.sha256, model_row.task, row_start, row_stop),
         store=artifact_store(settings), progress=progress, amp_dtype=amp_dtype(settings, model),
         checkpoints=checkpoints, checkpoint_lrs=list(inputs.checkpoint_lrs),
         feature_files=FeatureFiles(settings.features_dir),

@@ -421,3 +421,18 @@ def _enqueue(session: Session, settings: Settings, query: Query) -> None:
         raise DependencyDown(f"the job queue is unreachable: query {query.id} was recorded as failed, not run; "
                              "retry later (a retry with the same Idempotency-Key creates a new query)",
                              code="queue_unavailable") from exc
+
+
+def validate_query(session: Session, settings: Settings, tenant: str, body: QueryCreate,
+                   idempotency_key: str | None = None) -> tuple[_Validated, int, Query | None]:
+    """Every check `submit_query` makes before it stores anything (the same 4xx errors, including
+    409 for an `Idempotency-Key` used with another body), the samples against the model; the number
+    of query samples and the query an identical keyed retry would return. Stores nothing
+    (`POST /v1/queries?dry_run=true`, `service.api.estimates`)."""
+    checked = _validate(session, settings, tenant, body)
+    earlier = None
+    if idempotency_key is not None:
+        earlier = query_repo.find_by_idempotency_key(session, tenant, idempotency_key)
+        if earlier is not None:
+            _same_request(earlier, checked, body)
+    return checked, _samples_against_model(session, settings, checked), earlier

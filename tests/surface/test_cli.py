@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from attribution_client import Client
 from service.testing import REPO_ROOT, child_env
 from tests.surface.demo import DemoService
 
@@ -134,3 +135,37 @@ def test_query_with_stability_shows_and_exports_the_figures(demo: DemoService, b
     assert lines[1 + copy].endswith(",1.0,1,1") and sum(not line.endswith(",,,") for line in lines[1:]) == 6
     table = pq.read_table(tmp_path / "scores.parquet")
     assert table.column("stability").null_count == 1405 - 6 and table.column("rank_high")[copy].as_py() == 1
+
+
+def test_query_dry_run_prints_the_estimate_and_submits_nothing(demo: DemoService, bin_dir: Path,
+                                                                tmp_path: Path) -> None:
+    run = sh("""
+        model=$(attribution models add digits-dry "file://$EXAMPLE/mlp.pt" --task classification --json \
+                | python -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+        dataset=$(attribution datasets add digits-dry "file://$EXAMPLE/train-000.npz" --json \
+                  | python -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+        attribution query --model "$model" --dataset "$dataset" --samples "$EXAMPLE/queries.json" \
+            --sample-index 0 --param steps=5 --dry-run --json > estimate.json
+        attribution query --model "$model" --dataset "$dataset" --samples "$EXAMPLE/queries.json" \
+            --sample-index 0 --dry-run > estimate.txt
+        attribution query --model "$model" --dataset "$dataset" --samples "$EXAMPLE/queries.json" \
+            --dry-run --wait 2> usage.txt
+        echo "usage=$?"
+        attribution query --model "$model" --dataset "$dataset" --samples "$EXAMPLE/queries.json" \
+            --param steps=0 --dry-run 2> invalid.txt
+        echo "invalid=$?"
+        echo "$model" > model.txt
+    """, demo, bin_dir, tmp_path)
+    assert run.returncode == 0, run.stderr
+    codes = dict(line.split("=") for line in run.stdout.split() if "=" in line)
+    assert codes == {"usage": "2", "invalid": "4"}, (codes, run.stderr)
+    estimate = json.loads((tmp_path / "estimate.json").read_text())
+    assert estimate["dry_run"] is True and estimate["params"]["steps"] == 5 and estimate["num_query_samples"] == 1
+    assert estimate["predicted_seconds_cold"] > 0 and estimate["rows_x_passes_cold"] > estimate["num_rows"]
+    unlearning = next(p for p in estimate["passes"] if p["name"] == "unlearning")
+    assert unlearning["passes"] == 5
+    text = (tmp_path / "estimate.txt").read_text()
+    assert "predicted" in text and "rows × passes" in text and "cache:" in text
+    assert "params.steps" in (tmp_path / "invalid.txt").read_text()
+    with Client(demo.url, demo.api_key) as client:  # nothing was submitted for the model
+        assert client.list_queries(model_id=(tmp_path / "model.txt").read_text().strip()) == []

@@ -16,6 +16,7 @@ from attribution_client import (
     AsyncClient,
     Client,
     Dataset,
+    Estimate,
     Model,
     ServiceUnreachable,
 )
@@ -193,3 +194,27 @@ def test_errors_carry_the_service_code(client: Client, demo: DemoService) -> Non
     assert invalid.value.status_code == 422 and invalid.value.detail
     with pytest.raises(ServiceUnreachable), Client(f"http://127.0.0.1:{free_port()}", retries=1, backoff=0.01) as gone:
         gone.list_models()
+
+
+def test_estimate_predicts_the_cost_and_submits_nothing(client: Client, registered: tuple[Model, Dataset],
+                                                        demo: DemoService) -> None:
+    model, dataset = registered
+    q = demo.queries
+    before = [item.id for item in client.list_queries(limit=500)]
+    estimate = client.estimate(model, dataset, x=q["x"][0:2], y=q["y"][0:2], mode="per_sample")
+    assert isinstance(estimate, Estimate)
+    assert (estimate.num_rows, estimate.num_query_samples, estimate.num_parameters) == (
+        dataset.num_samples, 2, model.num_parameters)
+    assert estimate.predicted_seconds_cold >= estimate.predicted_seconds > 0 and estimate.peak_memory_bytes > 0
+    sweep = next(p for p in estimate.passes if p.name == "sweep")
+    assert (sweep.rows, sweep.passes) == (dataset.num_samples, 2)
+    assert [item.id for item in client.list_queries(limit=500)] == before
+
+    async def run() -> Estimate:
+        async with AsyncClient(demo.url, demo.api_key) as aclient:
+            return await aclient.estimate(model, dataset, x=q["x"][0:2], y=q["y"][0:2], mode="per_sample")
+
+    assert asyncio.run(run()).rows_x_passes_cold == estimate.rows_x_passes_cold
+    with pytest.raises(ApiError) as refused:
+        client.estimate(model, dataset, x=q["x"][0:2], y=q["y"][0:2], params={"steps": 0})
+    assert refused.value.status_code == 422 and refused.value.error == "invalid_params"

@@ -14,6 +14,8 @@ from service import queue
 from service.api import scores as score_files
 from service.api.deps import PageDep, SessionDep, SettingsDep, TenantDep
 from service.api.errors import Conflict, NotFound
+from service.api.estimate_schemas import QueryEstimate
+from service.api.estimates import estimate_query
 from service.api.metrics import ServiceMetrics
 from service.api.schemas import Page, QueryCreate, QueryOut, page_of, query_out
 from service.api.storing import DATABASE_ERRORS
@@ -46,13 +48,25 @@ def _json(body: QueryOut, *, status_code: int = 200, headers: dict[str, str] | N
     return Response(body.model_dump_json(), status_code=status_code, media_type="application/json", headers=headers)
 
 
-@router.post("", status_code=202, response_model=QueryOut)
+DryRun = Annotated[bool, QueryParam(
+    description="validate exactly as a real POST (same 4xx errors) but store and enqueue nothing: 200 with the "
+                "predicted seconds, peak memory and rows × passes (`QueryEstimate`)")]
+
+
+@router.post("", status_code=202, response_model=QueryOut, responses={
+    200: {"model": QueryEstimate, "description": "dry_run=true: the predicted cost; nothing was stored"},
+})
 def create_query(
     body: QueryCreate, request: Request, settings: SettingsDep, session: SessionDep,
-    tenant: TenantDep, idempotency_key: IdempotencyKey = None,
+    tenant: TenantDep, idempotency_key: IdempotencyKey = None, dry_run: DryRun = False,
 ) -> Response:
     """Submit a query: 202 with `Location`. An identical earlier succeeded query answers at once
-    (a new id, already `succeeded`, `cached: true`); an Idempotency-Key retry returns the same id."""
+    (a new id, already `succeeded`, `cached: true`); an Idempotency-Key retry returns the same id.
+    `?dry_run=true`: 200 with the cost estimate, nothing stored or enqueued."""
+    if dry_run:
+        predicted = estimate_query(session, settings, tenant, body, idempotency_key)
+        session.rollback()  # nothing was written; end the read transaction
+        return Response(predicted.model_dump_json(), status_code=200, media_type="application/json")
     submitted = submit_query(session, settings, tenant, body, idempotency_key)
     metrics: ServiceMetrics = request.app.state.metrics
     if submitted.outcome is Outcome.CACHED:
