@@ -36,7 +36,7 @@ class EKFACIHVP(KFACIHVP):
         state = self.kronecker_factors()
         sums = [torch.zeros(lay.out_features, lay.width, dtype=torch.float64) for lay in self.layers]
         rows = 0
-        for count, acts, grads in layer_statistics(self.curvature, self.layers, self.train):
+        for count, acts, grads, _ in layer_statistics(self.curvature, self.layers, self.train):
             rows += count
             for i in range(len(self.layers)):
                 qa, qs = state[f"l{i}.qa"], state[f"l{i}.qs"]

@@ -30,6 +30,15 @@ assumption only visible at run time (`KroneckerStructureError`: a layer called t
 never, a TorchScript layer seeing several positions per row), `auto` falls back to `cg` and
 says why in `extras["ihvp_fallback"]`; an explicit `ihvp: ekfac` fails with that error.
 
+Language models (`causal_lm`) above `exact_max_params` with no `layers`: `auto` (and an
+explicit `kfac`/`ekfac`) tracks the linear layers of the transformer blocks — `nn.Linear`
+and GPT-2's `Conv1D` — and solves with `ekfac`; embeddings, normalisation layers and the
+output layer (tied to the input embedding or not) are left out
+(`attribution.ihvp.kronecker_scope`). CG over every parameter of an LM needs a hundred
+Gauss-Newton products per query — impractical — while EK-FAC fits in two passes over the
+rows and solves in closed form. `extras` report the tracked layers (`ihvp_layers`) and the
+untracked parameters by reason (`ihvp_untracked`); give `layers` to choose others.
+
 `curvature`: "gauss_newton" (default, positive semi-definite), "fisher" (empirical), or
 "hessian": Koh & Liang's actual Hessian H of the mean training loss, which keeps the
 second-derivative-of-the-network term the Gauss-Newton matrix drops (they coincide for models
@@ -59,6 +68,7 @@ from attribution.ihvp import IHVPEstimator, IHVPName, build_estimator
 from attribution.ihvp.exact import DEFAULT_MAX_PARAMS
 from attribution.ihvp.kfac import kronecker_layers
 from attribution.ihvp.kfac_scripted import KroneckerStructureError
+from attribution.ihvp.kronecker_scope import KroneckerScope, language_model_scope
 from attribution.methods.base import (
     AttributionMethod,
     FitContext,
@@ -70,6 +80,7 @@ from attribution.methods.base import (
 )
 from attribution.methods.registry import register
 from attribution.model import ModelAdapter
+from attribution.tasks import TaskName
 
 DEFAULT_RELATIVE_DAMPING = 0.01
 
@@ -157,20 +168,47 @@ def _positive(name: str, value: float | None) -> None:
 
 
 # --------------------------------------------------------------------------- fitting
-def tracked_model(model: ModelAdapter, params: InfluenceParams) -> ModelAdapter:
-    """The model with `params.layers` as its tracked parameters (the same module)."""
-    if not params.layers:
-        return model
-    return ModelAdapter(model.module, model.task, device=model.device, layers=params.layers)
+def kronecker_scope(model: ModelAdapter, params: IHVPParams) -> KroneckerScope | None:
+    """The language-model layer scope a Kronecker-factored estimator uses by default, or None
+    when it does not apply: a `causal_lm` eager model, no `layers`, Gauss-Newton or Fisher
+    curvature, `ihvp` kfac/ekfac, or auto with more than `exact_max_params` parameters
+    (module docstring)."""
+    if getattr(params, "layers", ()) or model.task.name is not TaskName.CAUSAL_LM or model.is_scripted:
+        return None
+    if CurvatureName(params.curvature) is CurvatureName.HESSIAN:
+        return None
+    choice = IHVPChoice(params.ihvp)
+    if choice is IHVPChoice.AUTO and model.num_params <= params.exact_max_params:
+        return None
+    if choice not in (IHVPChoice.AUTO, IHVPChoice.KFAC, IHVPChoice.EKFAC):
+        return None
+    scope = language_model_scope(model.module)
+    return scope if scope.layers else None
 
 
-def resolve_ihvp(model: ModelAdapter, params: IHVPParams) -> IHVPName:
+def tracked_model(model: ModelAdapter, params: InfluenceParams,
+                  extras: dict[str, Any] | None = None) -> tuple[ModelAdapter, bool]:
+    """The model with `params.layers` as its tracked parameters (the same module); with no
+    `layers`, a language model's `kronecker_scope` when it applies (reported in `extras`).
+    Also whether that scope was applied (pass it on to `fitted_estimator` as `scoped`)."""
+    if params.layers:
+        return ModelAdapter(model.module, model.task, device=model.device, layers=params.layers), False
+    scope = kronecker_scope(model, params)
+    if scope is None:
+        return model, False
+    if extras is not None:
+        extras.update(ihvp_layers=list(scope.layers), ihvp_untracked=scope.summary())
+    return ModelAdapter(model.module, model.task, device=model.device, layers=scope.layers), True
+
+
+def resolve_ihvp(model: ModelAdapter, params: IHVPParams, *, scoped: bool = False) -> IHVPName:
     """The estimator `params.ihvp` names; `auto` → exact, else ekfac if supported (never for
-    the Hessian curvature), else cg."""
+    the Hessian curvature), else cg. `scoped` (the tracked layers are a language model's
+    `kronecker_scope`): auto → ekfac whatever the scope's size."""
     choice = IHVPChoice(params.ihvp)
     if choice is not IHVPChoice.AUTO:
         return IHVPName(choice.value)
-    if model.num_params <= params.exact_max_params:
+    if model.num_params <= params.exact_max_params and not scoped:
         return IHVPName.EXACT
     if CurvatureName(params.curvature) is CurvatureName.HESSIAN:
         return IHVPName.CG
@@ -196,14 +234,14 @@ def fit_key_parts(model: ModelAdapter, params: IHVPParams, ihvp: IHVPName) -> di
 
 
 def fitted_estimator(model: ModelAdapter, params: IHVPParams, context: FitContext,
-                     train: TrainingSet, *, cache: bool = True) -> IHVPEstimator:
+                     train: TrainingSet, *, cache: bool = True, scoped: bool = False) -> IHVPEstimator:
     """Build the estimator and load its state from the store (fitting once on a miss).
 
     Records `ihvp_fit` in `context.timings` and the resolved estimator, damping and
-    whether the fit was served from the store in `context.extras`.
+    whether the fit was served from the store in `context.extras`. `scoped`: see `resolve_ihvp`.
     """
     started = time.perf_counter()
-    ihvp = resolve_ihvp(model, params)
+    ihvp = resolve_ihvp(model, params, scoped=scoped)
     curvature = CurvatureOperator(model, CurvatureName(params.curvature), batch_size=params.fit_batch_size,
                                   max_rows=params.fit_rows, seed=params.seed)
     damping = params.damping if params.damping is not None else _relative_damping(curvature, params, context,
@@ -302,16 +340,16 @@ class InfluenceFunction(AttributionMethod):
 
     def __init__(self, model: ModelAdapter, params: MethodParams, context: FitContext) -> None:
         super().__init__(model, params, context)
-        self.tracked = tracked_model(model, self.params)
+        self.tracked, self.scoped = tracked_model(model, self.params, context.extras)
         self._estimator: IHVPEstimator | None = None
 
     def fit(self, train: TrainingSet) -> None:
-        self._estimator = fitted_estimator(self.tracked, self.params, self.context, train)
+        self.estimator(train)
 
     def estimator(self, train: TrainingSet) -> IHVPEstimator:
         """The fitted estimator (fitted, or loaded from the store, on first use)."""
         if self._estimator is None:
-            self._estimator = fitted_estimator(self.tracked, self.params, self.context, train)
+            self._estimator = fitted_estimator(self.tracked, self.params, self.context, train, scoped=self.scoped)
         return self._estimator
 
     def score(self, queries: Batch, train: TrainingSet, *, per_sample: bool = False) -> Tensor:
