@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from attribution import curvature
 from attribution.curvature import CurvatureOperator
 from attribution.data import TensorTrainingSet
 from attribution.ihvp import build_estimator
@@ -25,7 +26,7 @@ from attribution.methods.base import FitContext
 from attribution.methods.influence import InfluenceFunction, InfluenceParams
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
-from attribution.tasks import CausalLMTask
+from attribution.tasks import CausalLMTask, ClassificationTask
 from tests.language_models import CORPUS, causal_lm, word_tokenizer
 
 DAMPING = 0.05
@@ -221,3 +222,20 @@ def test_explicit_layers_and_the_hessian_keep_their_meaning_on_an_lm() -> None:
     InfluenceFunction(model, InfluenceParams.from_dict({"exact_max_params": 200, "curvature": "hessian",
                                                         "cg_max_iter": 2, "damping": 1.0}), hessian).fit(train)
     assert hessian.extras["ihvp"] == "cg" and "ihvp_layers" not in hessian.extras
+
+
+def test_pseudo_gradients_split_a_batch_whose_per_row_cotangents_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`b² K` above `PSEUDO_GRADIENT_COTANGENTS` (a language model's K = T·V logits in batches of
+    hundreds of rows: gigabytes) runs the batch in pieces, with the same curvature."""
+    model = ModelAdapter(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), ClassificationTask())
+    gen = torch.Generator().manual_seed(2)
+    train = TensorTrainingSet(torch.randn(20, 5, generator=gen), torch.randint(0, 3, (20,), generator=gen))
+    whole = CurvatureOperator(model, batch_size=20).dense(train)
+    monkeypatch.setattr("attribution.curvature.PSEUDO_GRADIENT_COTANGENTS", 3 * 3 ** 2)  # 3 rows per piece
+    calls: list[int] = []
+    original = curvature.per_sample_output_vjp
+    monkeypatch.setattr("attribution.curvature.per_sample_output_vjp",
+                        lambda m, outputs, *a, **k: calls.append(outputs.shape[0]) or original(m, outputs, *a, **k))
+    pieces = CurvatureOperator(model, batch_size=20).dense(train)
+    assert max(calls) == 3 and sum(calls) == 20 * 3  # 3 output-Hessian columns per row
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-8)
