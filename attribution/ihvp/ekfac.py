@@ -52,3 +52,9 @@ class EKFACIHVP(KFACIHVP):
 
     def eigenvalues(self, index: int) -> Tensor:
         return self.state[f"l{index}.lambda"]
+
+    def trace(self) -> float:
+        """`tr(G)` over the tracked parameters from the fitted state: `Σ_l Σ_{oi} Λ*_{oi}`, since
+        `Λ*_l` is the diagonal of `Q_lᵀ G_ll Q_l` (Q_l orthogonal) and the trace only sees the
+        diagonal blocks (exact with exact output factors, an unbiased estimate with sampled ones)."""
+        return float(sum(float(self.state[f"l{i}.lambda"].sum()) for i in range(len(self.layers))))

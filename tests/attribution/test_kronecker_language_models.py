@@ -14,7 +14,7 @@ from torch import nn
 from attribution import curvature
 from attribution.curvature import CurvatureOperator
 from attribution.data import TensorTrainingSet
-from attribution.ihvp import build_estimator
+from attribution.ihvp import EKFACIHVP, build_estimator
 from attribution.ihvp.kfac import KFACIHVP, KroneckerLayer, is_conv1d
 from attribution.ihvp.kronecker_scope import (
     EMBEDDING,
@@ -239,3 +239,19 @@ def test_pseudo_gradients_split_a_batch_whose_per_row_cotangents_would_not_fit(m
     pieces = CurvatureOperator(model, batch_size=20).dense(train)
     assert max(calls) == 3 and sum(calls) == 20 * 3  # 3 output-Hessian columns per row
     torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-8)
+
+
+def test_ekfac_default_damping_reads_the_trace_off_its_eigenvalues() -> None:
+    """Σ_l Σ Λ*_l = tr(G) (exact output factors: a classifier), so EK-FAC's default damping
+    0.01·tr(G)/P needs no trace pass of its own and equals the one the trace pass gives."""
+    gen = torch.Generator().manual_seed(4)
+    module = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = ModelAdapter(module, ClassificationTask())
+    train = TensorTrainingSet(torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen))
+    ekfac = build_estimator("ekfac", CurvatureOperator(model), 1.0)
+    ekfac.fit(train)
+    assert isinstance(ekfac, EKFACIHVP)
+    assert ekfac.trace() == pytest.approx(CurvatureOperator(model).trace(train), rel=1e-6)
+    context = FitContext("ekfac-damping")
+    InfluenceFunction(model, InfluenceParams.from_dict({"ihvp": "ekfac"}), context).fit(train)
+    assert context.extras["damping"] == pytest.approx(0.01 * ekfac.trace() / model.num_params, rel=1e-6)
