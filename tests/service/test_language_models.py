@@ -85,15 +85,19 @@ def test_a_copied_training_text_ranks_first(http: TestClient, registered: dict[s
 
 
 @pytest.mark.parametrize("architecture", CAUSAL_ARCHITECTURES)
-def test_forward_inf_defaults_on_a_causal_lm_unlearn_until_forgotten(
+def test_forward_inf_defaults_on_a_causal_lm_and_the_forgotten_stop(
         http: TestClient, registered: dict[str, dict[str, str]], architecture: str) -> None:
-    """No params: the causal-LM defaults (stop='forgotten', relative) rank a copied text first
-    and report the steps the unlearning took (at most the cap of 20)."""
+    """No params: the causal-LM defaults (20 normalised ascent steps, relative) rank a copied
+    text first; `stop: forgotten` does too and reports the steps each query took (at most 20)."""
     copied = 3
     done = run(http, {**registered[architecture], "method": "forward_inf", "top_k": 3,
                       "samples": {"text": [CORPUS[copied]]}})
     assert done["result"]["top"][0]["index"] == copied
-    steps = done["result"]["extras"]["unlearning_steps"]
+    assert "unlearning_steps" not in done["result"]["extras"]  # fixed K: every query takes 20 steps
+    forgotten = run(http, {**registered[architecture], "method": "forward_inf", "top_k": 3,
+                           "params": {"stop": "forgotten"}, "samples": {"text": [CORPUS[copied]]}})
+    assert forgotten["result"]["top"][0]["index"] == copied
+    steps = forgotten["result"]["extras"]["unlearning_steps"]
     assert len(steps) == 1 and 0 <= steps[0] <= 20
 
 
