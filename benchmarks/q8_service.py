@@ -53,6 +53,7 @@ MRR_TARGET = 0.9
 OURS = "forward_inf"
 C_PROJ = "transformer.h.1.attn.c_proj"
 ONE_LAYER = {"fit_batch_size": 16}
+LINEAR_LAYERS = [f"transformer.h.{b}.{m}" for b in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,14 @@ def entries(budget: int) -> list[Entry]:
             {"similarity": "cosine"}, {"similarity": "dot"},
             {"similarity": "dot", "normalize": "relative"}, {"similarity": "cosine", "last_layer": True},
         )),
-        # Library defaults (CG on all 118k parameters, one solve per query, ~47 s idle) do not fit the run:
-        # the exact inverse on one layer does (fit in batches of 16 rows: the causal-LM Gauss-Newton holds
-        # a [T·V, P_layer] Jacobian per row).
-        Entry("influence (exact iHVP on one layer)", "influence", {**ONE_LAYER, "layers": [C_PROJ]}, (
-            {**ONE_LAYER, "layers": [C_PROJ], **relative[0]},
-            {**ONE_LAYER, "layers": [C_PROJ], **relative[1]},
-            {**ONE_LAYER, "layers": ["transformer.ln_f"], **relative[0]},
-            {**ONE_LAYER, "layers": ["transformer.ln_f"], **relative[1]},
+        # Library defaults: EK-FAC over the 8 linear (Conv1D) layers of the blocks, relative scores
+        # (`influence.kronecker_scope`; before, CG on all 118k parameters, ~47 s per query).
+        Entry("influence", "influence", {}, (
+            {"normalize": "relative"}, {"normalize": "none"}, {"ihvp": "kfac"},
+            {**ONE_LAYER, "layers": [C_PROJ], "normalize": "relative"},
+        )),
+        Entry("TrackStar", "trackstar", {}, (
+            {}, {"projection_dim": 8192}, {"layers": LINEAR_LAYERS}, {"last_layer": True},
         )),
     ]
     return [Entry(e.label, e.method, e.defaults, e.grid[:budget]) for e in lists]
