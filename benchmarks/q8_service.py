@@ -109,22 +109,21 @@ class PeerEntry:
 
 
 def run_peers(root: Path, sizes: tuple[int, int, int, int]) -> tuple[dict[str, PeerEntry], list[str]]:
-    """kronfluence on the saved folder (`benchmarks.q8_peers`) in the `Q8_PEER_PYTHON` interpreter;
+    """kronfluence and Bergson on the saved folder (`benchmarks.q8_peers`) in the `Q8_PEER_PYTHON` interpreter;
     its entries and the one-line reasons of peers that did not run."""
     python = os.environ.get(PEER_PYTHON)
-    reasons = ["Bergson 2.5.1 installs (--no-deps beside torch 2.13) and imports, but is not run: wiring its "
-               "gradient collector (a `datasets.Dataset` pipeline with an `IndexConfig`) to these folders was not "
-               "finished in this session."]
+    reasons: list[str] = []
     if not python:
-        return {}, [f"kronfluence not run: set {PEER_PYTHON} to an interpreter that has it (benchmarks/README.md)",
-                    *reasons]
+        return {}, [f"kronfluence and Bergson not run: set {PEER_PYTHON} to an interpreter that has them "
+                    "(benchmarks/README.md)"]
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}  # both peers read the local folder; nothing downloads
     done = subprocess.run([python, "-m", "benchmarks.q8_peers", str(root), *map(str, sizes)], env=env,
                           capture_output=True, text=True, timeout=3600, check=False)
     path = root / "peers" / "peers.json"
     if not path.exists():
-        return {}, [f"kronfluence failed to start: {done.stderr.strip().splitlines()[-1:]}", *reasons]
+        return {}, [f"the peers failed to start: {done.stderr.strip().splitlines()[-1:]}", *reasons]
     summary = json.loads(path.read_text())
     entries = {name: PeerEntry(v["params"], v["validation"], torch.from_numpy(np.load(root / "peers" / f"{name}.npy")))
                for name, v in summary.items() if "error" not in v}
