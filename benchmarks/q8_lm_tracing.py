@@ -61,18 +61,17 @@ def forward_inf_grid(quick: bool) -> tuple[dict[str, Any], ...]:
 
 def variants(quick: bool) -> list[Variant]:
     relative = {"normalize": "relative"}
-    costly = [  # one CG solve per query (> 1 minute each on 2 cores): full mode only
-        Variant("influence, library defaults (CG)", "influence", one_query_at_a_time=True,
-                max_queries=COSTLY_QUERIES),
+    costly = [  # one CG solve per query over all parameters (> 1 minute each on 2 cores): full mode only
         Variant("Forward-INF, Newton step (CG)", "forward_inf", {"unlearning": "newton"}, one_query_at_a_time=True,
-                max_queries=COSTLY_QUERIES,
-                context="influence"),  # shares the influence method's fitted iHVP (same curvature and damping)
+                max_queries=COSTLY_QUERIES),
     ]
     return [
         Variant("Forward-INF, library defaults", "forward_inf"),
         Variant("Forward-INF, relative", "forward_inf", relative),
         Variant("Forward-INF, auto (self-retrieval)", "forward_inf", {"auto": True}),
         Variant("Forward-INF, tuned on validation facts", "forward_inf", grid=forward_inf_grid(quick)),
+        # library defaults on a causal LM above 20k parameters: EK-FAC over the blocks' Conv1D layers
+        Variant("influence, library defaults (EK-FAC)", "influence"),
         *([] if quick else costly),
         Variant("TracIn (5 checkpoints)", "tracin"),
         Variant("TracIn, relative", "tracin", relative),
