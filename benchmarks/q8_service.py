@@ -94,8 +94,9 @@ def entries(budget: int) -> list[Entry]:
             {"normalize": "relative"}, {"normalize": "none"}, {"ihvp": "kfac"},
             {**ONE_LAYER, "layers": [C_PROJ], "normalize": "relative"},
         )),
+        # last_layer would be ln_f (the module owning the last parameter); the tied embedding is the output layer
         Entry("TrackStar", "trackstar", {}, (
-            {}, {"projection_dim": 8192}, {"layers": LINEAR_LAYERS}, {"last_layer": True},
+            {}, {"projection_dim": 8192}, {"layers": LINEAR_LAYERS}, {"layers": ["transformer.wte"]},
         )),
     ]
     return [Entry(e.label, e.method, e.defaults, e.grid[:budget]) for e in lists]
