@@ -18,6 +18,7 @@ RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md alembic.ini ./
 COPY attribution ./attribution
 COPY attribution_client ./attribution_client
+COPY loading ./loading
 COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations

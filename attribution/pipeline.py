@@ -14,11 +14,16 @@ gᵢᵀg_q / ‖gᵢ‖ ≤ ‖g_q‖ by Cauchy–Schwarz, with equality for an 
 ε = max(1e-12, 1e-6 · median|s|) keeps rows whose self-influence is at rounding level from
 being amplified without bound. The vector s `[N]` depends on (model, dataset, method,
 params except `normalize`): it is computed once and cached in the artifact store.
+
+`method="auto"` (`attribution.methods.auto`) resolves, from the model's task and size, the
+purpose (`self_influence`) and the context's checkpoints, to a concrete method and params,
+runs that, and reports the choice in `context.extras["auto"]` (method, params with defaults
+filled in, reason).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,8 +31,10 @@ from torch import Tensor
 
 from attribution.artifacts import artifact_key, cached_tensors
 from attribution.data import Batch, TrainingSet
+from attribution.methods.auto import AUTO, AutoInputs, AutoParams, choose_method, with_task_defaults
 from attribution.methods.base import (
     AttributionMethod,
+    BatchedScores,
     FitContext,
     MethodName,
     MethodParams,
@@ -50,13 +57,19 @@ def attribute(
     queries: Batch | None,
     per_sample: bool = False,
     self_influence: bool = False,
+    on_fitted: Callable[[AttributionMethod], None] | None = None,
 ) -> Tensor:
     """Scores of every training row: `[1, N]` (joint), `[Q, N]` (per_sample), `[1, N]` (self-influence).
 
     `method` is a registered name or an `AttributionMethod` subclass; `params` its params
     dataclass or a raw mapping (validated with the method's `from_dict`). Raises
-    `ValueError` (incl. `ParamsError`, `UnknownMethodError`) for invalid requests.
+    `ValueError` (incl. `ParamsError`, `UnknownMethodError`) for invalid requests. `"auto"`:
+    see `resolve_auto`; its choice is reported in `context.extras["auto"]`.
+    `on_fitted` receives the fitted method instance (its resolved params and context), e.g. for
+    `attribution.stability` to resample around the reported run.
     """
+    if isinstance(method, str) and method == AUTO:
+        method, params = resolve_auto(model, params, context, self_influence=self_influence)
     cls = method if isinstance(method, type) else method_class(str(method))
     if params is None or isinstance(params, Mapping):
         params = cls.params_type.from_dict(params)
@@ -66,6 +79,8 @@ def attribute(
 
     instance = cls(model, params, context)
     instance.fit(train)
+    if on_fitted is not None:
+        on_fitted(instance)
     effective = instance.params  # a method may resolve settings in fit (Forward-INF auto)
     relative = effective.normalize == Normalize.RELATIVE
     if relative and not cls.supports_self_influence:
@@ -82,6 +97,56 @@ def attribute(
         if scores.dtype == torch.float64 and model.live_params()[0].dtype != torch.float64:
             scores = scores.float()  # float64 only carried memorised rows' tiny loss changes to the division
     return scores
+
+
+def resolve_auto(model: ModelAdapter, params: MethodParams | Mapping[str, Any] | None, context: FitContext,
+                 *, self_influence: bool) -> tuple[type[AttributionMethod], MethodParams]:
+    """`method="auto"` → (method class, its params), from the model's task and size, the
+    purpose and `len(context.checkpoints)` (`attribution.methods.auto.choose_method`);
+    records `context.extras["auto"]`. `params`: `AutoParams` or its raw mapping."""
+    if params is None or isinstance(params, Mapping):
+        params = AutoParams.from_dict(params)
+    if not isinstance(params, AutoParams):
+        raise ValueError(f"method 'auto' takes AutoParams, got {type(params).__name__}")
+    inputs = AutoInputs(task=str(model.task.name), self_influence=self_influence,
+                        num_checkpoints=len(context.checkpoints),
+                        num_parameters=sum(p.numel() for p in model.module.parameters()))
+    choice = choose_method(inputs, params)
+    cls = method_class(choice.method)
+    chosen = with_task_defaults(cls.params_type.from_dict(choice.params), inputs.task)
+    context.extras["auto"] = choice.report(chosen.to_dict())
+    return cls, chosen
+
+
+def attribute_many(
+    model: ModelAdapter,
+    method: str | MethodName | type[AttributionMethod],
+    params: Sequence[MethodParams],
+    train: TrainingSet,
+    context: FitContext,
+    *,
+    queries: Sequence[Batch],
+) -> list[BatchedScores]:
+    """Joint scores `[1, N]` of several queries (query b: `params[b]`, `queries[b]`) from one pass
+    over `train` (`AttributionMethod.score_many`), each normalised as `attribute` would.
+
+    Every params object must have the same, non-None `batch_key`; raises `ValueError` otherwise.
+    """
+    cls = method if isinstance(method, type) else method_class(str(method))
+    keys = {cls.batch_key(p) for p in params}
+    if not params or len(keys) != 1 or None in keys:
+        raise ValueError(f"{cls.name}: queries scored together need params of one batch_key")
+    if len(train) == 0:
+        raise ValueError("the training set is empty")
+    instance = cls(model, params[0], context)
+    instance.fit(train)
+    results = instance.score_many(list(zip(params, queries, strict=True)), train)
+    for p, result in zip(params, results, strict=True):
+        if cls.resolved_normalize(p, model.task.name) == Normalize.RELATIVE:  # this query's own denominator
+            own = cls(model, p, context)
+            norms = cached_self_influence(own, train, relative_norm=True)
+            result.scores = relative_scores(result.scores, norms, floor=own.relative_norm_floor())
+    return results
 
 
 def _check_request(cls: type[AttributionMethod], train: TrainingSet, queries: Batch | None,

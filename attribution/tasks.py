@@ -67,7 +67,7 @@ class Task(ABC):
         additive mask `[B, 1, 1, T]` (bidirectional) or `[B, 1, T, T]` (causal tasks: padding
         and the future both masked), 0 where attention is allowed and the float32 minimum
         elsewhere; a causal task's `input_ids` without a mask (right-padded rows, see
-        `workers.loading.batches`) get the plain causal bias `[1, 1, T, T]`. Transformers uses
+        `loading.model_inputs`) get the plain causal bias `[1, 1, T, T]`. Transformers uses
         a 4-D mask as given, whatever the attention implementation (eager, SDPA), while its
         own mask preparation branches on the values (`padding_mask.all()`, "is there padding
         and no mask?"), which `torch.func.vmap` cannot trace. The rewrite is structural (no

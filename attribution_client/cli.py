@@ -28,6 +28,7 @@ from attribution_client.cli_support import (
     parse_params,
     ranked_table,
     read_samples,
+    stability_figures,
     table,
     write_scores,
 )
@@ -142,6 +143,8 @@ def query(
     params: Annotated[str | None, typer.Option(help="method parameters as a JSON object")] = None,
     mode: Annotated[str, typer.Option(help="joint | per_sample")] = "joint",
     self_influence: Annotated[bool, typer.Option(help="score every row against itself (no samples)")] = False,
+    stability: Annotated[int | None, typer.Option(
+        help="rank stability of the ranked rows over this many resamples (2-32)")] = None,
     wait: Annotated[bool, typer.Option(help="wait until the query is final")] = False,
     progress: Annotated[bool, typer.Option(help="progress bar on stderr while waiting")] = True,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait at most (exit 6 past it)")] = None,
@@ -154,8 +157,9 @@ def query(
         raise UsageError("give --samples or --text, not both")
     body = read_samples(samples, sample_index or []) if samples is not None else ({"text": text} if text else None)
     with _client(ctx) as client:
+        extra: dict[str, Any] = {"stability": {"resamples": stability}} if stability is not None else {}
         handle = client.query(model, dataset, body, method=method, top_k=top_k, mode=mode,
-                              params=parse_params(param or [], params), self_influence=self_influence)
+                              params=parse_params(param or [], params), self_influence=self_influence, **extra)
         if wait or fail_if_top_score_above is not None:
             try:
                 handle.wait(progress=progress and not as_json, timeout=timeout)
@@ -193,7 +197,8 @@ def export(ctx: typer.Context, query_id: str,
     path = output or Path(f"{query_id}.{format}")
     with _client(ctx) as client:
         scores = client.scores(query_id)
-    write_scores(scores, path, format)
+        figures = stability_figures(client.get_query(query_id)) if format != "npy" else {}
+    write_scores(scores, path, format, figures)
     _emit(as_json, {"query_id": query_id, "path": str(path), "format": format, "shape": list(scores.shape)},
           f"wrote {path} ({format}, shape {list(scores.shape)})")
 

@@ -88,28 +88,60 @@ def gate(query: Query, threshold: float) -> dict[str, Any]:
     return {"threshold": threshold, "passed": not violations, "violations": violations}
 
 
-def write_scores(scores: np.ndarray, path: Path, fmt: str) -> None:
-    """`[N]` or `[Q, N]` scores as `index,score` (`index,sample_0,...`) CSV, `.npy`, or Parquet."""
+Figures = dict[tuple[int, int], tuple[float, int, int]]  # (sample, index) → (stability, rank_low, rank_high)
+
+
+def stability_figures(query: Query) -> Figures:
+    """Rank-stability figures of the query's ranked rows (top list first); empty without them."""
+    result = query.result
+    if result is None:
+        return {}
+    blocks = [(s.sample, s.top + s.bottom) for s in result.per_sample] if result.per_sample else [
+        (0, result.top + result.bottom)]
+    return {(sample, r.index): (r.stability, r.rank_low or 0, r.rank_high or 0)
+            for sample, rows in reversed(blocks) for r in reversed(rows) if r.stability is not None}
+
+
+def write_scores(scores: np.ndarray, path: Path, fmt: str, figures: Figures | None = None) -> None:
+    """`[N]` or `[Q, N]` scores as `index,score` (`index,sample_0,...`) CSV, `.npy`, or Parquet;
+    with rank-stability `figures`, CSV and Parquet add `stability,rank_low,rank_high` (`_q` per
+    sample for `[Q, N]`), empty for unranked rows."""
     columns = scores.reshape(1, -1) if scores.ndim == 1 else scores
     names = ["score"] if scores.ndim == 1 else [f"sample_{q}" for q in range(columns.shape[0])]
+    extra = _figure_columns(figures or {}, columns.shape[0], columns.shape[1], scores.ndim == 1)
     if fmt == "npy":
         np.save(path, scores)
     elif fmt == "csv":
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["index", *names])
+            writer.writerow(["index", *names, *extra])
             for index in range(columns.shape[1]):
-                writer.writerow([index, *(repr(float(v)) for v in columns[:, index])])
+                writer.writerow([index, *(repr(float(v)) for v in columns[:, index]),
+                                 *("" if values[index] is None else values[index] for values in extra.values())])
     elif fmt == "parquet":
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise UsageError("--format parquet needs pyarrow (pip install pyarrow)") from exc
-        table = pa.table({"index": np.arange(columns.shape[1]), **dict(zip(names, columns, strict=True))})
+        table = pa.table({"index": np.arange(columns.shape[1]), **dict(zip(names, columns, strict=True)),
+                          **{name: pa.array(values) for name, values in extra.items()}})
         pq.write_table(table, path)
     else:
         raise UsageError(f"--format {fmt!r}: one of csv, npy, parquet")
+
+
+def _figure_columns(figures: Figures, samples: int, rows: int, joint: bool) -> dict[str, list[Any]]:
+    """Column name → one value per row (None when unranked); no columns without figures."""
+    out: dict[str, list[Any]] = {}
+    if not figures:
+        return out
+    for q in range(samples):
+        suffix = "" if joint else f"_{q}"
+        cells = [figures.get((q, index)) for index in range(rows)]
+        for position, name in enumerate(("stability", "rank_low", "rank_high")):
+            out[name + suffix] = [None if c is None else c[position] for c in cells]
+    return out
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -121,6 +153,13 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 def ranked_table(rows: Sequence[RankedRow]) -> str:
     has_preview = any(r.preview for r in rows)
-    header = ["rank", "index", "sample_id", "shard", "score", *(["preview"] if has_preview else [])]
+    has_stability = any(r.stability is not None for r in rows)
+    header = ["rank", "index", "sample_id", "shard", "score", *(["stability", "rank interval"] if has_stability else []),
+              *(["preview"] if has_preview else [])]
     return table([[r.rank, r.index, r.sample_id, r.shard, f"{r.score:+.6g}",
+                   *([_share(r.stability), f"{r.rank_low}-{r.rank_high}"] if has_stability else []),
                    *([(r.preview or "")[:60]] if has_preview else [])] for r in rows], header)
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.0f}%"

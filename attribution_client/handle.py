@@ -59,8 +59,9 @@ class _QueryView:
         return self.result.bottom[:k]
 
     def to_pandas(self, kind: RankedKind = "top") -> pandas.DataFrame:
-        """The ranked rows as a DataFrame: rank, index, sample_id, shard, score (+ `preview` when
-        the server sends previews; + `sample` in per_sample mode, one block per query sample)."""
+        """The ranked rows as a DataFrame: rank, index, sample_id, shard, score (+ `stability`,
+        `rank_low`, `rank_high` when the query asked for rank stability; + `preview` when the
+        server sends previews; + `sample` in per_sample mode, one block per query sample)."""
         try:
             import pandas as pd
         except ImportError as exc:
@@ -70,6 +71,8 @@ class _QueryView:
                   else [(None, getattr(result, kind))])
         records = [{"sample": sample, **row.model_dump()} for sample, rows in blocks for row in rows]
         columns = (["sample"] if result.per_sample else []) + list(ROW_COLUMNS)
+        if any(r.get("stability") is not None for r in records):
+            columns += ["stability", "rank_low", "rank_high"]
         if any(r.get("preview") is not None for r in records):
             columns.append("preview")
         return pd.DataFrame.from_records(records, columns=columns)

@@ -56,7 +56,9 @@ class Dataset(ApiModel):
 
 class RankedRow(ApiModel):
     """One ranked training row (or group): `index` is its global row index across the shards.
-    `preview` (first ~200 characters of a text row) is present on servers that send it."""
+    `preview` (first ~200 characters of a text row) is present on servers that send it;
+    `stability`, `rank_low`, `rank_high` (rank stability) when the query asked for
+    `stability={"resamples": R}`."""
 
     rank: int
     index: int
@@ -64,6 +66,9 @@ class RankedRow(ApiModel):
     shard: int
     score: float
     preview: str | None = None
+    stability: float | None = None
+    rank_low: int | None = None
+    rank_high: int | None = None
 
 
 class SampleResult(ApiModel):
@@ -129,6 +134,7 @@ class Query(ApiModel):
     self_influence: bool
     top_k: int
     params: dict[str, Any]
+    auto: dict[str, Any] | None = None  # `method: "auto"`: {"method", "params", "reason"} of the choice
 
     @property
     def is_final(self) -> bool:

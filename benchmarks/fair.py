@@ -237,7 +237,8 @@ RAW = {"normalize": "none"}
 QUERY_GRIDS: dict[str, tuple[Config, ...]] = {
     "forward_inf": ({}, RAW, {"auto": True}, {"unlearning": "newton"}),
     "influence": ({}, RAW, {"ihvp": "ekfac"}, {"ihvp": "ekfac", **RAW}),
-    "tracin": ({}, RAW, {"last_layer": True}, {"last_layer": True, **RAW}),
+    # tracin's default is the last layer on classifiers (TracInParams.for_task): the grid varies to every layer
+    "tracin": ({}, RAW, {"last_layer": False}, {"last_layer": False, **RAW}),
     "trak": ({}, RAW, {"projection_dim": 512}, {"projection_dim": 512, **RAW}),
     "gradient_similarity": ({}, {"similarity": "dot"}, {"similarity": "dot", "normalize": "relative"},
                             {"last_layer": True}),
@@ -249,7 +250,7 @@ SELF_GRIDS: dict[str, tuple[Config, ...]] = {
     "forward_inf": ({}, {"self_influence_mode": "gradient_norm"}, {"steps": 5, "lr": 0.01},
                     {"unlearning": "newton"}),
     "influence": ({}, {"ihvp": "ekfac"}, {"damping": 1e-3}, {"damping": 1.0}),
-    "tracin": ({}, {"last_layer": True}, {"projection_dim": 512}, {"last_layer": True, "projection_dim": 64}),
+    "tracin": ({}, {"last_layer": False}, {"last_layer": False, "projection_dim": 512}, {"projection_dim": 64}),
     "trak": ({}, {"projection_dim": 512}, {"use_margin": False}, {"damping": 1.0}),
     "gradient_similarity": ({}, {"similarity": "dot"}, {"last_layer": True}, {"similarity": "dot", "last_layer": True}),
     "integrated_influence": ({}, {"ihvp": "ekfac"}, {"steps": 2}, {"reg": 0.1}),

@@ -1,7 +1,7 @@
 """P1 — sweep efficiency: a Forward-INF query over N rows vs plain batched inference.
 
 The physical floor of a Forward-INF query is one forward pass per training row. Both sides
-read the same `.npz` shards through `workers.loading.ShardedTrainingSet` (the worker's
+read the same `.npz` shards through `loading.ShardedTrainingSet` (the worker's
 streaming loader, prefetching on a thread) with the same batch size and the same MLP:
 - plain inference: `F.cross_entropy(model(x), y, reduction="none")` per batch under
   `torch.inference_mode()`, written into an `[N]` vector;
@@ -32,7 +32,7 @@ from attribution.tasks import ClassificationTask
 from benchmarks.cli import Options, Stopwatch, run_study
 from benchmarks.report import Report
 from benchmarks.speed_common import Clock, blobs, machine, torch_threads, trained_mlp, write_shards
-from workers.loading import ShardedTrainingSet
+from loading import ShardedTrainingSet
 
 STUDY = "p1_sweep_efficiency"
 TARGET = 0.9

@@ -1,7 +1,7 @@
 """P7 — indexed queries at scale: TrackStar over stored training features vs a Forward-INF sweep.
 
 N training rows (Gaussian blobs, 64 features, 10 classes) in `.npz` shards read by the
-worker's streaming loader (`workers.loading.ShardedTrainingSet`), a small MLP 64→64→10
+worker's streaming loader (`loading.ShardedTrainingSet`), a small MLP 64→64→10
 (P = 4,810 parameters). In one run:
 - build: the first TrackStar call estimates the second moment (mean squared per-sample
   gradient over `fit_rows` rows) and writes the unit features Φ `[N, d]` (float32, d = 256
@@ -42,7 +42,7 @@ from attribution.tasks import ClassificationTask
 from benchmarks.cli import Options, run_study
 from benchmarks.report import Report
 from benchmarks.speed_common import Clock, blobs, machine, torch_threads, trained_mlp, write_shards
-from workers.loading import ShardedTrainingSet
+from loading import ShardedTrainingSet
 
 STUDY = "p7_feature_query"
 TARGET_S = 1.0

@@ -3,8 +3,8 @@
 A GPT-2 (4 layers, 128 wide; quick: 1 × 32; random weights — speed does not depend on training) saved
 with `save_pretrained` default settings (SDPA attention) with a word-level tokenizer beside
 it, and N text rows of 16–48 words in `.jsonl` shards. Both sides load what the worker
-loads — the module from the folder (`workers.loading.build_module`), its tokenizer, and the
-rows through `workers.loading.ShardedTrainingSet` (tokenized, right-padded, token-budget
+loads — the module from the folder (`loading.build_module`), its tokenizer, and the
+rows through `loading.ShardedTrainingSet` (tokenized, right-padded, token-budget
 batches, prefetching) — with the same batch size:
 - plain inference: the Hugging Face forward `module(input_ids=...)` (the model's own causal
   masking) and the per-row mean next-token cross-entropy over non-padding tokens, under
@@ -41,11 +41,11 @@ from benchmarks.cli import Options, Stopwatch, run_study
 from benchmarks.lm_folder import word_tokenizer
 from benchmarks.report import Report
 from benchmarks.speed_common import Clock, machine, torch_threads
-from workers.loading import ShardedTrainingSet
-from workers.loading.batches import InputSpec, rows_to_batch
-from workers.loading.models import build_module, load_tokenizer_from
-from workers.loading.readers import Rows
-from workers.loading.shards import ShardSpec
+from loading import ShardedTrainingSet
+from loading.model_inputs import InputSpec, rows_to_batch
+from loading.models import build_module, load_tokenizer_from
+from loading.rows import Rows
+from loading.shards import ShardSpec
 
 STUDY = "p8_lm_sweep"
 TARGET = 0.9

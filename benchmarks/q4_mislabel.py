@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from attribution.data import TensorTrainingSet
 from attribution.evaluation import mislabel_report, roc_auc
+from attribution.methods.base import FitContext
 from attribution.model import ModelAdapter
 from benchmarks.cli import Options, Stopwatch, progress, run_study
 from benchmarks.common import (
@@ -63,14 +64,19 @@ def flip_labels(y: Tensor, rate: float, seed: int) -> tuple[Tensor, Tensor]:
 
 def our_entries(model: ModelAdapter, train: TensorTrainingSet, trajectory: Trajectory, tag: str) -> list[Entry]:
     """Our methods' self-influence, each with its grid. One store per model, so influence and
-    Integrated Influence share the curvature fit; TracIn's context carries the checkpoints."""
+    Integrated Influence share the curvature fit; TracIn's context carries the checkpoints, and
+    Forward-INF is run both without them (its library defaults) and with them (its
+    self-influence summed over the checkpoints, `ForwardInf.checkpoint_self_influence`)."""
     shared, with_checkpoints = fit_context(f"q4:{tag}"), fit_context(f"q4:{tag}", trajectory)
 
-    def run(method: str) -> Callable[[Config], Tensor]:
-        context = with_checkpoints if method == "tracin" else shared
+    def run(method: str, context: FitContext) -> Callable[[Config], Tensor]:
         return lambda config: self_influence(model, method, config, train, context).scores
 
-    return [Entry(method, "ours", {}, grid, run(method)) for method, grid in SELF_GRIDS.items()]
+    entries = [Entry(method, "ours", {}, grid, run(method, with_checkpoints if method == "tracin" else shared))
+               for method, grid in SELF_GRIDS.items()]
+    entries.insert(1, Entry("forward_inf (5 checkpoints)", "ours", {}, SELF_GRIDS["forward_inf"],
+                            run("forward_inf", with_checkpoints)))
+    return entries
 
 
 def run(options: Options) -> Report:

@@ -2,7 +2,7 @@
 deployment of the service (API + RQ workers as subprocesses on loopback), latency statistics.
 
 Data are Gaussian blobs (`blobs`: `x` `[N, F]` float32, `y` `[N]` int64, C classes), written
-as `.npz` shards with string ids and read back through `workers.loading.ShardedTrainingSet`,
+as `.npz` shards with string ids and read back through `loading.ShardedTrainingSet`,
 exactly what a worker sweeps. Models are small tanh MLPs trained for a fixed number of
 full-batch Adam steps on a seeded subset. `Deployment` runs `python -m service` and
 `python -m workers` (`service.testing.ServiceProcesses`) on a bench Postgres database it

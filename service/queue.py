@@ -32,7 +32,9 @@ def redis_connection(url: str) -> Redis:
     return Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
 
 
-def _resolve(path: str) -> Callable[..., Any]:
+def resolve(path: str) -> Callable[..., Any]:
+    """The function at import path `path` ("workers.jobs.run_query"): how the API reaches worker
+    code it must run in-process (embedded jobs, the embedded reaper) without importing `workers`."""
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
@@ -54,7 +56,7 @@ class _InProcessRunner:
     def _run(self, path: str, args: tuple[Any, ...], settings: Settings) -> None:
         try:
             with settings_override(settings):
-                _resolve(path)(*args)
+                resolve(path)(*args)
         except Exception:  # the job function records its own failure; never kill the pool
             log.exception("in-process job %s%r failed", path, args)
         finally:
@@ -71,6 +73,10 @@ def _inprocess_runner(workers: int) -> _InProcessRunner:
 # JOB_TIMEOUT_S (`workers.stopping`) and fails its query with that reason; RQ's timeout is the
 # backstop for a job stuck inside one long operation.
 HARD_TIMEOUT_GRACE_S = 60
+
+# The stale-job reaper (`workers.reaper`): its one start-up pass and its periodic thread.
+REAP_STALE_QUERIES = "workers.reaper.reap_stale_queries"
+START_REAPER = "workers.reaper.start_reaper"
 
 # Called by RQ when a job fails outside the job's own error handling (worker lost, timeout):
 # marks the query failed once RQ has no retries left.

@@ -91,5 +91,5 @@ def test_build_context_excludes_the_venv_and_copies_every_package() -> None:
     copied = re.findall(r"^COPY (\S+)", (REPO_ROOT / "Dockerfile").read_text(), flags=re.MULTILINE)
     for source in copied:
         assert source not in ignored and (REPO_ROOT / source).exists(), source
-    for package in ("attribution", "attribution_client", "service", "workers", "migrations"):
+    for package in ("attribution", "attribution_client", "loading", "service", "workers", "migrations"):
         assert package in copied, package

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from attribution.methods.registry import available_methods
     from workers import jobs  # noqa: F401
-    from workers.maintenance import reap_stale_queries, start_reaper
+    from workers.reaper import reap_stale_queries, start_reaper
 
     logging.getLogger(__name__).info("methods available: %s", ", ".join(available_methods()))
 

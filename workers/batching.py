@@ -1,27 +1,19 @@
-"""Many queries, one pass: queued Forward-INF queries on the same model and data share a sweep.
+"""Many queries, one pass: queued queries on the same model and data share a sweep.
 
 A Forward-INF query costs its unlearning run (K steps on its own samples, cheap) plus one
 sweep of the training set (a forward pass per row, the whole cost at scale). When a worker
-picks up a joint-mode Forward-INF query, `claim_companions` claims up to
-`settings.batch_max_queries − 1` other *queued* queries with the same model, dataset and
-sweep-relevant params (every param except `normalize`, relative and raw queries apart — relative
-scores of classifiers sweep log-losses; steps, lr, optimizer, direction,
-layers, precision, batch size, ...; never `auto` or Newton-step unlearning, never self-influence
-or per_sample).
+picks up a joint-mode query whose method gives its params a `batch_key`
+(`AttributionMethod.batch_key`; Forward-INF: every param except `normalize`, never `auto` or
+Newton-step unlearning), `claim_companions` claims up to `settings.batch_max_queries − 1` other
+*queued* joint queries with the same model, dataset, method and key (never self-influence or
+per_sample).
 Claiming a companion = taking its lease `query:<id>` (its own RQ job then finds the lease
 held and does nothing; later deliveries find the row final) and marking it `running`.
 
-`run_batch` then computes every query in the group in one pass (Algorithm 1 of the
-Forward-INF paper, query b unlearned on its own samples z_b):
-
-    θ_K^(b) = K ascent steps from θ̂ on (1/|z_b|) Σ_{z ∈ z_b} L(θ, z)       b = 1..B
-    score_b,i = sign · (L(θ_K^(b), z_i) − L(θ̂, z_i))                         [B, N]
-
-where each training batch is read once and all B unlearned copies are evaluated on it
-(`copies_losses`), and the cached `L(θ̂, ·)` is shared. Each copy runs exactly the ops the
-single-query path runs (`ForwardInf.score` in joint mode: the same `unlearn_copy`, the same
-module forward on the same batches), so each query's scores equal the one-by-one result
-bit for bit (tested with a 1e-6 tolerance). Each query is then stored on its own: its score
+`run_batch` then computes every query in the group in one pass
+(`attribution.pipeline.attribute_many` → `ForwardInf.score_many`: each training batch is read
+once and all B unlearned copies are evaluated on it, the cached `L(θ̂, ·)` is shared, and each
+query's scores equal the one-by-one result, tested with a 1e-6 tolerance). Each query is then stored on its own: its score
 file and, in its own transaction, its ranked rows and `succeeded` (`store_result`).
 A canceled companion keeps being computed but its result is dropped at store time; the
 batch stops once every member is canceled or lost its lease, or at `JOB_TIMEOUT_S`. A
@@ -42,31 +34,27 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import noload
 
-from attribution.data import TrainingSet
 from attribution.interrupts import interruptible
-from attribution.methods.base import FitContext, MethodName, Normalize
-from attribution.methods.forward_inf import ForwardInf, ForwardInfParams
-from attribution.methods.forward_inf_engine import (
-    CastTrainingSet,
-    copies_losses,
-    sweep,
-)
-from attribution.pipeline import cached_self_influence, relative_scores
-from service.db.models import Dataset, Model, Query, QueryStatus
-from service.db.repositories import jobs as repo
-from service.db.session import session_scope
-from service.settings import Settings
-from workers.cache import artifact_store
-from workers.leases import HeldLease, holding, leases
-from workers.loading import (
+from attribution.methods.base import FitContext
+from attribution.pipeline import attribute_many
+from loading import (
     ShardedTrainingSet,
     input_spec,
     load_model,
     load_tokenizer,
     samples_to_batch,
 )
+from service.artifact_store import artifact_store
+from service.db.models import Dataset, Model, Query, QueryStatus
+from service.db.repositories import jobs as repo
+from service.db.session import session_scope
+from service.settings import Settings
+from workers.compute import amp_dtype, artifact_fingerprint, method_and_params
+from workers.error_text import one_line
+from workers.leases import HeldLease, holding, leases
+from workers.notifications import notify
+from workers.results import store_result
 from workers.retrying import is_transient, with_retries
-from workers.scoring import CHECKPOINT_PARAMS, amp_dtype, notify, one_line, store_result
 from workers.stopping import Canceled, CheckedRows, ProgressWriter
 
 log = logging.getLogger(__name__)
@@ -74,16 +62,17 @@ log = logging.getLogger(__name__)
 SCAN_FACTOR = 4  # queued rows inspected per free slot (incompatible params are skipped)
 
 
-def sweep_key(query: Query) -> tuple[str, str, str] | None:
-    """What must match for two queries to share a sweep; `None` if the query cannot be batched."""
-    params = dict(query.params or {})
-    if (query.method != MethodName.FORWARD_INF.value or query.mode != "joint" or query.self_influence
-            or params.get("auto") or params.get("unlearning") == "newton"
-            or any(name in params for name in CHECKPOINT_PARAMS)):
+def sweep_key(query: Query) -> tuple[str, str, str, str] | None:
+    """What must match for two queries to share a sweep (model, dataset, method and the method's
+    `batch_key` of the params); `None` if the query cannot be batched."""
+    if query.mode != "joint" or query.self_influence or query.stability:  # resamples rerun the method alone
         return None
-    relative = params.pop("normalize", None) == Normalize.RELATIVE.value
-    # relative scores of classifiers sweep log-losses (ForwardInf.loss_change): they share with each other only
-    return query.model_id, query.dataset_id, repr((relative, sorted(params.items())))
+    try:
+        cls, params = method_and_params(query)
+    except ValueError:
+        return None  # its own job reports the problem
+    key = cls.batch_key(params)
+    return None if key is None else (query.model_id, query.dataset_id, query.method, key)
 
 
 @dataclass
@@ -137,7 +126,7 @@ def run_batch(members: list[Member], model_row: Model, dataset_row: Dataset, set
     persists leaves the members `running` for the reaper. Any other error fails every member.
     """
     ids = [m.query.id for m in members]
-    log.info("batch of %d forward_inf queries, one sweep: %s", len(ids), ", ".join(ids))
+    log.info("batch of %d %s queries, one sweep: %s", len(ids), members[0].query.method, ", ".join(ids))
     progress = ProgressWriter(lambda f: _write_progress(ids, f, settings), [m.lease for m in members],
                               timeout_s=settings.job_timeout_s)
     try:
@@ -186,56 +175,30 @@ def compute_batch(
     queries: list[Query], model_row: Model, dataset_row: Dataset, settings: Settings, *,
     progress: ProgressWriter,
 ) -> list[tuple[torch.Tensor, ShardedTrainingSet, dict[str, float], dict[str, Any]]]:
-    """`[(scores [1, N] float32 CPU, train set, timings, extras)]`, one per query, from one sweep.
-
-    Each query's params get its model's task defaults (`ForwardInfParams.for_task`), as alone.
+    """`[(scores [1, N] float32 CPU, train set, timings, extras)]`, one per query, from one sweep
+    (`attribution.pipeline.attribute_many`).
 
     All queries must share `sweep_key` (the caller's claim guarantees it).
     """
     if len({sweep_key(q) for q in queries}) != 1 or sweep_key(queries[0]) is None:
-        raise ValueError("a batch needs joint forward_inf queries with the same model, data and sweep params")
+        raise ValueError("a batch needs joint queries of one method with the same model, data and sweep params")
     started = time.perf_counter()
     model = load_model(model_row, settings)
     spec = input_spec(model_row, model, load_tokenizer(model_row, settings))
     rows = int(dataset_row.num_samples)
     train = ShardedTrainingSet.for_dataset(dataset_row, spec, settings, row_start=0, row_stop=rows)
-    params = [ForwardInfParams.from_dict(dict(q.params or {})).for_task(model_row.task) for q in queries]
+    typed = [method_and_params(q) for q in queries]
     with session_scope(settings) as session:
         batches = [samples_to_batch(q.samples or {}, model_row=model_row, model=model, settings=settings,
                                     session=session) for q in queries]
-    context = FitContext(  # the single-query fingerprint: the cached L(θ̂, ·) is shared with it
-        fingerprint=f"{model_row.sha256}:{dataset_row.sha256}:{model_row.task}:0-{rows}",
-        store=artifact_store(settings), progress=progress, amp_dtype=amp_dtype(settings, model),
-    )
-    method = ForwardInf(model, params[0], context)
+    context = FitContext(fingerprint=artifact_fingerprint(model_row, dataset_row, 0, rows),
+                         store=artifact_store(settings), progress=progress, amp_dtype=amp_dtype(settings, model))
     load_s = time.perf_counter() - started
-    rows_read: TrainingSet = CheckedRows(train, progress.check)  # every batch read can stop the job
-    method.fit(rows_read)
-    base = method.base_losses
-    if base is None or len(base) != rows:
-        raise ValueError(f"base losses do not cover the {rows} training rows")
-
-    unlearn_s, copies, extras = [], [], []
-    for p, batch in zip(params, batches, strict=True):
-        began = time.perf_counter()
-        how = p.gradient_unlearning
-        copies.append(method.unlearned_copy(p, batch, how))
-        unlearn_s.append(time.perf_counter() - began)
-        extras.append({"unlearning_steps": how.log.steps_taken} if how.until_forgotten else {})
-    began = time.perf_counter()
-    view: TrainingSet = rows_read if method.dtype is None else CastTrainingSet(rows_read, method.dtype)
-    after = sweep(copies_losses(copies), view, batch_size=params[0].batch_size, device=model.device,
-                  amp_dtype=context.amp_dtype, progress=progress)  # [B, N]
-    sweep_s = time.perf_counter() - began
-
+    results = attribute_many(model, typed[0][0], [params for _, params in typed],
+                             CheckedRows(train, progress.check), context, queries=batches)  # every batch read can stop the job
     out = []
-    for b, p in enumerate(params):
-        scores = method.loss_change(p, after[b:b + 1], train)
-        if p.normalize == Normalize.RELATIVE:  # the denominator of this query's own (resolved) params
-            own = ForwardInf(model, p, context)
-            norms = cached_self_influence(own, rows_read, relative_norm=True)
-            scores = relative_scores(scores, norms, floor=own.relative_norm_floor())
-        timings = {"load_s": load_s, "base_losses_s": context.timings.get("base_losses_s", 0.0),
-                   "unlearn_s": unlearn_s[b], "sweep_s": sweep_s, "total_s": time.perf_counter() - started}
-        out.append((scores.detach().float().cpu(), train, timings, extras[b]))
+    for result in results:
+        timings = {"load_s": load_s, "base_losses_s": context.timings.get("base_losses_s", 0.0), **result.timings,
+                   "total_s": time.perf_counter() - started}
+        out.append((result.scores.detach().float().cpu(), train, timings, result.extras))
     return out

@@ -1,111 +1,52 @@
-"""Fan-out / fan-in: one large query scored by many jobs, one per range of training rows.
+"""Fan-out / fan-in jobs: one large query scored by many jobs, one per range of training rows.
 
-A query whose dataset has more than `settings.fanout_rows` rows is split into parts
-(`QueryPart` rows) aligned to shard boundaries where possible: whole shards are grouped up
-to `fanout_rows` rows, larger shards are cut into equal pieces. Each part is the job
-`run_query_part(query_id, part)` (RQ id `<query id>-p<part>`); it scores its rows, writes
-`<id>.part<k>.npz` (scores `[Q, n_k]` plus its timings, one file and one fsync) and marks
-itself succeeded. The part that finishes last — decided in one transaction holding the
-query row lock — runs `merge_query`, which checks each part's width, concatenates the
-partial matrices in row order and stores the result exactly as a single job would (same
-ranking code on the same `[Q, N]` matrix).
+`dispatch_parts` creates the query's parts (`QueryPart` rows, ranges from
+`workers.fanout_plan`) and enqueues `run_query_part(query_id, part)` for each (RQ id
+`<query id>-p<part>`); a part scores its rows, writes its part file (`workers.part_files`:
+scores `[Q, n_k]` plus its timings, one file and one fsync) and marks itself succeeded. The
+part that finishes last — decided in one transaction holding the query row lock — runs
+`merge_query`, which checks each part's width, concatenates the partial matrices in row order
+and stores the result exactly as a single job would (same ranking code on the same `[Q, N]`
+matrix).
 
 Per-part cost is kept to what the part needs: the query's model and dataset rows, file
-hashes and built models are memoised per worker process (`_RowMemo`, `workers.loading`),
-one part file is written (one fsync), bookkeeping commits that may be lost
-harmlessly (a part marked `running`, progress) do not wait for the database's WAL flush,
-and only the final `finish_part` commit does. Each part's phases (`part_claim_s`, the
-method's `load_s`/`base_losses_s`/`unlearn_s`/`sweep_s`, ...) are summed into the query's
-`timings`; the worker log has one line per part with its wall and CPU time.
-
-Only methods whose score for row i depends on row i alone (given the query) are split:
-Forward-INF with fixed settings and gradient unlearning (the run uses only the query samples),
-TracIn and gradient similarity, without relative normalisation (whose floor uses the
-median self-influence over all rows). Influence functions, TRAK and Integrated Influence
-fit curvature/kernels over the whole training set and run as one job.
+hashes and built models are memoised per worker process (`workers.registered_rows`,
+`loading`), one part file is written (one fsync), bookkeeping commits that may be lost
+harmlessly (a part marked `running`, progress) do not wait for the database's WAL flush
+(`service.db.session.relaxed_commit`), and only the final `finish_part` commit does. Each
+part's phases (`part_claim_s`, the method's `load_s`/`base_losses_s`/`unlearn_s`/`sweep_s`,
+...) are summed into the query's `timings`; the worker log has one line per part with its
+wall and CPU time.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-import math
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import text
-from sqlalchemy.orm import Session
 
-from attribution.methods.base import MethodName, Normalize
-from attribution.methods.forward_inf_params import ForwardInfParams
+from loading import ShardedTrainingSet, input_spec, load_model, load_tokenizer
 from service import queue
-from service.db.models import Dataset, Model, Query
 from service.db.repositories import jobs as repo
-from service.db.session import session_scope
+from service.db.session import relaxed_commit, session_scope
 from service.settings import Settings, get_settings
-from workers.cache import atomic_file
+from workers import part_files
+from workers.compute import compute_scores
+from workers.error_text import one_line
+from workers.fanout_plan import part_job_id, plan_ranges
 from workers.leases import holding, leases
-from workers.loading import ShardedTrainingSet, input_spec, load_model, load_tokenizer
+from workers.notifications import notify
+from workers.registered_rows import REGISTERED_ROWS
+from workers.results import store_result
 from workers.retrying import is_transient, with_retries
-from workers.scoring import compute_scores, notify, one_line, store_result
 from workers.stopping import Canceled, ProgressWriter
 
 log = logging.getLogger(__name__)
 
 PART_JOB = "workers.jobs.run_query_part"
-_ROW_SEPARABLE = {MethodName.FORWARD_INF, MethodName.TRACIN, MethodName.GRADIENT_SIMILARITY}
-
-
-def plan_ranges(shard_sizes: Sequence[int], target: int) -> list[tuple[int, int]]:
-    """Global row ranges `[lo, hi)` of at most `target` rows, cut at shard boundaries where possible."""
-    if target < 1:
-        raise ValueError("target must be positive")
-    ranges: list[tuple[int, int]] = []
-    lo = offset = 0
-    for size in shard_sizes:
-        if size > target:
-            if offset > lo:
-                ranges.append((lo, offset))
-            pieces = math.ceil(size / target)
-            bounds = [offset + (size * j) // pieces for j in range(pieces + 1)]
-            ranges.extend(itertools.pairwise(bounds))
-            lo = offset + size
-        elif offset + size - lo > target:
-            ranges.append((lo, offset))
-            lo = offset
-        offset += size
-    if offset > lo:
-        ranges.append((lo, offset))
-    return ranges
-
-
-def should_fan_out(query: Query, num_samples: int, settings: Settings, *, task: str = "") -> bool:
-    """Whether the query runs as part jobs; `task`: the model's, whose defaults may make an unset
-    `normalize` relative (Forward-INF on causal LMs, `ForwardInfParams.for_task`)."""
-    if num_samples <= settings.fanout_rows:
-        return False
-    params = query.params or {}
-    try:
-        method = MethodName(query.method)
-    except ValueError:
-        return False
-    normalize = params.get("normalize") or Normalize.NONE.value
-    if method == MethodName.FORWARD_INF and params.get("normalize") is None:
-        normalize = ForwardInfParams.from_dict({**params, "normalize": None}).for_task(task).normalize
-    if method not in _ROW_SEPARABLE or normalize == Normalize.RELATIVE.value:
-        return False
-    # auto searches, and the Newton step fits (G + λI)⁻¹, over the whole training set
-    return not (method == MethodName.FORWARD_INF and (params.get("auto") or params.get("unlearning") == "newton"))
-
-
-def part_job_id(query_id: str, part: int) -> str:
-    return f"{query_id}-p{part}"
 
 
 def dispatch_parts(query_id: str, shard_sizes: Sequence[int], settings: Settings) -> None:
@@ -126,69 +67,6 @@ def dispatch_parts(query_id: str, shard_sizes: Sequence[int], settings: Settings
         queue.enqueue(PART_JOB, query_id, stale.part, job_id=part_job_id(query_id, stale.part), settings=settings)
 
 
-def _part_file(query_id: str, part: int) -> str:
-    return f"{query_id}.part{part}.npz"
-
-
-def _save_part(path: Path, scores: np.ndarray, meta: dict[str, Any]) -> None:
-    """One file per part (one fsync): `scores` `[Q, n_k]` float32 and `meta` (timings, extras) as JSON bytes."""
-    encoded = np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8)
-    with atomic_file(path) as out:
-        np.savez(out, scores=scores, meta=encoded)
-
-
-def _load_part(path: Path, rows: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """A part file's `[Q, rows]` scores and metadata; `ValueError` if it does not hold `rows` columns."""
-    with np.load(path, allow_pickle=False) as archive:
-        scores, meta = archive["scores"], json.loads(archive["meta"].tobytes())
-    if scores.ndim != 2 or scores.shape[1] != rows:
-        raise ValueError(f"{path.name} holds scores of shape {scores.shape}, expected {rows} columns")
-    return scores, meta
-
-
-class _RowMemo:
-    """Per-process memo of `(model id, dataset id) → (Model, Dataset)` rows (with the shards).
-
-    Registered models and datasets never change (no update but the soft delete's
-    `deleted_at`, which jobs ignore; no hard delete while a query refers to them), so every
-    part of a query, and its merge, reads them from the database once per worker. The rows
-    are detached and only read.
-    """
-
-    def __init__(self, capacity: int = 64) -> None:
-        self.capacity = capacity
-        self.entries: OrderedDict[tuple[str, str], tuple[Model, Dataset]] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, session: Session, query: Query) -> tuple[Model | None, Dataset | None]:
-        key = (query.model_id, query.dataset_id)
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        model_row, dataset_row = repo.model_and_dataset(session, query)
-        if model_row is not None and dataset_row is not None:
-            with self.lock:
-                self.entries[key] = (model_row, dataset_row)
-                while len(self.entries) > self.capacity:
-                    self.entries.popitem(last=False)
-        return model_row, dataset_row
-
-
-_ROWS = _RowMemo()
-
-
-def _relaxed_commit(session: Session) -> None:
-    """Let this transaction commit without waiting for the WAL flush (Postgres `synchronous_commit`).
-
-    For bookkeeping that may be lost in a database crash without harm (a part marked
-    `running`, progress): the lease, not the row, proves a part is alive, and the next
-    durable commit (`finish_part`) flushes the WAL up to and including this one.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-
-
 def run_query_part(query_id: str, part: int) -> None:
     """Score one part's rows; the last part to finish merges. Idempotent like `run_query`."""
     settings = get_settings()
@@ -198,12 +76,12 @@ def run_query_part(query_id: str, part: int) -> None:
             log.info("query %s part %d is already running elsewhere", query_id, part)
             return
         with session_scope(settings) as session:
-            _relaxed_commit(session)
+            relaxed_commit(session)
             if not repo.start_part(session, query_id, part):
                 return
             query = repo.get_query(session, query_id)
             part_row = repo.get_part(session, query_id, part)
-            model_row, dataset_row = _ROWS.get(session, query) if query else (None, None)
+            model_row, dataset_row = REGISTERED_ROWS.get(session, query) if query else (None, None)
         if query is None or part_row is None or model_row is None or dataset_row is None:
             return
         phases = {"part_claim_s": time.perf_counter() - started}
@@ -211,7 +89,7 @@ def run_query_part(query_id: str, part: int) -> None:
         try:
             def write(fraction: float) -> str | None:
                 with session_scope(settings) as s:
-                    _relaxed_commit(s)
+                    relaxed_commit(s)
                     return repo.set_part_progress(s, query_id, part, fraction)
 
             progress = ProgressWriter(write, [lease], timeout_s=settings.job_timeout_s)
@@ -222,11 +100,11 @@ def run_query_part(query_id: str, part: int) -> None:
             began = time.perf_counter()
             settings.scores_dir.mkdir(parents=True, exist_ok=True)
             meta = {"timings": {**computed.timings, **phases}, "extras": computed.extras}
-            _save_part(settings.scores_dir / _part_file(query_id, part), computed.scores.numpy(), meta)
+            part_files.save_part(settings.scores_dir / part_files.part_file_name(query_id, part), computed.scores.numpy(), meta)
             phases["part_save_s"] = time.perf_counter() - began
             def finish() -> bool:
                 with session_scope(settings) as session:
-                    return repo.finish_part(session, query_id, part, _part_file(query_id, part))
+                    return repo.finish_part(session, query_id, part, part_files.part_file_name(query_id, part))
             last = with_retries(finish, settings, what=f"query {query_id} part {part}: finish")
             phases["part_finish_s"] = time.perf_counter() - began - phases["part_save_s"]
             log.info("query %s part %d done in %.3f s (process cpu %.3f s): %s", query_id, part,
@@ -234,7 +112,7 @@ def run_query_part(query_id: str, part: int) -> None:
                      _phases_text({**computed.timings, **phases}))
         except Canceled as exc:
             log.info("query %s part %d stopped: %s", query_id, part, exc)
-            _remove_part_files(query_id, range(query.num_parts), settings)
+            part_files.remove_part_files(query_id, range(query.num_parts), settings)
             return
         except Exception as exc:
             if is_transient(exc):  # the part stays `running` without a lease: the reaper re-enqueues it
@@ -257,7 +135,7 @@ def merge_query(query_id: str) -> None:
     with session_scope(settings) as session:
         query = repo.get_query(session, query_id)
         parts = repo.parts_of(session, query_id)
-        model_row, dataset_row = _ROWS.get(session, query) if query else (None, None)
+        model_row, dataset_row = REGISTERED_ROWS.get(session, query) if query else (None, None)
     if query is None or model_row is None or dataset_row is None or not parts:
         return
     try:
@@ -266,7 +144,7 @@ def merge_query(query_id: str) -> None:
         extras: dict[str, Any] = {}
         truncated = 0
         for p in parts:
-            scores, meta = _load_part(settings.scores_dir / (p.scores_path or ""), p.row_stop - p.row_start)
+            scores, meta = part_files.load_part(settings.scores_dir / (p.scores_path or ""), p.row_stop - p.row_start)
             matrices.append(scores)
             for name, seconds in meta["timings"].items():
                 timings[name] = timings.get(name, 0.0) + float(seconds)
@@ -289,7 +167,7 @@ def merge_query(query_id: str) -> None:
         with session_scope(settings) as session:
             repo.mark_failed(session, query_id, f"merge: {one_line(exc)}")
     finally:
-        _remove_part_files(query_id, [p.part for p in parts], settings)
+        part_files.remove_part_files(query_id, [p.part for p in parts], settings)
     if query.callback_url:
         notify(query_id, settings)
 
@@ -298,6 +176,3 @@ def _phases_text(timings: dict[str, float]) -> str:
     return ", ".join(f"{name} {seconds:.3f}" for name, seconds in timings.items())
 
 
-def _remove_part_files(query_id: str, parts: Sequence[int], settings: Settings) -> None:
-    for part in parts:
-        (settings.scores_dir / _part_file(query_id, part)).unlink(missing_ok=True)

@@ -30,13 +30,13 @@ from torch import Tensor
 
 from attribution.groups import group_scores, shard_group_ids
 from attribution.topk import bottom_k, top_k
+from loading import ShardedTrainingSet
+from loading.errors import ShardError
+from loading.shards import GROUP_COLUMN
+from service.atomic_files import write_atomic
 from service.db.repositories.queries import RankedRow
-from workers.cache import write_atomic
-from workers.loading import ShardedTrainingSet
-from workers.loading.errors import ShardError
 
 GROUP_BY_VALUES = ("row", "shard", "group")
-GROUP_COLUMN = "group"
 _INTEGER = re.compile(r"[+-]?\d+")
 
 

@@ -8,9 +8,9 @@ progress writer that also stops the job on a cancel, a lost lease or `JOB_TIMEOU
 `succeeded`. A transient database/Redis error retries the step (`workers.retrying`); any
 other error marks the query `failed` with a one-line `Class: message` (the traceback goes
 to the log); nothing partial is written.
-Large datasets fan out (`workers.fanout`): `run_query_part` / `merge_query`. A joint
-forward_inf query also claims compatible queued queries and sweeps once for all of them
-(`workers.batching`).
+Large datasets fan out when the method allows it (`workers.fanout_plan`, `workers.fanout`):
+`run_query_part` / `merge_query`. A joint query whose method batches (`batch_key`; Forward-INF)
+also claims compatible queued queries and sweeps once for all of them (`workers.batching`).
 
 `on_job_failure` is RQ's failure callback (see `service.queue.enqueue`): when RQ gives up
 on a job that died outside this code (worker lost, hard timeout), it fails the query —
@@ -28,10 +28,14 @@ from service.db.repositories import jobs as repo
 from service.db.session import session_scope
 from service.settings import Settings, get_settings
 from workers.batching import Member, claim_companions, notify_all, run_batch
-from workers.fanout import dispatch_parts, merge_query, run_query_part, should_fan_out
+from workers.compute import compute_scores
+from workers.error_text import one_line
+from workers.fanout import dispatch_parts, merge_query, run_query_part
+from workers.fanout_plan import should_fan_out
 from workers.leases import HeldLease, holding, leases
+from workers.notifications import notify
+from workers.results import store_result
 from workers.retrying import is_transient, with_retries
-from workers.scoring import compute_scores, notify, one_line, store_result
 from workers.stopping import Canceled, ProgressWriter
 
 log = logging.getLogger(__name__)
@@ -83,14 +87,16 @@ def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:
         if model_row is None or dataset_row is None:
             _fail(query_id, "the query's model or dataset no longer exists", settings)
             return
-        if should_fan_out(query, int(dataset_row.num_samples), settings, task=str(model_row.task)):
+        # rank stability ranks each resample over every row, so such a query runs as one job
+        if not query.stability and should_fan_out(query, int(dataset_row.num_samples), settings,
+                                                  task=str(model_row.task)):
             with_retries(lambda: dispatch_parts(query_id, [int(s.num_samples) for s in dataset_row.shards], settings),
                          settings, what=f"query {query_id}: fan out")
             return
         with contextlib.ExitStack() as companion_leases:
             companions = with_retries(lambda: claim_companions(query, settings, companion_leases), settings,
                                       what=f"query {query_id}: claim companions")
-            if companions:  # other queued forward_inf queries share this query's sweep
+            if companions:  # other queued queries share this query's sweep
                 run_batch([Member(query, lease), *companions], model_row, dataset_row, settings)
                 notify_all(companions, settings)
                 return
@@ -109,7 +115,7 @@ def _run(query_id: str, settings: Settings, lease: HeldLease) -> None:
         stored = with_retries(
             lambda: store_result(query, computed.scores.numpy(), computed.train, settings,
                                  timings=computed.timings, extras=computed.extras,
-                                 model_row=model_row, dataset_row=dataset_row),
+                                 model_row=model_row, dataset_row=dataset_row, stability=computed.stability),
             settings, what=f"query {query_id}: store")
         log.info("query %s: %s", query_id, "succeeded" if stored else "no longer running; result dropped")
     except Canceled as exc:

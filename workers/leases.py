@@ -3,7 +3,7 @@
 A job takes the lease `query:<id>` (or `part:<id>:<n>`) before it marks the row `running`
 and renews it from a background thread every `ttl / 3` seconds; it releases it when done.
 So a `running` row without a live lease belongs to a dead worker (SIGKILL, OOM, lost
-machine), which is what the reaper (`workers.maintenance`) looks for, and a duplicate
+machine), which is what the reaper (`workers.reaper`) looks for, and a duplicate
 delivery of the same job (RQ retry, re-enqueue) finds the lease taken and does nothing.
 
 Redis leases are `SET key owner NX EX ttl`, renewed/released only by their owner (Lua
@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from service.atomic_files import write_atomic
 from service.settings import Settings
-from workers.cache import write_atomic
 
 log = logging.getLogger(__name__)
 

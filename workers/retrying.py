@@ -5,7 +5,7 @@ socket) or a Redis one says nothing about the query: the same work succeeds a mo
 `with_retries(step)` re-runs one idempotent step of a job — reading and starting the row,
 computing, storing the result in one transaction — after 0.5, 1, 2, 4, 8, 8, ... s
 (`TRANSIENT_RETRIES` attempts after the first). A step that still fails re-raises: the job
-then leaves the row `running`, releases its lease and the reaper (`workers.maintenance`)
+then leaves the row `running`, releases its lease and the reaper (`workers.reaper`)
 hands the query to another attempt; the query is failed only for a reason of its own.
 """
 

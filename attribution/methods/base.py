@@ -15,7 +15,7 @@ import dataclasses
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Self
@@ -61,6 +61,17 @@ class ParamsError(ValueError):
 
 
 @dataclass(frozen=True)
+class ContextInputs:
+    """What the service must resolve into a `FitContext` before `fit`: registered checkpoint
+    models θ_c (`checkpoints`, in order) with their learning rates η_c, and an optimizer-state
+    file (`second_moment`)."""
+
+    checkpoint_model_ids: tuple[str, ...] = ()
+    checkpoint_lrs: tuple[float, ...] = ()
+    optimizer_state: str | None = None
+
+
+@dataclass(frozen=True)
 class MethodParams:
     """Base of every method's parameters dataclass.
 
@@ -86,6 +97,10 @@ class MethodParams:
 
     def validate(self) -> None:
         """Subclass hook: raise `ParamsError` for out-of-range values."""
+
+    def context_inputs(self) -> ContextInputs:
+        """The registered models and files these params name (none by default)."""
+        return ContextInputs()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> Self:
@@ -177,12 +192,62 @@ class FitContext:
     second_moment: SecondMoment | None = None
 
 
+@dataclass
+class BatchedScores:
+    """One query's share of `AttributionMethod.score_many`: its scores `[1, N]` (before any
+    relative normalisation), its own timings and the values reported with its result."""
+
+    scores: Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
 class AttributionMethod(ABC):
-    """Base class: construct with a model, params and a fit context; then `score`."""
+    """Base class: construct with a model, params and a fit context; then `score`.
+
+    Execution traits — how the service may run a query; workers read only these, never a
+    parameter by name:
+    - `supports_self_influence`: defines `self_influence` (mislabel audits, relative scores);
+    - `row_separable`: row i's score depends on row i alone (given the query), so a query may
+      be split over row ranges (`can_fan_out`);
+    - `fits_curvature(params)`: `fit` estimates (G + λI)⁻¹ over the whole training set;
+    - `batch_key(params)`: queries whose keys are equal (not None) may share one pass over the
+      training set (`score_many`).
+    """
 
     name: ClassVar[MethodName]
     params_type: ClassVar[type[MethodParams]]
     supports_self_influence: ClassVar[bool] = True
+    row_separable: ClassVar[bool] = False
+
+    @classmethod
+    def fits_curvature(cls, params: MethodParams) -> bool:
+        """Whether `fit` estimates the curvature (G + λI)⁻¹ over the whole training set."""
+        return False
+
+    @classmethod
+    def resolved_normalize(cls, params: MethodParams, task: str) -> Normalize:
+        """The normalisation a query with `params` on a model of `task` gets."""
+        return Normalize(params.normalize)
+
+    @classmethod
+    def can_fan_out(cls, params: MethodParams, task: str) -> bool:
+        """Whether a query may be scored as independent row ranges whose `[Q, n_k]` matrices are
+        concatenated: row-separable scores, no whole-set fit, and not relative (RelatIF's floor
+        uses the median norm over all rows)."""
+        return (cls.row_separable and not cls.fits_curvature(params)
+                and cls.resolved_normalize(params, task) != Normalize.RELATIVE)
+
+    @classmethod
+    def batch_key(cls, params: MethodParams) -> str | None:
+        """What two joint queries' params must share to be scored together by `score_many`;
+        None: this query is scored alone."""
+        return None
+
+    def score_many(self, queries: Sequence[tuple[MethodParams, Batch]], train: TrainingSet) -> list[BatchedScores]:
+        """Joint scores of several queries (each its params and samples, all with this instance's
+        `batch_key`) in one pass over `train`; methods with a `batch_key` implement it."""
+        raise NotImplementedError(f"{self.name} scores one query at a time")
 
     def __init__(self, model: ModelAdapter, params: MethodParams, context: FitContext) -> None:
         if not isinstance(params, self.params_type):

@@ -15,7 +15,7 @@ Higher = the row supports the query's prediction (the product's sign convention)
 "normalized_sgd" steps θ_{k+1} = θ_k + α g_k/‖g_k‖₂ (same direction, step length α);
 "adam" is torch's Adam. `L(θ̂, ·)` is computed once per (model, data) and cached, so a
 query costs one sweep; `per_sample` unlearns each query separately and scores all Q in one
-pass (`forward_inf_engine`).
+pass (`forward_inf_unlearning`, `forward_inf_sweep`).
 
 Language models: `stop="forgotten"` (`forward_inf_stopping`) makes K a cap, each query's
 ascent stopping once its loss reaches the loss of its answer after a shuffled context
@@ -63,62 +63,20 @@ along the scale-weighted gradient direction and loss changes from log-losses in 
 memorised rows (fp32 loss and gradient exactly 0) keep their scores; ε is then float64's tiny.
 
 Defaults, chosen by measurement: K = 1 step in the first-order regime for every optimizer
-(sgd α = 0.01, normalized_sgd 1e-3, adam 1e-4), raw and relative. The former raw defaults,
-K = 10, α = 1 (the non-linear regime), were chosen for raw leakage retrieval alone; on every
-other task they were the worst setting measured. Quick runs of the studies (Q2:
-Pearson with exact test→train influence, 10 highest-loss queries, N = 400; Q3: raw top-1,
-LR = the `digits_leakage` fixture /20, MLP = Q3's 64-32-10 /10; Q4: self-influence AUC with
-20% flipped labels, N = 400, training-loss AUC 0.985 LR / 0.937 MLP; Q5: LDS at
-(σn, σs) = (0.1, 1), (1, 1), (1, 0.1), 2 trials):
-
-  setting                     Q2 LR  Q2 MLP  Q3 LR  Q3 MLP  Q4 LR  Q4 MLP  Q5 LDS
-  sgd K=10 α=1 (former)        0.16   0.10     8     2     0.698  0.814   0.13 −0.09 0.17
-  adam K=10 α=1 (former)       0.11   0.06     —     —     0.574  0.526  −0.02 −0.01 0.16
-  sgd K=5 α=0.01 (Algorithm 1) 0.30   0.25     1     0     0.984  0.882   0.59  0.61 0.75
-  sgd K=1 α=0.01 (default)     0.31   0.23     1     0     0.985  0.931   0.61  0.73 0.80
-  normalized_sgd K=1 α=1e-3    0.31   0.23     1     0     0.985  0.933   0.61  0.73 0.79
-  adam K=1 α=1e-4 (default)    0.25   0.18     —     —     0.981  0.929   0.54  0.62 0.55
-  newton (its defaults)        0.80   0.74     5     4     0.984  0.941   0.61  0.76 0.86
-
-The raw-leakage loss (8 → 1 of 20 on LR) is the price; leakage is what relative scores and
-`auto` are for (relative sgd K=1, normalized_sgd K=1 and newton: 20/20 LR, 10/10 MLP in the
-same quick runs; the full leakage table below).
-Newton-step unlearning wins or ties everywhere but is not the default: it fits the
-curvature over the whole training set (backward passes over every row, once) and solves an
-iHVP per query — CG for TorchScript models, ~100 curvature passes (Q2 MLP: 1.25 s vs 0.03 s
-per warm query) — and one per row for self-influence (Q4 MLP: 50 s vs 0.4 s), against
-Forward-INF's premise of forward passes only and its ≥ 30× speed targets (Q3, P2).
-
-Leakage on digits, fp32, per-sample queries, "top-1" =
-the copy ranked first. LR = the `digits_leakage` fixture (1,220 rows, 20 copies); tanh MLP
-= a 64-32-10 tanh MLP trained with Adam on the same set; ReLU = the memorised 64-64-10 ReLU
-MLP of the tests (210 rows, 10 copies, 1/4 of rows at zero `F.cross_entropy`); demo = the
-product's 64-64-10 ReLU demo model (1,405 rows, 5 copies; TorchScript):
-
-  setting                                    LR /20  tanh /20  ReLU /10  demo /5
-  Algorithm 1, SGD K=5 α=0.01                    1        1         2        0
-  former raw default, SGD K=10 α=1               8        8         2        0
-  former raw normalized_sgd K=10 α=1             7       13         5        1
-  former raw adam K=10 α=1 (0.1, 0.01: no better) 2       1         4        1
-  relative sgd K=1 α=0.01                       20       20         5        3
-  relative default, normalized_sgd K=1 α=1e-3   20       20        10        5
-  relative normalized_sgd K=1 α=0.01            20       20        10        5
-  relative adam K=1 α=1e-4                      18       20         9        5
-  relative adam K=10 α=0.1                       0        0         0        0
-  auto (picked normalized_sgd K=1 α=1e-3 rel.)  20       20        10        5
-
-Raw scores are dominated by large-gradient rows (first order: α g_iᵀg_q); no raw setting
-ranks every copy first. Relative SGD fails where the copies are memorised (above). On a wider
-64-256-256-10 ReLU MLP (1,210 rows, 10 copies) relative normalized_sgd ranks 10/10 with
-α = 1e-4 or 1e-3 but 9/10 with α = 0.01 (second-order terms), hence α = 1e-3; Adam's
-relative default needs α = 1e-4 to stay first-order (α·√P per step). `test_forward_inf.py`
-re-measures the LR, tanh and ReLU columns.
+(sgd α = 0.01, normalized_sgd 1e-3, adam 1e-4), raw and relative; relative scores by default.
+Newton-step unlearning is more accurate but fits the curvature over the whole training set
+and solves an iHVP per query, against Forward-INF's premise of forward passes only. The
+evidence lives in the reports, not here: benchmarks/results/q2_forward_inf_target.md
+(Pearson with exact test→train influence), q3_leakage.md (leaked copies ranked first),
+q4_mislabel.md (self-influence AUC), q5_lds_linear.md / q6_lds_neural.md (LDS) and
+q8_lm_tracing.md (causal LMs); `test_forward_inf.py` re-measures the leakage retrieval.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -130,25 +88,14 @@ from attribution.device import precision_tag
 from attribution.ihvp import IHVPEstimator
 from attribution.methods.base import (
     AttributionMethod,
+    BatchedScores,
     FitContext,
     MethodName,
     MethodParams,
     Normalize,
 )
+from attribution.methods.checkpoints import check_checkpoint_context
 from attribution.methods.forward_inf_auto import AutoChoice, Candidate, select_hyperparameters
-from attribution.methods.forward_inf_engine import (
-    BatchLosses,
-    CastTrainingSet,
-    StackedModel,
-    Unlearning,
-    cast_batch,
-    copies_losses,
-    first_order_self_influence,
-    gradient_norms,
-    relative_denominator,
-    sweep,
-    unlearn_copy,
-)
 from attribution.methods.forward_inf_logspace import (
     LogLossTask,
     direction_model,
@@ -173,6 +120,22 @@ from attribution.methods.forward_inf_params import (
     SelfInfluenceMode,
     UnlearningRule,
 )
+from attribution.methods.forward_inf_sweep import (
+    BatchLosses,
+    CastTrainingSet,
+    cast_batch,
+    copies_losses,
+    sweep,
+)
+from attribution.methods.forward_inf_unlearning import (
+    StackedModel,
+    Unlearning,
+    first_order_self_influence,
+    gradient_norms,
+    relative_denominator,
+    unlearn_copy,
+)
+from attribution.methods.gradient_features import checkpoint_schedule, stage_progress
 from attribution.methods.influence import fitted_estimator
 from attribution.methods.registry import register
 from attribution.model import ModelAdapter
@@ -195,6 +158,34 @@ class ForwardInf(AttributionMethod):
 
     name = MethodName.FORWARD_INF
     params_type = ForwardInfParams
+    row_separable = True  # with gradient unlearning the run sees only the query samples
+
+    @classmethod
+    def fits_curvature(cls, params: MethodParams) -> bool:
+        """Newton-step unlearning fits (G + λI)⁻¹ over the whole training set."""
+        return isinstance(params, ForwardInfParams) and params.newton
+
+    @classmethod
+    def resolved_normalize(cls, params: MethodParams, task: str) -> Normalize:
+        """An unset `normalize` takes the task's default (`ForwardInfParams.for_task`)."""
+        if not isinstance(params, ForwardInfParams):
+            raise TypeError("forward_inf takes ForwardInfParams")
+        return Normalize(str(params.for_task(task).normalize))  # for_task always sets it
+
+    @classmethod
+    def can_fan_out(cls, params: MethodParams, task: str) -> bool:
+        """As every method, and not `auto` (its search runs over the whole training set)."""
+        return super().can_fan_out(params, task) and not (isinstance(params, ForwardInfParams) and params.auto)
+
+    @classmethod
+    def batch_key(cls, params: MethodParams) -> str | None:
+        """Every param except `normalize` (relative and raw queries apart: relative scores of
+        classifiers sweep log-losses); None for `auto` and Newton-step unlearning, whose
+        unlearned copies are not Algorithm 1's K steps on the query alone."""
+        if not isinstance(params, ForwardInfParams) or params.auto or params.newton:
+            return None
+        shared = {k: v for k, v in params.to_dict().items() if k != "normalize"}
+        return repr((params.normalize == Normalize.RELATIVE, sorted(shared.items())))
 
     def __init__(self, model: ModelAdapter, params: MethodParams, context: FitContext) -> None:
         super().__init__(model, params, context)
@@ -283,6 +274,37 @@ class ForwardInf(AttributionMethod):
             raise ValueError("at least one query sample is required")
         base = self._base(train)
         return self._scores(self.settings, queries, train, base, per_sample=per_sample, report=True)
+
+    def score_many(self, queries: Sequence[tuple[MethodParams, Batch]], train: TrainingSet) -> list[BatchedScores]:
+        """`[1, N]` joint scores of B queries (each its params and samples z_b, all of one
+        `batch_key`) from one sweep (Algorithm 1 per query):
+
+            θ_K^(b) = K ascent steps from θ̂ on (1/|z_b|) Σ_{z ∈ z_b} L(θ, z)       b = 1..B
+            score_b,i = sign · (L(θ_K^(b), z_i) − L(θ̂, z_i))                         [B, N]
+
+        Each training batch is read once and all B unlearned copies are evaluated on it; each
+        copy runs exactly the ops `score` runs, so each query's scores equal its one-query result.
+        Each query's params get its model's task defaults (`for_task`), as alone.
+        """
+        settings = [p.for_task(self.model.task.name) for p, _ in queries if isinstance(p, ForwardInfParams)]
+        keys = {self.batch_key(p) for p in settings}
+        if len(settings) != len(queries) or len(keys) != 1 or None in keys:
+            raise ValueError("score_many takes forward_inf params of one batch_key (no auto, no Newton step)")
+        self._base(train)
+        copies, results = [], []
+        for p, (_, batch) in zip(settings, queries, strict=True):
+            began = time.perf_counter()
+            how = p.gradient_unlearning
+            copies.append(self.unlearned_copy(p, batch, how))
+            results.append(BatchedScores(torch.empty(0), timings={"unlearn_s": time.perf_counter() - began},
+                                         extras={"unlearning_steps": how.log.steps_taken} if how.until_forgotten else {}))
+        began = time.perf_counter()
+        after = self._sweep(copies_losses(copies), train, settings[0].batch_size, True)  # [B, N]
+        sweep_s = time.perf_counter() - began
+        for b, (p, result) in enumerate(zip(settings, results, strict=True)):
+            result.scores = self.loss_change(p, after[b:b + 1], train)
+            result.timings["sweep_s"] = sweep_s
+        return results
 
     def _scores(self, p: ForwardInfParams, queries: Batch, train: TrainingSet, base: Tensor,
                 *, per_sample: bool, report: bool) -> Tensor:
@@ -430,7 +452,10 @@ class ForwardInf(AttributionMethod):
         """`[N]`: each row unlearned alone (K steps, α; or the Newton step), its own loss change
         (sign as in `score`); the mislabel-audit quantity. `gradient_norm` mode: its first-order
         value for one step, α‖g_i‖₂² (sgd), α‖g_i‖₂ (normalized_sgd), α‖g_i‖₁ (adam),
-        α g_iᵀ(G + λI)⁻¹g_i (newton)."""
+        α g_iᵀ(G + λI)⁻¹g_i (newton). With training checkpoints θ_c in the context:
+        `Σ_c η_c s(θ_c, z_i)` (`checkpoint_self_influence`)."""
+        if self.context.checkpoints:
+            return self.checkpoint_self_influence(train)
         started = time.perf_counter()
         p = self.settings
         if p.newton:
@@ -442,6 +467,27 @@ class ForwardInf(AttributionMethod):
             out = self._unlearned_self_influence(p, train, self._base(train))
         self.context.timings["self_influence_s"] = time.perf_counter() - started
         return out
+
+    def checkpoint_self_influence(self, train: TrainingSet) -> Tensor:
+        """`[N]` `Σ_c η_c s(θ_c, z_i)`: the self-influence (same setting) at each training checkpoint
+        θ_c, η_c-weighted — TracInCP's sum over checkpoints (Pruthi et al. 2020, eq. 3) applied to
+        Forward-INF's own loss change. A row that is hard to fit (a flipped label) keeps a large
+        loss change through training, while on the final model alone memorised rows look alike:
+        on Q4's 300 validation rows (benchmarks/defaults_validation.py q4, 5 checkpoints) the
+        flipped-label AUC goes 0.9319 → 0.9790 with the defaults."""
+        check_checkpoint_context(self.settings.checkpoint_model_ids, self.settings.checkpoint_lrs, self.context)
+        single = replace(self.settings, auto=False, checkpoint_model_ids=(), checkpoint_lrs=())
+        schedule = checkpoint_schedule(self.model, self.context)
+        total = torch.zeros(len(train), dtype=torch.float32)
+        for stage, (checkpoint, lr) in enumerate(schedule):
+            context = FitContext(
+                fingerprint=f"{self.context.fingerprint}:checkpoint:{checkpoint.digest()}", store=self.context.store,
+                progress=stage_progress(self.context.progress, stage, len(schedule)),
+                timings=self.context.timings, amp_dtype=self.context.amp_dtype)
+            method = ForwardInf(checkpoint, single, context)
+            method.fit(train)
+            total += lr * method.self_influence(train).float()
+        return total
 
     def _newton_self_influence(self, p: ForwardInfParams, train: TrainingSet) -> Tensor:
         if p.self_influence_mode == SelfInfluenceMode.GRADIENT_NORM:

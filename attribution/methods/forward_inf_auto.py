@@ -32,7 +32,7 @@ from torch import Tensor
 from attribution.artifacts import artifact_key, cached_tensors
 from attribution.data import Batch, TensorTrainingSet, TrainingSet, concat_batches
 from attribution.methods.base import FitContext, MethodParams
-from attribution.methods.forward_inf_engine import relative_denominator
+from attribution.methods.forward_inf_unlearning import relative_denominator
 from attribution.pipeline import relative_scores
 
 OPTIMIZERS = ("sgd", "adam", "normalized_sgd")

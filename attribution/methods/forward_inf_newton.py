@@ -59,7 +59,8 @@ from torch import Tensor
 
 from attribution.data import Batch, TensorTrainingSet, TrainingSet
 from attribution.ihvp import IHVPEstimator
-from attribution.methods.forward_inf_engine import BatchLosses, StackedModel, copies_losses, sweep
+from attribution.methods.forward_inf_sweep import BatchLosses, copies_losses, sweep
+from attribution.methods.forward_inf_unlearning import StackedModel
 from attribution.methods.influence import query_gradients
 from attribution.model import ModelAdapter, Params
 

@@ -11,8 +11,9 @@ from enum import StrEnum
 from typing import Any
 
 from attribution.methods.base import MethodParams, Normalize, ParamsError
-from attribution.methods.forward_inf_engine import Unlearning
+from attribution.methods.checkpoints import check_checkpoint_params
 from attribution.methods.forward_inf_newton import NewtonStep, removal_scale
+from attribution.methods.forward_inf_unlearning import Unlearning
 from attribution.methods.influence import IHVPParams
 
 
@@ -120,6 +121,9 @@ class ForwardInfParams(IHVPParams):
     `normalize`); otherwise unset `stop` is "fixed", unset `normalize` "relative".
     Unset `steps`/`lr` take `DEFAULTS[optimizer]`; explicit values are used
     as given. `ForwardInf` works with `for_task(task).resolved()`, where all are explicit.
+    `checkpoint_model_ids` / `checkpoint_lrs`: training checkpoints θ_c and their η_c (resolved
+    into `FitContext.checkpoints` like TracIn's); used by self-influence only, which becomes
+    `Σ_c η_c s(θ_c, z_i)` (TracInCP's sum over checkpoints; `ForwardInf.self_influence`).
     """
 
     # None = the task's default (`for_task`); the base class's field is a plain `Normalize`.
@@ -136,9 +140,12 @@ class ForwardInfParams(IHVPParams):
     chunk_size: int = 0
     unlearning: UnlearningRule = UnlearningRule.GRADIENT
     stop: StopRule | None = None
+    checkpoint_model_ids: tuple[str, ...] = ()
+    checkpoint_lrs: tuple[float, ...] = ()
 
     def validate(self) -> None:
         super().validate()
+        check_checkpoint_params(self.checkpoint_model_ids, self.checkpoint_lrs)
         if self.steps is not None and not 1 <= self.steps <= 1000:
             raise ParamsError("steps", "must be between 1 and 1000")
         if self.lr is not None and not 0.0 < self.lr <= 1e6:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
-from attribution.methods.base import FitContext, MethodParams, ParamsError, Progress
+from attribution.methods.base import ContextInputs, FitContext, MethodParams, ParamsError, Progress
 from attribution.model import ModelAdapter
 from attribution.projection import ProjectionType, RandomProjector
 
@@ -78,6 +78,9 @@ class CheckpointFeatureParams(GradientFeatureParams):
         for position, lr in enumerate(self.checkpoint_lrs):
             if not (math.isfinite(lr) and lr > 0):
                 raise ParamsError(f"checkpoint_lrs[{position}]", "must be a finite number > 0")
+
+    def context_inputs(self) -> ContextInputs:
+        return ContextInputs(checkpoint_model_ids=self.checkpoint_model_ids, checkpoint_lrs=self.checkpoint_lrs)
 
     def check_context(self, context: FitContext) -> None:
         """The context must hold the checkpoints the params name (the service resolves them)."""

@@ -75,6 +75,7 @@ class GradientSimilarity(AttributionMethod):
     """Dot product or cosine between query and training loss gradients at the final model."""
 
     name = MethodName.GRADIENT_SIMILARITY
+    row_separable = True  # sim(∇L_q, ∇L_i) reads row i alone
     params_type = GradientSimilarityParams
     params: GradientSimilarityParams
 

@@ -219,6 +219,10 @@ class IntegratedInfluence(AttributionMethod):
     params_type = IntegratedInfluenceParams
     params: IntegratedInfluenceParams
 
+    @classmethod
+    def fits_curvature(cls, params: MethodParams) -> bool:
+        return True
+
     def __init__(self, model: ModelAdapter, params: MethodParams, context: FitContext) -> None:
         super().__init__(model, params, context)
         self.tracked, self.scoped = tracked_model(model, self.params, context.extras)

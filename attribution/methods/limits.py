@@ -31,6 +31,7 @@ MAXIMUMS: dict[str, int] = {
     "projection_dim": 1 << 16,  # projected gradient features per row
     "chunk_size": 4_096,  # rows unlearned together for Forward-INF self-influence
     "checkpoint_model_ids": 64,  # checkpoints θ_c (one featurisation of the training set each)
+    "resamples": 32,  # stability resamples R (`attribution.stability`: up to one more run of the method each)
 }
 
 

@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from attribution.methods.auto import AUTO
 from attribution.methods.base import AttributionMethod, MethodName, MethodParams, ParamsError
 
 _REGISTRY: dict[MethodName, type[AttributionMethod]] = {}
@@ -26,12 +27,18 @@ def method_class(name: str) -> type[AttributionMethod]:
     try:
         return _REGISTRY[MethodName(name)]
     except (ValueError, KeyError):
-        raise UnknownMethodError(f"unknown method {name!r}; valid methods: {', '.join(available_methods())}") from None
+        raise UnknownMethodError(f"unknown method {name!r}; valid methods: {', '.join(requestable_methods())}") from None
 
 
 def available_methods() -> list[str]:
+    """The registered (concrete) methods."""
     _load_builtin_methods()
     return sorted(m.value for m in _REGISTRY)
+
+
+def requestable_methods() -> list[str]:
+    """What a request may name: `auto` (`attribution.methods.auto`) and every registered method."""
+    return [AUTO, *available_methods()]
 
 
 def parse_params(name: str, raw: Mapping[str, Any] | None) -> MethodParams:
@@ -50,4 +57,5 @@ def _load_builtin_methods() -> None:
         importlib.import_module(f"attribution.methods.{module}")
 
 
-__all__ = ["ParamsError", "UnknownMethodError", "available_methods", "method_class", "parse_params", "register"]
+__all__ = ["ParamsError", "UnknownMethodError", "available_methods", "method_class", "parse_params", "register",
+           "requestable_methods"]

@@ -55,6 +55,7 @@ from attribution.feature_files import EntryWriter, FeatureFiles, read_array, str
 from attribution.interrupts import check_interrupt
 from attribution.methods.base import (
     AttributionMethod,
+    ContextInputs,
     FitContext,
     MethodName,
     Normalize,
@@ -103,6 +104,9 @@ class TrackStarParams(GradientFeatureParams):
             raise ParamsError("eps", "must be ≥ 0")
         if self.optimizer_state is not None and not self.optimizer_state.startswith("file://"):
             raise ParamsError("optimizer_state", "must be a file:// URI of a safetensors file inside the data root")
+
+    def context_inputs(self) -> ContextInputs:
+        return ContextInputs(optimizer_state=self.optimizer_state)
 
 
 @register

@@ -1,6 +1,6 @@
 """models: `structure`, the registered module's trainable parameters and what K-FAC can factor
 
-Recorded once at registration (`workers.loading.models.model_structure`) so that
+Recorded once at registration (`loading.models.model_structure`) so that
 `POST /v1/queries` can refuse, with a 422 naming what works, a query whose `layers` match no
 parameter or whose `ihvp: kfac|ekfac` cannot factor a tracked parameter — without loading
 the model. Rows registered before this revision hold NULL (not checked).

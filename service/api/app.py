@@ -4,7 +4,7 @@ In embedded mode (no `REDIS_URL`) jobs run inside the API process, so the app's 
 also does the queue worker's housekeeping: at start-up one reaper pass with
 `startup=True` (queries a previous, dead process left `queued` or `running` are
 re-enqueued, or failed once out of attempts), then the periodic reaper thread until
-shutdown (`workers.maintenance`).
+shutdown (`workers.reaper`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service import queue
 from service.api.errors import install_error_handlers
 from service.api.metrics import MetricsMiddleware, ServiceMetrics
 from service.api.middleware import AuthFirstMiddleware, BodyLimitMiddleware
@@ -85,8 +86,7 @@ def _start_embedded_reaper(settings: Settings) -> Callable[[], None]:
     reaper thread; returns the function that stops it (a no-op with a queue)."""
     if not settings.embedded:
         return lambda: None
-    from workers.maintenance import reap_stale_queries, start_reaper
-
+    reap_stale_queries, start_reaper = queue.resolve(queue.REAP_STALE_QUERIES), queue.resolve(queue.START_REAPER)
     try:
         reap_stale_queries(settings, startup=True)
     except Exception:  # the API still starts; /readyz reports a database that does not answer

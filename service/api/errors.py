@@ -154,8 +154,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def invalid_from_load_error(exc: Exception, *, field_prefix: str = "") -> InvalidInput:
-    """422 for a `workers.loading` `LoadError`: `invalid_<kind>` naming the offending field."""
-    from workers.loading.errors import ModelLoadError, SamplesError, ShardError, UriError
+    """422 for a `loading` `LoadError`: `invalid_<kind>` naming the offending field."""
+    from loading.errors import ModelLoadError, SamplesError, ShardError, UriError
 
     code = "invalid_input"
     for kind, name in ((UriError, "invalid_uri"), (ModelLoadError, "invalid_model"),

@@ -10,7 +10,7 @@ Collected at scrape time:
 - `attribution_jobs{status}`: queries per status (all tenants);
 - `attribution_job_duration_seconds`: histogram of computed jobs' run time (started → finished);
 - `attribution_cache_hits_total` / `attribution_cache_misses_total`: the workers' Redis cache
-  of training-set losses and fit artifacts (`workers.cache.cache_stats`).
+  of training-set losses and fit artifacts (`service.artifact_store.cache_stats`).
 A part that cannot be collected (database or Redis down) is left out of that scrape.
 
 Several API processes (`python -m service --processes N`, N > 1, which sets
@@ -115,7 +115,7 @@ class _StateCollector(Collector):
 
     def _cache(self) -> Iterator[Metric]:
         try:
-            from workers.cache import cache_stats
+            from service.artifact_store import cache_stats
 
             stats = cache_stats(self.settings)
         except Exception as exc:  # Redis down or cache unavailable

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from loading import dataset_sha256, inspect_model, inspect_shard, resolve_uri
+from loading.errors import LoadError
 from service.api.errors import invalid_from_load_error
 from service.api.schemas import DatasetCreate, ModelCreate
 from service.api.storing import commit_created
@@ -17,8 +19,6 @@ from service.db.models import Dataset, Model
 from service.db.repositories import datasets as dataset_repo
 from service.db.repositories import models as model_repo
 from service.settings import Settings
-from workers.loading import dataset_sha256, inspect_model, inspect_shard, resolve_uri
-from workers.loading.errors import LoadError
 
 
 def register_model(session: Session, settings: Settings, tenant: str, body: ModelCreate) -> Model:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from attribution.methods.auto import auto_record
 from service.db.models import Query, QueryStatus
 
 
@@ -101,12 +102,25 @@ class DatasetOut(BaseModel):
 
 
 # ------------------------------------------------------------------ queries
+class StabilityIn(RequestBody):
+    """Opt-in rank stability of the ranked rows (`attribution.stability`)."""
+
+    resamples: int = Field(default=16, description="R, the resampled reruns (2 to 32): projection seeds, a "
+                                                   "bootstrap over checkpoints, step sizes or dampings by method")
+
+
 class QueryCreate(RequestBody):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_id: ResourceRef
     dataset_id: ResourceRef
-    method: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(storable_text)]
+    method: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(storable_text)] = Field(
+        default="auto",
+        description="a method name, or `auto` (the default): the service picks the method and params for the "
+                    "model's task, the purpose (`self_influence`) and the checkpoints given "
+                    "(`params.checkpoint_model_ids`); the query's `method`/`params` then show the choice and "
+                    "`auto` (and `result.extras.auto`) why",
+    )
     samples: dict[str, Any] | None = Field(
         default=None,
         description='{"x": [...], "y": [...]} | {"text": [...]} | {"refs": [{"dataset_id", "index"}]}',
@@ -126,6 +140,11 @@ class QueryCreate(RequestBody):
         default="mean", description="how a group's row scores combine: `mean` (per-row support) or `sum` "
                                     "(total); ignored when group_by is `row`",
     )
+    stability: StabilityIn | None = Field(
+        default=None, description='{"resamples": R}: report each ranked row\'s rank stability (the share of R '
+                                  "resamples keeping it in the top/bottom k, and its 5th–95th percentile rank); "
+                                  "null: not computed. 422 for methods and params with nothing to resample",
+    )
 
 
 class RankedRow(BaseModel):
@@ -137,6 +156,11 @@ class RankedRow(BaseModel):
     score: float
     preview: str | None = Field(default=None, description="the first 200 characters of a text row's training text "
                                                           "(prompt + completion for instruction rows); null otherwise")
+    stability: float | None = Field(default=None, description="share of the stability resamples in which the row is "
+                                                              "in the top k (bottom k for bottom rows); null unless "
+                                                              "the query asked for `stability`")
+    rank_low: int | None = Field(default=None, description="5th percentile of the row's rank over the resamples")
+    rank_high: int | None = Field(default=None, description="95th percentile of the row's rank over the resamples")
 
 
 class SampleResult(BaseModel):
@@ -215,6 +239,11 @@ class QueryOut(BaseModel):
     group_by: str = Field(description="row | shard | group: what one score column stands for")
     group_reduce: str = Field(description="mean | sum: how a group's row scores combine (grouped queries)")
     params: dict[str, Any]
+    auto: dict[str, Any] | None = Field(
+        default=None, description='`method: "auto"` requests: {"method", "params", "reason"} of the choice '
+                                  "(`method`/`params` above show the same); null when a method was named")
+    stability: dict[str, Any] | None = Field(default=None, description='the rank-stability request {"resamples": R}, '
+                                                                       "or null")
     num_query_samples: int
     source_query_id: str | None = Field(description="cached answers: the query that computed the result")
     callback_url: str | None
@@ -256,6 +285,12 @@ class RankedRowLike(Protocol):
     def score(self) -> float: ...
     @property
     def preview(self) -> str | None: ...
+    @property
+    def stability(self) -> float | None: ...
+    @property
+    def rank_low(self) -> int | None: ...
+    @property
+    def rank_high(self) -> int | None: ...
 
 
 def query_out(query: Query, *, with_result: bool = True, results: Sequence[RankedRowLike] | None = None) -> QueryOut:
@@ -272,7 +307,8 @@ def query_out(query: Query, *, with_result: bool = True, results: Sequence[Ranke
         finished_at=query.finished_at, error=query.error, result=result, model_id=query.model_id,
         dataset_id=query.dataset_id, mode=query.mode, self_influence=query.self_influence,
         top_k=query.top_k, group_by=query.group_by, group_reduce=query.group_reduce,
-        params=query.params, num_query_samples=query.num_query_samples,
+        params=query.params, auto=auto_record(query.extras), stability=query.stability,
+        num_query_samples=query.num_query_samples,
         source_query_id=query.source_query_id, callback_url=query.callback_url,
     )
 
@@ -283,7 +319,7 @@ def _result_out(query: Query, ranked: Sequence[RankedRowLike]) -> QueryResultOut
         ranking = rankings.setdefault(row.sample, {"top": [], "bottom": []})
         ranking.setdefault(row.kind, []).append(RankedRow(
             rank=row.rank, index=row.index, sample_id=row.sample_id, shard=row.shard, score=row.score,
-            preview=row.preview))
+            preview=row.preview, stability=row.stability, rank_low=row.rank_low, rank_high=row.rank_high))
     samples = sorted(rankings)
     first = rankings[samples[0]] if samples else {"top": [], "bottom": []}
     per_sample = None

@@ -9,13 +9,14 @@ or `[Q, G]` in group order, with the group ids in `<id>.groups.json` beside the 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from service.api.errors import Conflict, NotFound
+from service.api.schemas import RankedRowLike
 from service.db.models import Query, QueryStatus
 from service.settings import Settings
 
@@ -78,16 +79,26 @@ def scores_json(query_id: str, scores: np.ndarray, groups: list[str] | None = No
     return out
 
 
+StabilityCells = dict[tuple[int, int], tuple[float, int, int]]  # (sample, index) → (stability, rank_low, rank_high)
+
+
 def scores_csv(scores: np.ndarray, groups: list[str] | None = None,
-               previews: dict[int, str] | None = None) -> Iterator[str]:
+               previews: dict[int, str] | None = None, stability: StabilityCells | None = None) -> Iterator[str]:
     """CSV, one line per training row in global index order (per group for grouped queries).
 
     `[N]`: header `index,score`; `[Q, N]`: header `index,sample_0,...,sample_{Q-1}`; grouped
-    queries add a `group` column (the group id) after `index`; text datasets (`previews`, the
-    ranked rows' text previews by index) add a last column `preview`, empty for unranked rows.
+    queries add a `group` column (the group id) after `index`; queries with rank stability
+    (`stability`, the ranked rows' figures by (sample, index)) add `stability,rank_low,rank_high`
+    (`[Q, N]`: `stability_q,rank_low_q,rank_high_q` per sample q), empty for unranked rows; text
+    datasets (`previews`, the ranked rows' text previews by index) add a last column `preview`,
+    empty for unranked rows.
     """
     matrix = np.asarray(scores).reshape(1, -1) if scores.ndim == 1 else np.asarray(scores)
     header = ["score"] if scores.ndim == 1 else [f"sample_{q}" for q in range(matrix.shape[0])]
+    samples = range(matrix.shape[0]) if stability else range(0)
+    for q in samples:
+        suffix = "" if scores.ndim == 1 else f"_{q}"
+        header += [f"stability{suffix}", f"rank_low{suffix}", f"rank_high{suffix}"]
     if previews:
         header.append("preview")
     yield ("index," if groups is None else "index,group,") + ",".join(header) + "\n"
@@ -97,9 +108,25 @@ def scores_csv(scores: np.ndarray, groups: list[str] | None = None,
         yield "".join(
             f"{start + i}," + ("" if groups is None else f"{_csv_field(groups[start + i])},")
             + ",".join(f"{float(v):.9g}" for v in row)
+            + "".join(_stability_cells(stability, q, start + i) for q in samples)
             + ("" if not previews else "," + _csv_field(previews.get(start + i, ""))) + "\n"
             for i, row in enumerate(block)
         )
+
+
+def _stability_cells(stability: StabilityCells | None, sample: int, index: int) -> str:
+    figures = stability.get((sample, index)) if stability else None
+    return ",,," if figures is None else f",{figures[0]:.6g},{figures[1]},{figures[2]}"
+
+
+def stability_cells(rows: Iterable[RankedRowLike]) -> StabilityCells:
+    """The CSV's stability figures of a query's ranked rows; a row in both the top and the
+    bottom list (k ≥ N/2) shows its top-list figures."""
+    cells: StabilityCells = {}
+    for row in sorted(rows, key=lambda r: r.kind != "top"):
+        if row.stability is not None and row.rank_low is not None and row.rank_high is not None:
+            cells.setdefault((row.sample, row.index), (row.stability, row.rank_low, row.rank_high))
+    return cells
 
 
 def _csv_field(text: str) -> str:

@@ -1,23 +1,29 @@
 """`POST /v1/queries`: validate, answer from an identical earlier query, or insert and enqueue.
 
 Order of work, cheapest first:
-1. model and dataset of the tenant (404 otherwise), method and params (registry), the
+1. model and dataset of the tenant (404 otherwise), method and params (registry; `method:
+   "auto"`, the default, is resolved here to a concrete method and params from the model's
+   task and size, the purpose and the checkpoints given — `attribution.methods.auto` — and
+   the rest of the request is checked as if that method had been named), the
    params against the model's structure recorded at registration (`layers` that select no
    parameter; `ihvp: kfac|ekfac` on parameters K-FAC cannot factor: 422 naming what works), the
    checkpoint models the params name (TracIn, TRAK: the tenant's live models of the same
    task and size, else 422 "unknown model" — another tenant's id is unknown too), samples
    structure, `top_k`, `callback_url`, `group_by` (`group` needs a `group` column in every
-   shard: only the shard files' headers are read);
+   shard: only the shard files' headers are read), `stability` (`resamples` within its limit, a
+   method and params with something to resample, rows not groups);
 2. the request hash over (model sha, architecture, dataset sha, task, canonical samples,
    method, params with defaults filled, checkpoint shas, mode, self_influence, top_k,
-   group_by, group_reduce);
+   group_by, group_reduce; for `auto`: method "auto" and the resolved method and params,
+   so an auto request is cached and replayed only as an auto request, and an explicit one
+   keeps its hash; `stability` only when requested, so other hashes are unchanged);
 3. `Idempotency-Key`: a retry with the same key and the same request returns the same query
    (a different request under that key is a 409);
 4. an identical succeeded query of the tenant: a new `succeeded`, `cached: true` query
    sharing its result (no model load): one select of the model and dataset, one of the
    succeeded query, one INSERT and one INSERT ... SELECT ... RETURNING of its ranked rows,
    one commit; the response is built from those rows (`Submitted.results`), not read back;
-5. otherwise the samples are checked against the model (`parse_samples`), the row is
+5. otherwise the samples are checked against the model (`check_samples_against_model`), the row is
    inserted `queued` and committed, then `workers.jobs.run_query(id)` is enqueued with
    `job_id = id`; if the queue is down the row is marked failed (its Idempotency-Key freed,
    so a retry with the key creates a fresh query) and the answer is 503 `queue_unavailable`.
@@ -38,12 +44,26 @@ from urllib.parse import urlsplit
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from attribution.methods.auto import (
+    AUTO,
+    AutoChoice,
+    AutoInputs,
+    AutoParams,
+    choose_method,
+    with_task_defaults,
+)
 from attribution.methods.base import MethodParams, ParamsError
+from attribution.methods.forward_inf_params import ForwardInfParams
 from attribution.methods.gradient_features import CheckpointFeatureParams
 from attribution.methods.influence import IHVPChoice, IHVPParams, InfluenceParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
 from attribution.methods.trackstar import TrackStarParams
+from attribution.stability import Resampling, StabilityError, StabilityParams, resampling_for
 from attribution.structure import ModelStructure
+from loading import check_samples_against_model, optimizer_state_sha256
+from loading.errors import LoadError
+from loading.sample_structure import check_samples
+from loading.shards import GROUP_COLUMN, shards_without_column
 from service import queue
 from service.api.errors import (
     Conflict,
@@ -52,7 +72,6 @@ from service.api.errors import (
     NotFound,
     invalid_from_load_error,
 )
-from service.api.samples import check_samples
 from service.api.schemas import QueryCreate
 from service.api.storing import commit_created
 from service.db.models import Dataset, Model, Query
@@ -60,10 +79,6 @@ from service.db.repositories import datasets as dataset_repo
 from service.db.repositories import models as model_repo
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
-from workers.grouping import GROUP_COLUMN
-from workers.loading import optimizer_state_sha256, parse_samples
-from workers.loading.errors import LoadError
-from workers.loading.shards import shards_without_column
 
 RUN_QUERY_JOB = "workers.jobs.run_query"
 RETRY_WITH_KEY = ("retry with the same Idempotency-Key header: it returns the query if it was stored and "
@@ -91,11 +106,14 @@ class Submitted:
 class _Validated:
     model: Model
     dataset: Dataset
+    method: str  # the method that runs (`auto` resolved)
     params: MethodParams
     params_dict: dict[str, Any]  # params.to_dict(): defaults filled in
     samples: dict[str, Any] | None
     request_hash: str
     group_reduce: str
+    auto: dict[str, Any] | None  # `method: "auto"`: the choice (`AutoChoice.report`)
+    stability: dict[str, Any] | None  # the validated stability request, or None
 
 
 def submit_query(
@@ -121,11 +139,12 @@ def submit_query(
     def queued() -> tuple[Query, None]:
         return query_repo.add_query(
             session, tenant=tenant, model_id=checked.model.id, dataset_id=checked.dataset.id,
-            method=body.method, params=checked.params_dict, mode=body.mode,
+            method=checked.method, params=checked.params_dict, mode=body.mode,
             self_influence=body.self_influence, top_k=body.top_k, samples=checked.samples,
             num_query_samples=num_samples, request_hash=checked.request_hash,
             idempotency_key=idempotency_key, callback_url=body.callback_url,
-            group_by=body.group_by, group_reduce=checked.group_reduce,
+            group_by=body.group_by, group_reduce=checked.group_reduce, stability=checked.stability,
+            extras={"auto": checked.auto} if checked.auto is not None else None,
         ), None
     submitted = _insert(session, tenant, idempotency_key, checked, body, Outcome.ENQUEUED, queued)
     if submitted.outcome is Outcome.ENQUEUED:
@@ -135,10 +154,16 @@ def submit_query(
 
 def _validate(session: Session, settings: Settings, tenant: str, body: QueryCreate) -> _Validated:
     model, dataset = _model_and_dataset(session, tenant, body)
-    params = _method_params(body)
+    auto_params, choice = _auto_choice(body, model)
+    method = choice.method.value if choice is not None else body.method
+    params = _method_params(body, method, choice.params if choice is not None else body.params)
+    if choice is not None:
+        params = with_task_defaults(params, model.task)
     _check_structure(model, params)
     params_dict = params.to_dict()
-    checkpoint_shas = _checkpoint_shas(session, tenant, model, params)
+    checkpoint_shas = _checkpoint_shas(session, tenant, model, _named_checkpoints(params))
+    if auto_params is not None and not checkpoint_shas:  # checkpoints auto did not use: still valid ids
+        _checkpoint_shas(session, tenant, model, auto_params.checkpoint_model_ids)
     if body.top_k > settings.max_top_k:
         raise InvalidInput(f"top_k: must be at most {settings.max_top_k}")
     if body.callback_url is not None:
@@ -148,6 +173,7 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
     _check_samples_given(settings, body)
     _check_group_by(settings, body, dataset)
     group_reduce = body.group_reduce if body.group_by != "row" else "mean"  # rows ignore it
+    stability = _stability(body, method, params, model)
     request = {
         "model_sha256": model.sha256, "architecture": model.architecture, "task": model.task,
         "dataset_sha256": dataset.sha256, "samples": body.samples, "method": body.method,
@@ -155,12 +181,38 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
         "self_influence": body.self_influence, "top_k": body.top_k, "group_by": body.group_by,
         "group_reduce": group_reduce,
     }
+    if choice is not None:  # only then, so every explicit request keeps its hash
+        request["auto_method"] = method
     optimizer_sha = _optimizer_state_sha(settings, params)
     if optimizer_sha is not None:  # only then, so every other request keeps its hash
         request["optimizer_state_sha256"] = optimizer_sha
+    if stability is not None:  # likewise
+        request["stability"] = stability
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return _Validated(model, dataset, params, params_dict, body.samples,
-                      hashlib.sha256(canonical.encode()).hexdigest(), group_reduce)
+    return _Validated(model, dataset, method, params, params_dict, body.samples,
+                      hashlib.sha256(canonical.encode()).hexdigest(), group_reduce,
+                      choice.report(params_dict) if choice is not None else None, stability)
+
+
+def _stability(body: QueryCreate, method: str, params: MethodParams, model: Model) -> dict[str, Any] | None:
+    """The rank-stability request with its bound checked (`limits.MAXIMUMS["resamples"]`), or None;
+    422 naming the field when over the bound, or when the method and params leave nothing to
+    resample (`attribution.stability.resampling_for`; a `projection_dim` ≥ the model's parameter
+    count projects nothing) or the ranking is not by row."""
+    if body.stability is None:
+        return None
+    try:
+        checked = StabilityParams(resamples=body.stability.resamples)
+        resampling = resampling_for(method, params)
+    except StabilityError as exc:
+        raise InvalidInput(str(exc)) from exc
+    dim = getattr(params, "projection_dim", None)
+    if resampling is Resampling.PROJECTION_SEED and dim is not None and dim >= model.num_parameters:
+        raise InvalidInput(f"stability: params.projection_dim {dim} ≥ the model's {model.num_parameters} parameters, "
+                           "so the gradients are not projected and there is no seed to resample; lower projection_dim")
+    if body.group_by != "row":
+        raise InvalidInput("stability: ranks rows; it does not apply to group_by shard/group")
+    return {"resamples": checked.resamples}
 
 
 def _model_and_dataset(session: Session, tenant: str, body: QueryCreate) -> tuple[Model, Dataset]:
@@ -177,16 +229,36 @@ def _model_and_dataset(session: Session, tenant: str, body: QueryCreate) -> tupl
     return model, dataset  # both appeared between the two reads
 
 
-def _method_params(body: QueryCreate) -> MethodParams:
+def _auto_choice(body: QueryCreate, model: Model) -> tuple[AutoParams | None, AutoChoice | None]:
+    """`method: "auto"` → its params and the concrete method and raw params for this model (task,
+    size), the purpose (`self_influence`) and the checkpoints in `params`; (None, None) when a
+    method was named."""
+    if body.method != AUTO:
+        return None, None
     try:
-        params = _params_of(body.method, body.params)
-        supports_self_influence = method_class(body.method).supports_self_influence
+        params = AutoParams.from_dict(body.params)
+    except ParamsError as exc:
+        raise InvalidInput(f"{exc} (method auto accepts checkpoint_model_ids, checkpoint_lrs, batch_size, seed)",
+                           code="invalid_params") from exc
+    inputs = AutoInputs(task=model.task, self_influence=body.self_influence,
+                        num_checkpoints=len(params.checkpoint_model_ids), num_parameters=model.num_parameters)
+    return params, choose_method(inputs, params)
+
+
+def _method_params(body: QueryCreate, method: str, raw: dict[str, Any] | None) -> MethodParams:
+    try:
+        params = _params_of(method, raw)
+        supports_self_influence = method_class(method).supports_self_influence
     except UnknownMethodError as exc:
         raise InvalidInput(f"method: {exc}", code="unknown_method") from exc
     except ParamsError as exc:
         raise InvalidInput(str(exc), code="invalid_params") from exc
     if body.self_influence and not supports_self_influence:
-        raise InvalidInput(f"self_influence: method {body.method} does not define self-influence")
+        raise InvalidInput(f"self_influence: method {method} does not define self-influence")
+    if isinstance(params, ForwardInfParams) and params.checkpoint_model_ids and not body.self_influence:
+        raise InvalidInput("params.checkpoint_model_ids: forward_inf uses training checkpoints for self_influence "
+                           "only (its query scores unlearn the final model); drop them, or use tracin",
+                           code="invalid_params")
     return params
 
 
@@ -231,17 +303,23 @@ def _check_structure(model: Model, params: MethodParams) -> None:
             raise InvalidInput(f"params.ihvp: {params.ihvp} does not work here: {problem}", code="invalid_params")
 
 
-def _checkpoint_shas(session: Session, tenant: str, model: Model, params: MethodParams) -> list[str]:
-    """sha256 of each checkpoint model the params name, in order (TracIn, TRAK).
+def _named_checkpoints(params: MethodParams) -> tuple[str, ...]:
+    """The checkpoint model ids of methods that take them (TracIn, TRAK, Forward-INF), else ()."""
+    if isinstance(params, CheckpointFeatureParams | ForwardInfParams):
+        return params.checkpoint_model_ids
+    return ()
+
+
+def _checkpoint_shas(session: Session, tenant: str, model: Model, ids: Sequence[str]) -> list[str]:
+    """sha256 of each checkpoint model the params name (`ids`), in order (TracIn, TRAK;
+    Forward-INF's self-influence; `auto`).
 
     Each id must be a live model of the tenant with the query model's task and parameter
     count; otherwise 422 naming `params.checkpoint_model_ids[i]`. An id of another tenant is
     "unknown model", exactly like an id that does not exist.
     """
-    if not isinstance(params, CheckpointFeatureParams):
-        return []
     shas = []
-    for position, model_id in enumerate(params.checkpoint_model_ids):
+    for position, model_id in enumerate(ids):
         field = f"params.checkpoint_model_ids[{position}]"
         checkpoint = model_repo.get_model(session, tenant, model_id)
         if checkpoint is None:
@@ -282,7 +360,7 @@ def _check_group_by(settings: Settings, body: QueryCreate, dataset: Dataset) -> 
 
 
 def _check_samples_given(settings: Settings, body: QueryCreate) -> None:
-    """Samples xor self_influence, and the samples object well-formed (see `service.api.samples`)."""
+    """Samples xor self_influence, and the samples object well-formed (`loading.sample_structure`)."""
     if body.self_influence:
         if body.samples is not None:
             raise InvalidInput("samples: must be omitted when self_influence is true")
@@ -291,15 +369,18 @@ def _check_samples_given(settings: Settings, body: QueryCreate) -> None:
         return
     if body.samples is None:
         raise InvalidInput("samples: required unless self_influence is true", code="invalid_samples")
-    check_samples(body.samples, max_samples=settings.max_query_samples)
+    try:
+        check_samples(body.samples, max_samples=settings.max_query_samples)
+    except LoadError as exc:
+        raise invalid_from_load_error(exc) from exc
 
 
 def _samples_against_model(session: Session, settings: Settings, checked: _Validated) -> int:
-    """Forward pass of the model on the samples (`parse_samples`); 422 naming the field otherwise."""
+    """Forward pass of the model on the samples (`check_samples_against_model`); 422 naming the field otherwise."""
     if checked.samples is None:
         return 0
     try:
-        count = parse_samples(checked.samples, model_row=checked.model, dataset_row=checked.dataset,
+        count = check_samples_against_model(checked.samples, model_row=checked.model, dataset_row=checked.dataset,
                               settings=settings, session=session)
     except LoadError as exc:
         raise invalid_from_load_error(exc) from exc

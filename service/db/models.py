@@ -146,6 +146,8 @@ class Query(Base):
                                           comment="row | shard | group: what one score column stands for")
     group_reduce: Mapped[str] = mapped_column(String(8), default="mean", server_default="mean",
                                               comment="mean | sum: how row scores combine into a group score")
+    stability: Mapped[dict[str, Any] | None] = mapped_column(
+        nullable=True, comment='rank-stability request {"resamples": R}; null: not requested')
 
     status: Mapped[str] = mapped_column(String(16), default=QueryStatus.QUEUED.value)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
@@ -194,6 +196,11 @@ class QueryResult(Base):
     score: Mapped[float] = mapped_column(Float)
     preview: Mapped[str | None] = mapped_column(Text, nullable=True,
                                                 comment="first characters of a text row (language-model datasets)")
+    # rank stability (`attribution.stability`), when the query asked for it
+    stability: Mapped[float | None] = mapped_column(Float, nullable=True,
+                                                    comment="share of resamples keeping the row in the top (bottom) k")
+    rank_low: Mapped[int | None] = mapped_column(Integer, nullable=True, comment="5th percentile of its resampled rank")
+    rank_high: Mapped[int | None] = mapped_column(Integer, nullable=True, comment="95th percentile of its resampled rank")
 
     query: Mapped[Query] = relationship(back_populates="results")
 

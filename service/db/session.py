@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -88,3 +88,14 @@ def create_embedded_schema(settings: Settings) -> None:
     from service.db.migrate import upgrade_head
 
     upgrade_head(settings)
+
+
+def relaxed_commit(session: Session) -> None:
+    """Let this transaction commit without waiting for the WAL flush (Postgres `synchronous_commit`).
+
+    For bookkeeping that may be lost in a database crash without harm (a part marked
+    `running`, progress): the lease, not the row, proves a part is alive, and the next
+    durable commit (`finish_part`) flushes the WAL up to and including this one.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))

@@ -8,7 +8,6 @@ import torch
 from attribution.data import Batch, TensorTrainingSet
 from attribution.methods.base import FitContext, Normalize, ParamsError
 from attribution.methods.forward_inf import ForwardInf
-from attribution.methods.forward_inf_engine import StackedModel, Unlearning, unlearn_copy
 from attribution.methods.forward_inf_params import (
     CAUSAL_LM_DEFAULTS,
     ForwardInfParams,
@@ -16,6 +15,7 @@ from attribution.methods.forward_inf_params import (
     StopRule,
 )
 from attribution.methods.forward_inf_stopping import forgotten_level, shuffled_context
+from attribution.methods.forward_inf_unlearning import StackedModel, Unlearning, unlearn_copy
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
 from attribution.tasks import CausalLMTask

@@ -51,8 +51,8 @@ def test_one_checkpoint_equals_exact_gradient_dot_products(wine_mlp: Trained) ->
     g_train = exact_loss_grads(wine_mlp.module, wine_mlp.x_train, wine_mlp.y_train)
     g_query = exact_loss_grads(wine_mlp.module, queries.inputs, queries.targets)  # type: ignore[arg-type]
     expected = g_query @ g_train.T
-    final_only = tracin(wine_mlp.adapter, batch_size=32)
-    explicit = tracin(wine_mlp.adapter, [wine_mlp.adapter], [1.0], batch_size=32)
+    final_only = tracin(wine_mlp.adapter, batch_size=32, last_layer=False)
+    explicit = tracin(wine_mlp.adapter, [wine_mlp.adapter], [1.0], batch_size=32, last_layer=False)
     for method in (final_only, explicit):
         per_sample = method.score(queries, wine_mlp.train, per_sample=True)
         assert per_sample.shape == (6, len(wine_mlp.y_train))
@@ -71,7 +71,7 @@ def test_checkpoints_sum_with_learning_rate_weights(wine_mlp: Trained) -> None:
         g_query = exact_loss_grads(module, queries.inputs, queries.targets)  # type: ignore[arg-type]
         expected += lr * g_query @ exact_loss_grads(module, wine_mlp.x_train, wine_mlp.y_train).T
     adapters = [ModelAdapter(m, ClassificationTask()) for m in (first, second)]
-    method = tracin(wine_mlp.adapter, adapters, lrs)
+    method = tracin(wine_mlp.adapter, adapters, lrs, last_layer=False)
     torch.testing.assert_close(method.score(queries, wine_mlp.train, per_sample=True), expected, rtol=1e-4, atol=1e-5)
     self_expected = torch.zeros(len(wine_mlp.y_train))
     for module, lr in zip((first, second), lrs, strict=True):
@@ -88,8 +88,23 @@ def test_last_layer_uses_only_that_layers_gradients(wine_mlp: Trained) -> None:
     for params in ({"last_layer": True}, {"layers": ["4"]}):
         scores = tracin(wine_mlp.adapter, **params).score(queries, wine_mlp.train, per_sample=True)
         torch.testing.assert_close(scores, g_query @ g_train.T, rtol=1e-4, atol=1e-6)
-    full = tracin(wine_mlp.adapter).score(queries, wine_mlp.train, per_sample=True)
+    full = tracin(wine_mlp.adapter, last_layer=False).score(queries, wine_mlp.train, per_sample=True)
     assert not torch.allclose(full, g_query @ g_train.T, rtol=1e-2)
+    # a classifier's default is the last layer (TracInParams.for_task)
+    default = tracin(wine_mlp.adapter).score(queries, wine_mlp.train, per_sample=True)
+    torch.testing.assert_close(default, g_query @ g_train.T, rtol=1e-4, atol=1e-6)
+
+
+def test_last_layer_default_depends_on_the_task() -> None:
+    """Unset `last_layer`: classifiers take the last layer, regression and causal LMs every
+    layer; explicit values and explicit `layers` are kept."""
+    unset = TracInParams()
+    assert unset.last_layer is None
+    assert unset.for_task("classification").last_layer is True
+    assert unset.for_task("regression").last_layer is False
+    assert unset.for_task("causal_lm").last_layer is False
+    assert TracInParams(last_layer=False).for_task("classification").last_layer is False
+    assert TracInParams(layers=("4",)).for_task("classification").last_layer is False
 
 
 def test_bare_linear_model_last_layer_is_the_whole_model(digits_lr: Trained) -> None:
@@ -103,7 +118,7 @@ def test_bare_linear_model_last_layer_is_the_whole_model(digits_lr: Trained) -> 
 
 def test_self_influence_is_squared_gradient_norm(wine_mlp: Trained) -> None:
     g_train = exact_loss_grads(wine_mlp.module, wine_mlp.x_train, wine_mlp.y_train)
-    self_inf = tracin(wine_mlp.adapter).self_influence(wine_mlp.train)
+    self_inf = tracin(wine_mlp.adapter, last_layer=False).self_influence(wine_mlp.train)
     assert self_inf.shape == (len(wine_mlp.y_train),)
     torch.testing.assert_close(self_inf, g_train.square().sum(1), rtol=1e-4, atol=1e-6)
 
@@ -113,11 +128,12 @@ def test_projection_is_the_seeded_jl_projection_of_the_gradients(wine_mlp: Train
     g_train = exact_loss_grads(wine_mlp.module, wine_mlp.x_train, wine_mlp.y_train)
     g_query = exact_loss_grads(wine_mlp.module, queries.inputs, queries.targets)  # type: ignore[arg-type]
     matrix = RandomProjector(g_train.shape[1], 64, seed=4).matrix()
-    scores = tracin(wine_mlp.adapter, projection_dim=64, seed=4).score(queries, wine_mlp.train, per_sample=True)
+    scores = tracin(wine_mlp.adapter, projection_dim=64, seed=4, last_layer=False).score(
+        queries, wine_mlp.train, per_sample=True)
     torch.testing.assert_close(scores, (g_query @ matrix) @ (g_train @ matrix).T, rtol=1e-4, atol=1e-5)
-    again = tracin(wine_mlp.adapter, projection_dim=64, seed=4).score(queries, wine_mlp.train, per_sample=True)
+    again = tracin(wine_mlp.adapter, projection_dim=64, seed=4, last_layer=False).score(queries, wine_mlp.train, per_sample=True)
     assert torch.equal(scores, again)
-    other_seed = tracin(wine_mlp.adapter, projection_dim=64, seed=5).score(queries, wine_mlp.train, per_sample=True)
+    other_seed = tracin(wine_mlp.adapter, projection_dim=64, seed=5, last_layer=False).score(queries, wine_mlp.train, per_sample=True)
     assert not torch.allclose(scores, other_seed)
 
 

@@ -134,3 +134,23 @@ def test_methods_without_checkpoints_refuse_them(clients: tuple[TestClient, Test
     http, _ = clients
     assert_error(http.post("/v1/queries", json=body(ids, method, checkpoint_model_ids=ids["checkpoints"])), 422,
                  "invalid_params", mentions="params.checkpoint_model_ids: unknown parameter")
+
+
+def test_forward_inf_self_influence_sums_over_checkpoints_and_refuses_them_for_predictions(
+    clients: tuple[TestClient, TestClient], ids: dict[str, Any], earlier: list[torch.nn.Module]
+) -> None:
+    http, _ = clients
+    lrs = [0.5, 0.25]
+    audit = {"model_id": ids["model"], "dataset_id": ids["dataset"], "method": "forward_inf", "self_influence": True,
+             "top_k": 3, "params": {"checkpoint_model_ids": ids["checkpoints"], "checkpoint_lrs": lrs}}
+    done = e.run(http, audit)
+    served = np.asarray(e.scores(http, done["id"])["scores"])
+    expected = e.direct_scores("forward_inf", {}, rows=60, queries=None, checkpoints=earlier, checkpoint_lrs=lrs,
+                               self_influence=True)[0]
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=2e-6)  # differences of fp32 losses (shard batches)
+    final_only = e.direct_scores("forward_inf", {}, rows=60, queries=None, self_influence=True)[0]
+    assert not np.allclose(served, final_only, rtol=1e-2)
+    unknown = {**audit, "params": {"checkpoint_model_ids": ["no-such-model"]}}
+    assert_error(http.post("/v1/queries", json=unknown), 422, "invalid_params", "checkpoint_model_ids[0]")
+    prediction = body(ids, "forward_inf", checkpoint_model_ids=ids["checkpoints"])
+    assert_error(http.post("/v1/queries", json=prediction), 422, "invalid_params", "self_influence only")

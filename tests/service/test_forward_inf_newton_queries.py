@@ -62,7 +62,7 @@ def test_newton_queries_are_neither_fanned_out_nor_batched(settings: Settings) -
     (no shared-sweep batch)."""
     from service.db.models import Query
     from workers.batching import sweep_key
-    from workers.fanout import should_fan_out
+    from workers.fanout_plan import should_fan_out
 
     def query(**params: Any) -> Query:
         return Query(method="forward_inf", params=params, mode="joint", self_influence=False,

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
 
+from loading import load_model
+from loading.samples import samples_to_batch
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.language_models import (
@@ -28,8 +30,6 @@ from tests.language_models import (
     write_jsonl,
 )
 from tests.service.embedded import module_service, run
-from workers.loading import load_model
-from workers.loading.samples import samples_to_batch
 
 settings, http = module_service("lm")
 
@@ -166,7 +166,7 @@ def test_prompt_completion_loss_counts_only_the_completion(http: TestClient, set
         model = load_model(row, settings)
         batch = samples_to_batch({"prompt": [prompt], "completion": [completion]}, model_row=row, model=model,
                                  settings=settings, session=session)
-        from workers.loading import load_tokenizer
+        from loading import load_tokenizer
 
         tokenizer = load_tokenizer(row, settings)
     loss = float(model.loss(batch)[0])

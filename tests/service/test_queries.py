@@ -102,7 +102,8 @@ def test_succeeded_query_reports_ranked_rows_and_scores_in_every_format(
     assert [r["index"] for r in result["top"]] == [0, 1, 2] and [r["rank"] for r in result["top"]] == [1, 2, 3]
     assert [r["index"] for r in result["bottom"]] == [9, 8, 7]
     assert result["top"][0] == {"rank": 1, "index": 0, "sample_id": "row-0", "shard": 0, "preview": None,
-                                "score": pytest.approx(float(np.float32(1.0)))}
+                                "score": pytest.approx(float(np.float32(1.0))),
+                                "stability": None, "rank_low": None, "rank_high": None}
     assert result["num_scored"] == NUM_ROWS and result["timings"] == {"sweep_s": 0.25}
     assert result["extras"] == {"lr": 0.02} and result["scores_shape"] == [NUM_ROWS]
     assert result["per_sample"] is None and result["params"]["steps"] == 2
@@ -260,13 +261,13 @@ def test_cached_answer_loads_no_model(
     finish(settings, original, np.ones(NUM_ROWS))
 
     evaluated: list[int] = []
-    real_parse_samples = submission.parse_samples
+    real_parse_samples = submission.check_samples_against_model
 
     def counting(*args: Any, **kwargs: Any) -> int:
         evaluated.append(1)
         return real_parse_samples(*args, **kwargs)
 
-    monkeypatch.setattr(submission, "parse_samples", counting)
+    monkeypatch.setattr(submission, "check_samples_against_model", counting)
     assert submit(client, query_body(*registered))["source_query_id"] == original
     assert evaluated == []  # the cached path never touched the model
     assert submit(client, query_body(*registered, top_k=9))["cached"] is False

@@ -45,7 +45,7 @@ def test_register_dataset_computes_offsets_counts_and_hash(client: TestClient, d
     shard_hashes = [hashlib.sha256(p.read_bytes()).hexdigest() for p in data_files.shards]
     assert [s["sha256"] for s in body["shards"]] == shard_hashes
     assert [s["uri"] for s in body["shards"]] == [p.as_uri() for p in data_files.shards]
-    from workers.loading import dataset_sha256
+    from loading import dataset_sha256
 
     assert body["sha256"] == dataset_sha256(shard_hashes)
     reordered = client.post("/v1/datasets", json={"name": "r", "shards": [{"uri": p.as_uri()} for p in data_files.shards[::-1]]})

@@ -105,3 +105,32 @@ def test_ci_script_registers_queries_gates_and_exports(demo: DemoService, bin_di
     table = pq.read_table(tmp_path / "scores.parquet")
     np.testing.assert_allclose(table.column("score").to_numpy(), npy, rtol=1e-6)
     assert json.loads((tmp_path / "export.json").read_text())["shape"] == [1405]
+
+
+def test_query_with_stability_shows_and_exports_the_figures(demo: DemoService, bin_dir: Path, tmp_path: Path) -> None:
+    run = sh("""
+        model=$(attribution models add digits-mlp "file://$EXAMPLE/mlp.pt" --task classification --json \
+                | python -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+        dataset=$(attribution datasets add digits "file://$EXAMPLE/train-000.npz" "file://$EXAMPLE/train-001.npz" \
+                  --json | python -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+        attribution query --model "$model" --dataset "$dataset" --samples "$EXAMPLE/queries.json" \
+            --sample-index 0 --top-k 3 --stability 4 --wait > stable.txt
+        query=$(attribution query --model "$model" --dataset "$dataset" --samples "$EXAMPLE/queries.json" \
+            --sample-index 0 --top-k 3 --stability 4 --json | python -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+        attribution export "$query" --format csv --output scores.csv
+        attribution export "$query" --format parquet --output scores.parquet
+        attribution query --model "$model" --dataset "$dataset" --samples "$EXAMPLE/queries.json" \
+            --sample-index 0 --stability 33 2> over.txt
+        echo "over=$?"
+    """, demo, bin_dir, tmp_path)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    assert "over=4" in run.stdout
+    assert "stability.resamples: must be at most 32" in (tmp_path / "over.txt").read_text()
+    shown = (tmp_path / "stable.txt").read_text()
+    assert "stability" in shown and "rank interval" in shown and "100%" in shown and "1-1" in shown
+    lines = (tmp_path / "scores.csv").read_text().splitlines()
+    assert lines[0] == "index,score,stability,rank_low,rank_high"
+    copy = demo.queries["copy_index"][0]
+    assert lines[1 + copy].endswith(",1.0,1,1") and sum(not line.endswith(",,,") for line in lines[1:]) == 6
+    table = pq.read_table(tmp_path / "scores.parquet")
+    assert table.column("stability").null_count == 1405 - 6 and table.column("rank_high")[copy].as_py() == 1

@@ -118,6 +118,19 @@ def test_to_pandas_has_the_ranked_rows(client: Client, registered: tuple[Model, 
     assert len(frame) == 3 and int(frame["index"].iloc[0]) == q["copy_index"][1]
 
 
+
+def test_rank_stability_reaches_the_dataframe(client: Client, registered: tuple[Model, Dataset],
+                                              demo: DemoService) -> None:
+    pytest.importorskip("pandas")
+    model, dataset = registered
+    q = demo.queries
+    frame = client.query(model.id, dataset.id, {"x": q["x"][2:3], "y": q["y"][2:3]}, top_k=3,
+                         stability={"resamples": 4}).wait().to_pandas()
+    assert list(frame.columns) == ["rank", "index", "sample_id", "shard", "score", "stability", "rank_low",
+                                   "rank_high"]
+    copy = frame[frame["index"] == q["copy_index"][2]]
+    assert len(copy) == 1 and float(copy["stability"].iloc[0]) == 1.0 and int(copy["rank_high"].iloc[0]) == 1
+
 class _LoseFirstAnswer(httpx.BaseTransport):
     """Forwards every request to the real service, but answers the first POST /v1/queries with a
     503 after the service has accepted it: the response was lost, the query exists."""

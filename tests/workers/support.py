@@ -11,9 +11,9 @@ import torch
 from sqlalchemy.orm import Session
 from torch import nn
 
+from loading import dataset_sha256, inspect_model, inspect_shard
 from service.db.models import Dataset, Model, Shard
 from tests.workers.architectures import NUM_CLASSES, NUM_FEATURES, tiny_mlp
-from workers.loading import dataset_sha256, inspect_model, inspect_shard
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import event, text
 
 from service import queue
-from service.db.session import get_engine, session_scope
+from service.db.session import get_engine, relaxed_commit, session_scope
 from service.settings import Settings, get_settings
 from tests.workers import jobfixtures as jf
-from workers import fanout
+from workers import fanout_plan, part_files
 
 pytestmark = pytest.mark.integration
 
@@ -42,13 +42,13 @@ def _run(settings: Settings, **query: Any) -> str:
 
 def test_each_part_writes_one_file_with_its_scores_and_timings(fanned: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     saved: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
-    real_load = fanout._load_part
+    real_load = part_files.load_part
 
     def recording_load(path: Path, rows: int) -> tuple[np.ndarray, dict[str, Any]]:
         saved[path.name] = real_load(path, rows)
         return saved[path.name]
 
-    monkeypatch.setattr(fanout, "_load_part", recording_load)
+    monkeypatch.setattr(part_files, "load_part", recording_load)
     query_id = _run(fanned)
     query = jf.fetch(fanned, query_id)
     assert query.status == "succeeded", query.error
@@ -64,12 +64,12 @@ def test_each_part_writes_one_file_with_its_scores_and_timings(fanned: Settings,
 
 def test_a_part_file_of_the_wrong_width_fails_the_query_at_the_merge(fanned: Settings,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    real_save = fanout._save_part
+    real_save = part_files.save_part
 
     def dropping_a_column(path: Path, scores: np.ndarray, meta: dict[str, Any]) -> None:
         real_save(path, scores[:, :-1] if path.name.endswith(".part1.npz") else scores, meta)
 
-    monkeypatch.setattr(fanout, "_save_part", dropping_a_column)
+    monkeypatch.setattr(part_files, "save_part", dropping_a_column)
     query_id = _run(fanned)
     query = jf.fetch(fanned, query_id)
     assert query.status == "failed"
@@ -100,7 +100,7 @@ def test_a_worker_reads_the_model_and_dataset_rows_once(fanned: Settings) -> Non
 
 def test_a_relaxed_commit_applies_to_its_own_transaction_only(rq_settings: Settings) -> None:
     with session_scope(rq_settings) as session:
-        fanout._relaxed_commit(session)
+        relaxed_commit(session)
         assert session.execute(text("SHOW synchronous_commit")).scalar() == "off"
     for _ in range(3):  # the pooled connection is handed out again with the server default
         with session_scope(rq_settings) as session:
@@ -127,4 +127,4 @@ def test_fan_out_follows_the_models_task_defaults(task: str, params: dict[str, A
     from service.db.models import Query
 
     query = Query(method="forward_inf", params=params)
-    assert fanout.should_fan_out(query, 10**6, Settings(fanout_rows=10), task=task) is fans_out
+    assert fanout_plan.should_fan_out(query, 10**6, Settings(fanout_rows=10), task=task) is fans_out

@@ -13,12 +13,12 @@ import torch
 from sqlalchemy import update
 
 from service import queue
+from service.artifact_store import cache_stats
 from service.db.models import Query
 from service.db.session import session_scope
 from service.settings import Settings, get_settings
 from tests.workers import jobfixtures as jf
 from workers import jobs
-from workers.cache import cache_stats
 
 pytestmark = pytest.mark.integration
 

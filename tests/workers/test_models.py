@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from loading import ModelLoadError, inspect_model, load_model
+from loading.hashing import file_sha256, folder_sha256
+from loading.models import clear_model_cache
 from service.settings import Settings
 from tests.workers.architectures import tiny_mlp
-from workers.loading import ModelLoadError, inspect_model, load_model
-from workers.loading.hashing import file_sha256, folder_sha256
-from workers.loading.models import clear_model_cache
 
 ALLOW = ["tests.workers.architectures:tiny_mlp"]
 TINY_PARAMS = sum(p.numel() for p in tiny_mlp().parameters())

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.loading import ShardError, inspect_shard
-from workers.loading.readers import NpzReader
+from loading import ShardError, inspect_shard
+from loading.readers import NpzReader
 
 RNG = np.random.default_rng(3)
 X = RNG.normal(size=(37, 4)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""`parse_samples` / `samples_to_batch`: query samples checked against the model by a forward pass."""
+"""`check_samples_against_model` / `samples_to_batch`: query samples checked against the model by a forward pass."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from loading import SamplesError, check_samples_against_model, load_model, samples_to_batch
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.workers import support
-from workers.loading import SamplesError, load_model, parse_samples, samples_to_batch
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def setup(embedded: Settings, hf_folders: dict[str, Path]) -> dict[str, Any]:
 def _parse(setup: dict[str, Any], settings: Settings, samples: dict[str, Any], model: str = "model",
            dataset: str = "dataset") -> int:
     with session_scope(settings) as session:
-        return parse_samples(samples, model_row=setup[model], dataset_row=setup[dataset], settings=settings,
+        return check_samples_against_model(samples, model_row=setup[model], dataset_row=setup[dataset], settings=settings,
                              session=session)
 
 
@@ -70,12 +70,14 @@ def test_missing_labels_become_the_models_predictions(setup: dict[str, Any], emb
     ({"x": [[0.0] * 6], "y": [-1]}, "samples.y[0]", "between 0 and 2"),
     ({"x": [[0.0] * 6], "y": [0.5]}, "samples.y", "must be integers"),
     ({"x": [[0.0] * 5], "y": [0]}, "samples.x", "cannot run"),
-    ({"x": [[0.0] * 6, [0.0] * 5], "y": [0, 1]}, "samples.x", "ragged"),
-    ({"x": [[float("nan")] * 6], "y": [0]}, "samples.x", "finite"),
-    ({"x": [["a"] * 6], "y": [0]}, "samples.x", "numbers only"),
+    # structure: the API's own checks (`loading.sample_structure`), naming the first bad entry
+    ({"x": [[0.0] * 6, [0.0] * 5], "y": [0, 1]}, "samples.x[1]", "ragged"),
+    ({"x": [[float("nan")] * 6], "y": [0]}, "samples.x[0][0]", "finite"),
+    ({"x": [["a"] * 6], "y": [0]}, "samples.x[0][0]", "must be a number"),
     ({"x": [[0.0] * 6], "y": [0, 1]}, "samples.y", "2 entries"),
     ({"x": []}, "samples.x", "non-empty"),
-    ({"z": [1]}, "samples", "exactly one of"),
+    ({"z": [1]}, "samples.z", "unknown field"),
+    ({"x": [[0.0] * 6], "text": ["a"]}, "samples", "exactly one of"),
     ({"text": ["the cat"]}, "samples.text", "tokenizer"),
 ])
 def test_invalid_samples_name_the_field(setup: dict[str, Any], embedded: Settings, samples: dict[str, Any],

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file as save_numpy_safetensors
 
-from workers.loading import ShardedTrainingSet, ShardError, inspect_shard
-from workers.loading.hashing import file_sha256
+from loading import ShardedTrainingSet, ShardError, inspect_shard
+from loading.hashing import file_sha256
 
 RNG = np.random.default_rng(7)
 X = RNG.normal(size=(23, 2, 3)).astype(np.float32)

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 from attribution.model import ModelAdapter
 from attribution.tasks import task_for
+from loading.model_inputs import InputSpec, split_by_tokens, text_batch
+from loading.models import build_module, load_tokenizer_from
+from loading.rows import Rows
 from tests.language_models import (
     CAUSAL_ARCHITECTURES,
     CONTEXT,
@@ -22,9 +25,6 @@ from tests.language_models import (
     save_folder,
     sequence_classifier,
 )
-from workers.loading.batches import InputSpec, split_by_tokens, text_batch
-from workers.loading.models import build_module, load_tokenizer_from
-from workers.loading.readers import Rows
 
 
 def _loaded(module: torch.nn.Module, folder: Path, task: str) -> tuple[ModelAdapter, InputSpec, torch.nn.Module]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.loading import UriError, resolve_uri
+from loading import UriError, resolve_uri
 
 
 @pytest.fixture()

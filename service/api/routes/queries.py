@@ -100,8 +100,9 @@ def get_query(query_id: str, session: SessionDep, tenant: TenantDep) -> Response
 
 @router.get("/{query_id}/scores", response_model=None, responses={
     200: {"description": "json: {query_id, shape, scores} (+ groups: the column group ids of grouped queries); "
-                         "csv: index,score or index,sample_0,... (grouped: index,group,...; text datasets: a last "
-                         "column preview, filled for the ranked rows); npy: float32 array"},
+                         "csv: index,score or index,sample_0,... (grouped: index,group,...; with `stability`: "
+                         "stability,rank_low,rank_high (per_sample: _q per sample), filled for the ranked rows; "
+                         "text datasets: a last column preview, filled for the ranked rows); npy: float32 array"},
 })
 def get_scores(
     query_id: str, settings: SettingsDep, session: SessionDep, tenant: TenantDep,
@@ -117,7 +118,8 @@ def get_scores(
     groups = score_files.group_labels(path, scores)
     if format == "csv":
         previews = {row.index: row.preview for row in query.results if row.preview is not None}
-        return StreamingResponse(score_files.scores_csv(scores, groups, previews), media_type="text/csv",
+        stability = score_files.stability_cells(query.results)
+        return StreamingResponse(score_files.scores_csv(scores, groups, previews, stability), media_type="text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="{query_id}.csv"'})
     return JSONResponse(score_files.scores_json(query_id, scores, groups))
 

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from markupsafe import Markup
 
+from loading import LoadError, resolve_uri
+from loading.readers import open_reader
 from service.db.models import Dataset
 from service.settings import Settings
-from workers.loading import LoadError, resolve_uri
-from workers.loading.readers import open_reader
 
 log = logging.getLogger(__name__)
 

@@ -108,6 +108,9 @@ class RankedRow:
     shard: int
     score: float
     preview: str | None = None  # the first `PREVIEW_CHARS` characters of a text row
+    stability: float | None = None  # rank stability (`attribution.stability`), when requested
+    rank_low: int | None = None
+    rank_high: int | None = None
 
 
 PREVIEW_CHARS = 200
@@ -140,7 +143,7 @@ def add_cached_copy(
     copy = Query(
         tenant=tenant, model_id=model_id, dataset_id=dataset_id, method=source.method,
         params=source.params, mode=source.mode, self_influence=source.self_influence, top_k=source.top_k,
-        group_by=source.group_by, group_reduce=source.group_reduce,
+        group_by=source.group_by, group_reduce=source.group_reduce, stability=source.stability,
         samples=samples, num_query_samples=source.num_query_samples, request_hash=source.request_hash,
         idempotency_key=idempotency_key, callback_url=callback_url,
         status=QueryStatus.SUCCEEDED.value, progress=1.0, cached=True, error=None, attempts=0,

@@ -21,10 +21,9 @@ import importlib
 import json
 import logging
 import struct
-import threading
 import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,10 @@ from attribution.device import resolve_device
 from attribution.model import ModelAdapter
 from attribution.structure import ModelStructure
 from attribution.tasks import TaskName, task_for
+from loading.errors import ModelLoadError
+from loading.hashing import cached_sha256, path_sha256
+from loading.uris import resolve_uri
 from service.settings import Settings
-from workers.loading.errors import ModelLoadError
-from workers.loading.hashing import cached_sha256, path_sha256
-from workers.loading.uris import resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -250,38 +249,26 @@ def load_tokenizer_from(path: Path) -> Any:
         if tokenizer.eos_token is None:
             raise ModelLoadError("uri", "the tokenizer has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # batches are right-padded (see workers.loading.batches)
+    tokenizer.padding_side = "right"  # batches are right-padded (see loading.model_inputs)
     return tokenizer
 
 
 # --------------------------------------------------------------------- registered models
-class _ModelCache:
-    """Per-process LRU of built modules keyed by `(path, sha256)`."""
-
-    def __init__(self, capacity: int = 4) -> None:
-        self.capacity = capacity
-        self.entries: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get_or_build(self, key: tuple[str, str, str], build: Any) -> Any:
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        value = build()
-        with self.lock:
-            self.entries[key] = value
-            self.entries.move_to_end(key)
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        with self.lock:
-            self.entries.clear()
+MODELS_KEPT = 4  # built modules (and, separately, tokenizers) kept per process
 
 
-_MODELS = _ModelCache()
+@lru_cache(maxsize=MODELS_KEPT)
+def _built_model(path: Path, sha256: str, device: str, fmt: str, task: str, architecture: str | None,
+                 allowlist: tuple[str, ...]) -> ModelAdapter:
+    """The module of one registered model version (`sha256`) on `device`, built once per process."""
+    log.info("loading model %s (%s) on %s", path, fmt, device)
+    module = build_module(path, fmt, task, architecture=architecture, allowlist=list(allowlist))
+    return ModelAdapter(module, task_for(task), device=torch.device(device))
+
+
+@lru_cache(maxsize=MODELS_KEPT)
+def _tokenizer(path: Path, sha256: str) -> Any:
+    return load_tokenizer_from(path)
 
 
 def verified_model_path(model_row: Any, settings: Settings) -> Path:
@@ -304,13 +291,8 @@ def load_model(model_row: Any, settings: Settings) -> ModelAdapter:
     except ValueError as exc:
         raise ModelLoadError("device", str(exc)) from None
 
-    def build() -> ModelAdapter:
-        log.info("loading model %s (%s) on %s", path, model_row.format, device)
-        module = build_module(path, model_row.format, model_row.task, architecture=model_row.architecture,
-                              allowlist=settings.architecture_allowlist)
-        return ModelAdapter(module, task_for(model_row.task), device=device)
-
-    return _MODELS.get_or_build((str(path), model_row.sha256, str(device)), build)
+    return _built_model(path, model_row.sha256, str(device), model_row.format, model_row.task,
+                        model_row.architecture, tuple(settings.architecture_allowlist))
 
 
 def load_tokenizer(model_row: Any, settings: Settings) -> Any:
@@ -318,11 +300,12 @@ def load_tokenizer(model_row: Any, settings: Settings) -> Any:
     if model_row.format != "hf":
         return None
     path = verified_model_path(model_row, settings)
-    return _MODELS.get_or_build((str(path), model_row.sha256, "tokenizer"), lambda: load_tokenizer_from(path))
+    return _tokenizer(path, model_row.sha256)
 
 
 def clear_model_cache() -> None:
-    _MODELS.clear()
+    _built_model.cache_clear()
+    _tokenizer.cache_clear()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,16 +12,16 @@ import torch
 from redis import Redis
 
 from attribution.artifacts import artifact_key, cached_tensors
-from service.settings import Settings
-from workers.cache import (
+from service.artifact_store import (
     FileArtifactStore,
     RedisArtifactStore,
     artifact_store,
-    atomic_file,
     cache_stats,
 )
+from service.atomic_files import atomic_file
+from service.settings import Settings
 from workers.leases import FileLeases, RedisLeases, holding
-from workers.scoring import save_npy
+from workers.results import save_npy
 
 
 def test_redis_store_round_trip_ttl_and_counters(redis_url: str) -> None:

@@ -30,9 +30,9 @@ from service.db.models import Query, QueryStatus, utcnow
 from service.db.repositories import jobs as repo
 from service.db.session import session_scope
 from service.settings import Settings
-from workers.fanout import part_job_id
+from workers.fanout_plan import part_job_id
 from workers.leases import Leases, leases
-from workers.scoring import notify
+from workers.notifications import notify
 
 log = logging.getLogger(__name__)
 

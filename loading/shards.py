@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import bisect
 import math
-import queue
-import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,13 @@ import numpy as np
 
 from attribution.data import Batch
 from attribution.tasks import TaskName
+from loading.errors import ShardError
+from loading.hashing import cached_sha256, file_sha256
+from loading.model_inputs import InputSpec, rows_to_batch, split_by_tokens, text_batch
+from loading.readers import SHARD_FORMATS, open_reader
+from loading.rows import Rows
+from loading.uris import resolve_uri
 from service.settings import Settings
-from workers.loading.batches import InputSpec, rows_to_batch, split_by_tokens, text_batch
-from workers.loading.errors import ShardError
-from workers.loading.hashing import cached_sha256, file_sha256
-from workers.loading.readers import SHARD_FORMATS, Rows, open_reader
-from workers.loading.uris import resolve_uri
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,10 @@ def inspect_shard(path: Path) -> ShardInfo:
     finally:
         reader.close()
     return ShardInfo(format=reader.format, num_samples=reader.num_rows, sha256=file_sha256(path))
+
+
+# The optional shard column naming each row's group (a query's `group_by: "group"`).
+GROUP_COLUMN = "group"
 
 
 def shards_without_column(dataset_row: Any, name: str, settings: Settings) -> list[int]:
@@ -328,47 +332,16 @@ def _as_label(value: Any) -> str:
 _END = object()
 
 
-@dataclass
-class _Failure:
-    error: BaseException
-
-
 def _prefetched(stream: Iterator[Any]) -> Iterator[Any]:
-    """Run `stream` on a daemon thread one item ahead of the consumer; errors re-raise in the consumer."""
-    handoff: queue.Queue[Any] = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def produce() -> None:
+    """Read `stream` one item ahead of the consumer on a worker thread (the next chunk is read
+    and decoded while the consumer computes on this one); its errors re-raise in the consumer."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
+        pending = pool.submit(next, stream, _END)
         try:
-            for item in stream:
-                while not stop.is_set():
-                    try:
-                        handoff.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            handoff.put(_END)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            handoff.put(_Failure(exc))
-
-    thread = threading.Thread(target=produce, name="shard-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = handoff.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                handoff.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
-        if hasattr(stream, "close"):
-            stream.close()
+            while (item := pending.result()) is not _END:
+                pending = pool.submit(next, stream, _END)
+                yield item
+        finally:
+            wait([pending])  # the stream is idle: it can be closed from this thread
+            if hasattr(stream, "close"):
+                stream.close()

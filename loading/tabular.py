@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from workers.loading.errors import ShardError
-from workers.loading.readers import COLUMNS, Rows, ShardReader
+from loading.errors import ShardError
+from loading.rows import COLUMNS, Rows, ShardReader
 
 
 # --------------------------------------------------------------------------- parquet

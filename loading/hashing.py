@@ -1,10 +1,10 @@
 """Content hashes of model files, model folders, shards and datasets.
 
-`file_sha256` streams a file; `folder_sha256` hashes the sorted `(relative path, file
+`file_sha256` streams a file (`hashlib.file_digest`); `folder_sha256` hashes the sorted `(relative path, file
 sha256)` pairs of every regular file under a folder, so renaming or editing any file
-changes it. `cached_sha256` remembers the hash per process and file version — the
-signature `(device, inode, size, mtime_ns, ctime_ns)` of the file (or of every file in the
-folder) — so a worker re-verifies a registered model or shard on every job (every fan-out
+changes it. `cached_sha256` remembers the hash per process and file version — an
+`lru_cache` keyed by the path and its signature `(device, inode, size, mtime_ns, ctime_ns)`
+(of the file, or of every file in the folder) — so a worker re-verifies a registered model or shard on every job (every fan-out
 part) without re-reading an unchanged file. Any write to a file changes its mtime and ctime,
 and a replaced file has a new inode; a file whose mtime was set back still has a new ctime
 (which no user call can set), so a changed file is always hashed again.
@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 
-_CHUNK = 1 << 20
+# Hashes remembered per process: enough for every shard of the datasets a worker serves (an
+# entry is a few hundred bytes); with fewer, parts sweeping the shards in turn would evict
+# each other's hashes and re-read every shard on every job.
+MEMO_ENTRIES = 16384
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -67,39 +66,16 @@ def _signature(path: Path) -> Signature:
     return (_file_signature("", os.stat(path)),)
 
 
-class _HashCache:
-    """Per-process LRU of `path → (signature, sha256)`.
-
-    Large enough for every shard of the datasets a worker serves (an entry is a few hundred
-    bytes): with fewer entries than shards, parts sweeping the shards in turn would evict
-    each other's hashes and re-read every shard on every job.
-    """
-
-    def __init__(self, capacity: int = 16384) -> None:
-        self.capacity = capacity
-        self.entries: OrderedDict[str, tuple[Signature, str]] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def sha256(self, path: Path) -> str:
-        key = str(path)
-        signature = _signature(path)
-        with self.lock:
-            hit = self.entries.get(key)
-            if hit is not None and hit[0] == signature:
-                self.entries.move_to_end(key)
-                return hit[1]
-        sha = path_sha256(path)
-        with self.lock:
-            self.entries[key] = (signature, sha)
-            self.entries.move_to_end(key)
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
-        return sha
-
-
-_CACHE = _HashCache()
+@lru_cache(maxsize=MEMO_ENTRIES)
+def _sha256_of_version(path: str, signature: Signature) -> str:
+    """`path_sha256` of one version of a file or folder (its `signature`)."""
+    return path_sha256(Path(path))
 
 
 def cached_sha256(path: Path) -> str:
     """`path_sha256(path)`, re-computed only when the file's signature (see module docstring) changed."""
-    return _CACHE.sha256(path)
+    return _sha256_of_version(str(path), _signature(path))
+
+
+def clear_hash_memo() -> None:
+    _sha256_of_version.cache_clear()

@@ -28,8 +28,8 @@ import torch
 from attribution.data import Batch
 from attribution.model import ModelAdapter
 from attribution.tasks import TaskName
-from workers.loading.errors import ShardError
-from workers.loading.readers import Rows
+from loading.errors import ShardError
+from loading.rows import Rows
 
 
 @dataclass(frozen=True)

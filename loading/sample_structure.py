@@ -1,4 +1,6 @@
-"""JSON-level checks of a query's `samples` object before it reaches the model.
+"""JSON-level checks of a query's `samples` object before it reaches the model: the one
+structure validator, run by the API before it hashes or stores a query and by
+`loading.samples` before it builds a batch.
 
 `samples` is one of `{"x": [...], "y": [...]}` (numbers nested to the model's input
 shape; `y` optional), `{"text": ["..."]}` (`y` optional), `{"prompt": ["..."], "completion": ["..."]}`
@@ -8,14 +10,15 @@ These checks need no model: numbers that fit the tensors they become (integers w
 int64, floats finite and within float32 range: Python's JSON parser accepts `NaN`,
 `Infinity` and integers of any size; they are refused here), rectangular (non-ragged) arrays, storable text, sample
 counts within the server's limit. Whether the samples fit the model is checked afterwards
-by `workers.loading.parse_samples`.
+by `loading.check_samples_against_model`. Errors are `SamplesError`s naming the field (the API answers
+422 `invalid_samples`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from service.api.errors import InvalidInput
+from loading.errors import SamplesError
 
 _FORMS = ({"x"}, {"x", "y"}, {"text"}, {"text", "y"}, {"prompt", "completion"}, {"refs"})
 _MAX_DEPTH = 8
@@ -25,12 +28,15 @@ FLOAT32_MAX = 3.4028234663852886e38
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _invalid(field: str, message: str) -> InvalidInput:
-    return InvalidInput(f"{field}: {message}", code="invalid_samples")
+def _invalid(field: str, message: str) -> SamplesError:
+    return SamplesError(field, message)
 
 
-def check_samples(samples: dict[str, Any], *, max_samples: int) -> int:
-    """Validate the samples object's structure; returns the number of query samples."""
+def check_samples(samples: Any, *, max_samples: int | None = None) -> int:
+    """Validate the samples object's structure; returns the number of query samples
+    (`max_samples`: the most allowed, None: no limit)."""
+    if not isinstance(samples, dict):
+        raise _invalid("samples", "must be an object with x (and y), text, prompt with completion, or refs")
     keys = set(samples)
     if keys not in _FORMS:
         unknown = sorted(keys - {"x", "y", "text", "prompt", "completion", "refs"})
@@ -57,10 +63,10 @@ def check_samples(samples: dict[str, Any], *, max_samples: int) -> int:
     return count
 
 
-def _check_rows(value: Any, field: str, max_samples: int) -> int:
+def _check_rows(value: Any, field: str, max_samples: int | None) -> int:
     if not isinstance(value, list) or not value:
         raise _invalid(field, "must be a non-empty list with one entry per query sample")
-    if len(value) > max_samples:
+    if max_samples is not None and len(value) > max_samples:
         raise _invalid(field, f"at most {max_samples} query samples are allowed, got {len(value)}")
     _array_shape(value, field, 1)
     return len(value)
@@ -102,10 +108,10 @@ def _short(value: int) -> str:
     return text if len(text) <= 40 else f"{text[:20]}…({len(text)} digits)"
 
 
-def _check_text(value: Any, field: str, max_samples: int) -> int:
+def _check_text(value: Any, field: str, max_samples: int | None) -> int:
     if not isinstance(value, list) or not value:
         raise _invalid(field, "must be a non-empty list of strings")
-    if len(value) > max_samples:
+    if max_samples is not None and len(value) > max_samples:
         raise _invalid(field, f"at most {max_samples} query samples are allowed, got {len(value)}")
     for i, text in enumerate(value):
         if not isinstance(text, str):
@@ -119,10 +125,10 @@ def _check_text(value: Any, field: str, max_samples: int) -> int:
     return len(value)
 
 
-def _check_refs(value: Any, max_samples: int) -> int:
+def _check_refs(value: Any, max_samples: int | None) -> int:
     if not isinstance(value, list) or not value:
         raise _invalid("samples.refs", "must be a non-empty list of {dataset_id, index}")
-    if len(value) > max_samples:
+    if max_samples is not None and len(value) > max_samples:
         raise _invalid("samples.refs", f"at most {max_samples} query samples are allowed, got {len(value)}")
     for i, ref in enumerate(value):
         field = f"samples.refs[{i}]"

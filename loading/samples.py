@@ -6,7 +6,7 @@ classification then explains the model's own predicted class, causal LMs their t
 `{"prompt": [...], "completion": [...]}` for causal LMs (the loss counts the completion's
 tokens only), and `{"refs": [{"dataset_id", "index"}]}` naming training rows of the
 tenant's datasets.
-`parse_samples` builds the batch and runs one forward pass, so a sample that does not
+`check_samples_against_model` builds the batch and runs one forward pass, so a sample that does not
 fit the model is refused at submission with the field named; the job rebuilds the same
 batch with `samples_to_batch`.
 """
@@ -22,16 +22,17 @@ from sqlalchemy.orm import Session
 from attribution.data import Batch
 from attribution.model import ModelAdapter
 from attribution.tasks import TaskName
+from loading.errors import LoadError, SamplesError
+from loading.model_inputs import InputSpec, input_spec, rows_to_batch
+from loading.models import load_model, load_tokenizer
+from loading.rows import Rows
+from loading.sample_structure import check_samples
+from loading.shards import ShardedTrainingSet
 from service.db.repositories import datasets as dataset_repo
 from service.settings import Settings
-from workers.loading.batches import InputSpec, input_spec, rows_to_batch
-from workers.loading.errors import LoadError, SamplesError
-from workers.loading.models import load_model, load_tokenizer
-from workers.loading.readers import Rows
-from workers.loading.shards import ShardedTrainingSet
 
 
-def parse_samples(samples: dict[str, Any], *, model_row: Any, dataset_row: Any, settings: Settings,
+def check_samples_against_model(samples: dict[str, Any], *, model_row: Any, dataset_row: Any, settings: Settings,
                   session: Session) -> int:
     """Validate the samples against the model (one forward pass); the number of query samples.
 
@@ -55,44 +56,27 @@ def samples_to_batch(samples: dict[str, Any], *, model_row: Any, model: ModelAda
 
 # ----------------------------------------------------------------------- building
 def _build(samples: Any, spec: InputSpec, model_row: Any, settings: Settings, session: Session) -> tuple[Batch, bool]:
-    """The batch and whether its targets are real labels (`False`: placeholders for `_with_targets`)."""
-    if not isinstance(samples, dict):
-        raise SamplesError("samples", "must be an object with x (and y), text or refs")
-    keys = set(samples)
-    if keys in ({"x"}, {"x", "y"}):
+    """The batch and whether its targets are real labels (`False`: placeholders for `_with_targets`).
+
+    The samples object's structure (forms, rectangular finite numbers, counts) is checked by
+    `check_samples` first; what is left here needs the model (its task, tokenizer, datasets)."""
+    check_samples(samples)
+    if "x" in samples:
         return _inline_numbers(samples, spec)
-    if keys in ({"text"}, {"text", "y"}):
+    if "text" in samples:
         return _inline_text(samples, spec)
-    if keys == {"prompt", "completion"}:
+    if "prompt" in samples:
         return _prompt_completion(samples, spec), True
-    if keys == {"refs"}:
-        return _referenced_rows(samples["refs"], spec, model_row, settings, session), True
-    raise SamplesError("samples", "give exactly one of x (with optional y), text, prompt with completion, or refs")
-
-
-def _numbers(value: Any, field: str, *, count: int | None = None) -> np.ndarray:
-    if not isinstance(value, list) or not value:
-        raise SamplesError(field, "must be a non-empty list with one entry per query sample")
-    if count is not None and len(value) != count:
-        raise SamplesError(field, f"has {len(value)} entries but there are {count} query samples")
-    try:
-        array = np.asarray(value)
-    except ValueError:
-        raise SamplesError(field, "ragged array: every sample needs the same shape") from None
-    if array.dtype.kind not in "iuf":
-        raise SamplesError(field, "must hold numbers only, nested to the same shape for every sample")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise SamplesError(field, "must be finite numbers (NaN and Infinity are refused)")
-    return array
+    return _referenced_rows(samples["refs"], spec, model_row, settings, session), True
 
 
 def _inline_numbers(samples: dict[str, Any], spec: InputSpec) -> tuple[Batch, bool]:
-    x = _numbers(samples["x"], "samples.x")
+    x = np.asarray(samples["x"])  # [Q, ...] rectangular numbers (check_samples)
     if spec.token_inputs and (x.dtype.kind == "f" and not (x == np.round(x)).all()):
         raise SamplesError("samples.x", "this model reads token ids: x must hold integers")
     y = None
     if "y" in samples:
-        y = _numbers(samples["y"], "samples.y", count=len(x))
+        y = np.asarray(samples["y"])
         if spec.task != TaskName.REGRESSION and y.dtype.kind == "f" and not (y == np.round(y)).all():
             raise SamplesError("samples.y", f"{spec.task.value} labels must be integers")
     placeholder = y if y is not None else np.zeros(len(x), dtype=np.int64)
@@ -101,13 +85,11 @@ def _inline_numbers(samples: dict[str, Any], spec: InputSpec) -> tuple[Batch, bo
 
 def _inline_text(samples: dict[str, Any], spec: InputSpec) -> tuple[Batch, bool]:
     texts = samples["text"]
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise SamplesError("samples.text", "must be a non-empty list of strings")
     if spec.tokenizer is None:
         raise SamplesError("samples.text", "text samples need a Hugging Face model with a tokenizer in its folder")
     y = None
     if "y" in samples:
-        y = _numbers(samples["y"], "samples.y", count=len(texts))
+        y = np.asarray(samples["y"])
     elif spec.task == TaskName.REGRESSION:
         raise SamplesError("samples.y", "regression text samples need targets y")
     try:
@@ -132,14 +114,10 @@ def _prompt_completion(samples: dict[str, Any], spec: InputSpec) -> Batch:
 
 
 def _referenced_rows(refs: Any, spec: InputSpec, model_row: Any, settings: Settings, session: Session) -> Batch:
-    if not isinstance(refs, list) or not refs:
-        raise SamplesError("samples.refs", "must be a non-empty list of {dataset_id, index}")
     sets: dict[str, ShardedTrainingSet] = {}
     parts: list[Rows] = []
     for i, ref in enumerate(refs):
         field = f"samples.refs[{i}]"
-        if not isinstance(ref, dict) or not isinstance(ref.get("dataset_id"), str):
-            raise SamplesError(field, "must be an object with dataset_id and index")
         index = ref.get("index")
         dataset_id = ref["dataset_id"]
         if dataset_id not in sets:
@@ -151,7 +129,7 @@ def _referenced_rows(refs: Any, spec: InputSpec, model_row: Any, settings: Setti
             except LoadError as exc:
                 raise SamplesError(f"{field}.dataset_id", f"the dataset cannot be read: {exc}") from None
         training = sets[dataset_id]
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(training):
+        if not index < len(training):  # a non-negative integer (check_samples)
             raise SamplesError(f"{field}.index", f"must be a row index between 0 and {len(training) - 1}")
         parts.append(training.rows_at([index]))
     try:

@@ -17,15 +17,12 @@ need invalidation, only a TTL to bound memory.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from service.atomic_files import write_atomic
 from service.settings import Settings
 
 HITS_KEY = "attr:stats:hits"
@@ -106,32 +103,6 @@ class FileArtifactStore:
     def stats(self) -> dict[str, int]:
         with self.counters.lock:
             return {"hits": self.counters.hits, "misses": self.counters.misses}
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
-    with atomic_file(path) as out:
-        out.write(data)
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A binary file handle whose contents replace `path` atomically when the block ends.
-
-    Writers stream into a temporary file next to `path` (no in-memory copy of the whole
-    contents: a score vector `[N]` goes straight to disk), which is fsynced and renamed over
-    `path`; on an error the temporary file is removed and `path` is left as it was.
-    """
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def artifact_store(settings: Settings) -> RedisArtifactStore | FileArtifactStore:

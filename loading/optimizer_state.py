@@ -15,9 +15,9 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from attribution.optimizer_state import OptimizerStateError, SecondMoment
-from workers.loading.errors import LoadError
-from workers.loading.hashing import cached_sha256
-from workers.loading.uris import resolve_uri
+from loading.errors import LoadError
+from loading.hashing import cached_sha256
+from loading.uris import resolve_uri
 
 FIELD = "params.optimizer_state"
 

@@ -2,19 +2,19 @@
 
 Public surface (used by the API at registration/submission and by the jobs):
 `resolve_uri`, `inspect_model`, `load_model`, `load_tokenizer`, `inspect_shard`,
-`ShardedTrainingSet`, `parse_samples`, `optimizer_state_sha256` / `load_second_moment`
+`ShardedTrainingSet`, `check_samples_against_model`, `optimizer_state_sha256` / `load_second_moment`
 (TrackStar's `params.optimizer_state`), `samples_to_batch`, `dataset_sha256`, and the
-`LoadError` family in `workers.loading.errors`.
+`LoadError` family in `loading.errors`.
 """
 
-from workers.loading.batches import InputSpec, input_spec
-from workers.loading.errors import LoadError, ModelLoadError, SamplesError, ShardError, UriError
-from workers.loading.hashing import dataset_sha256
-from workers.loading.models import ModelInfo, inspect_model, load_model, load_tokenizer
-from workers.loading.optimizer_state import load_second_moment, optimizer_state_sha256
-from workers.loading.samples import parse_samples, samples_to_batch
-from workers.loading.shards import ShardedTrainingSet, ShardInfo, ShardSpec, inspect_shard
-from workers.loading.uris import resolve_uri
+from loading.errors import LoadError, ModelLoadError, SamplesError, ShardError, UriError
+from loading.hashing import dataset_sha256
+from loading.model_inputs import InputSpec, input_spec
+from loading.models import ModelInfo, inspect_model, load_model, load_tokenizer
+from loading.optimizer_state import load_second_moment, optimizer_state_sha256
+from loading.samples import check_samples_against_model, samples_to_batch
+from loading.shards import ShardedTrainingSet, ShardInfo, ShardSpec, inspect_shard
+from loading.uris import resolve_uri
 
 __all__ = [
     "InputSpec",
@@ -27,6 +27,7 @@ __all__ = [
     "ShardSpec",
     "ShardedTrainingSet",
     "UriError",
+    "check_samples_against_model",
     "dataset_sha256",
     "input_spec",
     "inspect_model",
@@ -35,7 +36,6 @@ __all__ = [
     "load_second_moment",
     "load_tokenizer",
     "optimizer_state_sha256",
-    "parse_samples",
     "resolve_uri",
     "samples_to_batch",
 ]

@@ -23,7 +23,7 @@ from tests.workers import jobfixtures as jf
 from tests.workers.conftest import ARCHITECTURES
 from workers import jobs
 from workers.leases import leases
-from workers.maintenance import reap_stale_queries
+from workers.reaper import reap_stale_queries
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ import stat
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from loading.errors import UriError
 from service.settings import SERVICE_DIR_NAME
-from workers.loading.errors import UriError
 
 
 def resolve_uri(uri: str, data_root: Path, *, field: str = "uri") -> Path:

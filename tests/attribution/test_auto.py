@@ -1,0 +1,85 @@
+"""`method: "auto"`: the documented rule per (task, purpose, checkpoints), and `attribute(..., "auto")`
+running the chosen method and reporting the choice."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from attribution.artifacts import InMemoryArtifacts
+from attribution.methods.auto import AutoInputs, AutoParams, auto_record, choose_method
+from attribution.methods.base import FitContext, ParamsError
+from attribution.methods.registry import UnknownMethodError, method_class, requestable_methods
+from attribution.model import ModelAdapter
+from attribution.pipeline import attribute
+from tests.attribution import fixtures
+
+# (task, self_influence, checkpoints) → (method, params the rule sets, report cited)
+RULES = [
+    ("classification", False, 0, "forward_inf", {}, "q3_leakage.md"),
+    ("classification", False, 2, "forward_inf", {}, "q3_leakage.md"),
+    ("regression", False, 0, "forward_inf", {}, "q3_leakage.md"),
+    ("causal_lm", False, 2, "forward_inf", {}, "q8_service.md"),
+    ("classification", True, 2, "tracin", {"last_layer": True}, "q4_mislabel.md"),
+    ("regression", True, 2, "tracin", {"last_layer": True}, "q4_mislabel.md"),
+    ("causal_lm", True, 2, "tracin", {}, "q8_service.md"),
+    ("classification", True, 0, "trak", {"use_margin": False}, "q4_mislabel.md"),
+    ("regression", True, 0, "trak", {}, "q4_mislabel.md"),
+    ("causal_lm", True, 0, "tracin", {}, "q8_service.md"),
+]
+
+
+@pytest.mark.parametrize(("task", "self_influence", "checkpoints", "method", "set_params", "report"), RULES)
+def test_each_rule_picks_the_documented_method(task: str, self_influence: bool, checkpoints: int, method: str,
+                                               set_params: dict[str, object], report: str) -> None:
+    ids = tuple(f"ckpt{i}" for i in range(checkpoints))
+    choice = choose_method(AutoInputs(task, self_influence, checkpoints, 10_000),
+                           AutoParams(checkpoint_model_ids=ids, seed=3))
+    assert choice.method == method and report in choice.reason
+    assert choice.params.items() >= set_params.items() and choice.params["seed"] == 3
+    assert choice.params.get("checkpoint_model_ids", []) == (list(ids) if method == "tracin" else [])
+    method_class(choice.method).params_type.from_dict(choice.params)  # valid params of that method
+    if method == "tracin" and task == "causal_lm":
+        assert "last_layer" not in choice.params
+
+
+def test_auto_params_accept_only_what_was_registered() -> None:
+    assert AutoParams.from_dict({"checkpoint_model_ids": ["a"], "checkpoint_lrs": [0.1]}).checkpoint_lrs == (0.1,)
+    for raw, field in (({"steps": 1}, "steps"), ({"normalize": "none"}, "normalize"),
+                       ({"checkpoint_lrs": [0.1]}, "checkpoint_lrs")):
+        with pytest.raises(ParamsError, match=field):
+            AutoParams.from_dict(raw)
+    with pytest.raises(UnknownMethodError, match="valid methods: auto, forward_inf"):
+        method_class("nope")
+    assert requestable_methods()[0] == "auto"
+
+
+def test_auto_record_ignores_forward_inf_own_auto_report() -> None:
+    assert auto_record({"auto": {"optimizer": "sgd", "steps": 1, "lr": 0.1}}) is None
+    record = {"method": "tracin", "params": {}, "reason": "r"}
+    assert auto_record({"auto": record, "x": 1}) == record and auto_record(None) is None
+
+
+def test_attribute_auto_runs_the_chosen_method_and_reports_it(wine_mlp: fixtures.Trained) -> None:
+    queries = wine_mlp.test_batch([0, 1])
+    context = FitContext("wine-auto", store=InMemoryArtifacts())
+    scores = attribute(wine_mlp.adapter, "auto", None, wine_mlp.train, context, queries=queries)
+    expected = attribute(wine_mlp.adapter, "forward_inf", {}, wine_mlp.train, FitContext("wine-fi"), queries=queries)
+    torch.testing.assert_close(scores, expected)
+    report = context.extras["auto"]
+    assert report["method"] == "forward_inf" and report["params"]["normalize"] == "relative"
+
+    earlier = ModelAdapter(copy.deepcopy(wine_mlp.adapter.module), wine_mlp.adapter.task)
+    with torch.no_grad():
+        for p in earlier.module.parameters():
+            p.mul_(0.5)
+    audit = FitContext("wine-auto", store=InMemoryArtifacts(), checkpoints=[earlier, wine_mlp.adapter])
+    si = attribute(wine_mlp.adapter, "auto", {"checkpoint_model_ids": ["e", "f"]}, wine_mlp.train, audit,
+                   queries=None, self_influence=True)
+    tracin = attribute(wine_mlp.adapter, "tracin", {"last_layer": True, "checkpoint_model_ids": ["e", "f"]},
+                       wine_mlp.train, FitContext("wine-t", checkpoints=[earlier, wine_mlp.adapter]),
+                       queries=None, self_influence=True)
+    torch.testing.assert_close(si, tracin)
+    assert audit.extras["auto"]["method"] == "tracin" and audit.extras["auto"]["params"]["last_layer"] is True
