@@ -53,6 +53,10 @@ from attribution.tasks import TaskName
 
 MAX_FACTOR_OUTPUTS = 512
 """Largest output dimension K for which output-Hessian square roots are formed."""
+PSEUDO_GRADIENT_COTANGENTS = 1 << 24
+"""Largest `b² K` of the per-row output cotangents `[b, b, K]` behind a batch of pseudo-gradients
+(64 MB of float32): a language model's K = T·V logits per row splits its batches (K = 7,200:
+48 rows at a time instead of 512 and 7.5 GB)."""
 HESSIAN_CHUNK = 32
 """Hessian-vector products per batched double backward (dense columns, trace probes)."""
 EXACT_TRACE_MAX_PARAMS = 2048
@@ -303,11 +307,22 @@ class CurvatureOperator:
         self._require_factors("pseudo-gradients (a factorisation Σ r rᵀ)")
         if self.kind is CurvatureName.FISHER:
             return self.model.per_sample_grads(batch)
-        with torch.enable_grad():
-            outputs = flat_outputs(self.model, batch)
-            factors = self.output_factors(outputs, batch.targets)  # [B, K, R]
-            rows = [per_sample_output_vjp(self.model, outputs, factors[:, :, k]) for k in range(factors.shape[2])]
-        return torch.cat(rows)
+        pieces: list[list[Tensor]] = []
+        start, rows = 0, len(batch)
+        while start < len(batch):
+            piece = batch.slice(start, start + rows)
+            with torch.enable_grad():
+                outputs = flat_outputs(self.model, piece)
+                fits = max(1, int((PSEUDO_GRADIENT_COTANGENTS / outputs.shape[1]) ** 0.5))
+                if len(piece) > fits:  # the per-row cotangents [b, b, K] would not fit: smaller pieces
+                    rows = fits
+                    continue
+                factors = self.output_factors(outputs, piece.targets)  # [b, K, R]
+                pieces.append([per_sample_output_vjp(self.model, outputs, factors[:, :, k])
+                               for k in range(factors.shape[2])])
+            start += len(piece)
+        # rows ordered factor column k major, then row (as `Σ_k` over one batch of rows)
+        return torch.cat([torch.cat([piece[k] for piece in pieces]) for k in range(len(pieces[0]))])
 
     def _require_factors(self, what: str) -> None:
         if not self.positive_semidefinite:

@@ -133,7 +133,7 @@ def run(options: Options) -> Report:
         f"shards; GPT-2 {layers} layers × {width} wide ({adapter.num_params:,} parameters), saved with `save_pretrained` "
         "defaults (SDPA attention) and a word-level tokenizer, loaded by the worker's loaders; batch size "
         f"{BATCH} rows on both sides, fp32, one intra-op thread. Forward-INF: one new joint prompt/completion "
-        f"query with the causal-LM defaults, raw scores (unlearning steps taken: {extras.get('unlearning_steps')}); "
+        f"query with the causal-LM defaults, raw scores (unlearning steps taken: {extras.get('unlearning_steps', 'all K of the fixed run')}); "
         f"base losses cached by a first call ({first.seconds:.1f} s). {repeats} alternating repetitions, "
         f"medians. Machine: {machine()}."
     )

@@ -61,18 +61,17 @@ def forward_inf_grid(quick: bool) -> tuple[dict[str, Any], ...]:
 
 def variants(quick: bool) -> list[Variant]:
     relative = {"normalize": "relative"}
-    costly = [  # one CG solve per query (> 1 minute each on 2 cores): full mode only
-        Variant("influence, library defaults (CG)", "influence", one_query_at_a_time=True,
-                max_queries=COSTLY_QUERIES),
+    costly = [  # one CG solve per query over all parameters (> 1 minute each on 2 cores): full mode only
         Variant("Forward-INF, Newton step (CG)", "forward_inf", {"unlearning": "newton"}, one_query_at_a_time=True,
-                max_queries=COSTLY_QUERIES,
-                context="influence"),  # shares the influence method's fitted iHVP (same curvature and damping)
+                max_queries=COSTLY_QUERIES),
     ]
     return [
         Variant("Forward-INF, library defaults", "forward_inf"),
         Variant("Forward-INF, relative", "forward_inf", relative),
         Variant("Forward-INF, auto (self-retrieval)", "forward_inf", {"auto": True}),
         Variant("Forward-INF, tuned on validation facts", "forward_inf", grid=forward_inf_grid(quick)),
+        # library defaults on a causal LM above 20k parameters: EK-FAC over the blocks' Conv1D layers
+        Variant("influence, library defaults (EK-FAC)", "influence"),
         *([] if quick else costly),
         Variant("TracIn (5 checkpoints)", "tracin"),
         Variant("TracIn, relative", "tracin", relative),
@@ -221,11 +220,11 @@ def run(options: Options) -> Report:
         f"{trained.query_accuracy:.0%}. Each method scores the evaluated queries against every training sentence "
         "through `attribution.pipeline.attribute(..., per_sample=True)`; "
         "`attribution.evaluation.mean_reciprocal_rank` (MRR of the first proponent) and `precision_at_k` "
-        "(k = the fact's number of proponents) score the rankings. Influence (library defaults: P > 20,000 rules "
-        "out the exact inverse and GPT-2's `Conv1D` layers rule out EK-FAC, so CG) and the Newton-step Forward-INF "
-        f"(the same CG iHVP) solve one CG system per query, so they run one query at a time on the first "
-        f"{COSTLY_QUERIES} evaluated queries only{' (skipped in quick mode)' if options.quick else ''}; relative "
-        "influence would need one CG solve per training row and is not run. Seconds per query: one new query at a time on a fitted method (median of "
+        "(k = the fact's number of proponents) score the rankings. Influence's library defaults (P > 20,000 "
+        "parameters on a causal LM): EK-FAC over the 8 `Conv1D` layers of the blocks, relative scores. The "
+        "Newton-step Forward-INF (CG over every parameter) solves one CG system per query, so it runs one query at "
+        f"a time on the first {COSTLY_QUERIES} evaluated queries only"
+        f"{' (skipped in quick mode)' if options.quick else ''}. Seconds per query: one new query at a time on a fitted method (median of "
         f"{SPEED_QUERIES}; the one-at-a-time runs for the costly variants), artifacts (curvature, features, cached "
         "losses, `auto`'s choice) reused; queries per minute = 60 ÷ that."
     )

@@ -1,4 +1,4 @@
-"""Q8 peers: kronfluence on the same tiny GPT-2 folder and facts as the service study.
+"""Q8 peers: kronfluence and Bergson on the same tiny GPT-2 folder and facts as the service study.
 
 Run by `benchmarks.q8_service` in a separate interpreter that has the peer installed
 (`Q8_PEER_PYTHON`, see benchmarks/README.md): `python -m benchmarks.q8_peers ROOT SUBJECTS
@@ -8,6 +8,13 @@ gives exactly the rows it scores, then runs kronfluence's `Analyzer` with its li
 defaults (`FactorArguments()`: EK-FAC) and with the best of `budget` factor strategies on
 the validation facts. kronfluence tracks `nn.Linear`/`nn.Conv2d` modules only: in GPT-2
 that is `lm_head` (tied to the token embeddings); the `Conv1D` blocks are not tracked.
+Bergson (EleutherAI) runs offline on the same folder: `bergson.build.build` collects the
+per-example loss gradients of its default target modules (GPT-2's eight `Conv1D` layers, weights
+only) for the training rows and for the queries, both handed over pre-tokenized (`input_ids`,
+`labels` with −100 outside the counted tokens: the queries' object token only) so they are the
+rows the service scores; the score is the product of the stored gradients, as its `Attributor`
+computes it (`unit_normalize`: cosine). Its library defaults (`IndexConfig()`: no projection, no
+preconditioner, dot product) and the best of `budget` configurations on the validation facts.
 Writes `ROOT/peers/<entry>.npy` (`[Q, N]` scores of the evaluated facts) and
 `ROOT/peers/peers.json` (`{entry: {"params", "validation"}}` or `{peer: {"error"}}`).
 """
@@ -30,6 +37,9 @@ from attribution.evaluation import mean_reciprocal_rank
 from benchmarks.lm_facts import FactCorpus, fact_corpus
 
 STRATEGIES = ("ekfac", "kfac", "identity", "diagonal")
+BERGSON_GRID: tuple[dict[str, Any], ...] = (
+    {}, {"unit_normalize": True}, {"projection_dim": 16}, {"projection_dim": 16, "unit_normalize": True},
+)
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -87,6 +97,50 @@ def kronfluence_scores(module: Any, corpus: FactCorpus, facts: Tensor, strategy:
     return scores["all_modules"].float()
 
 
+def _tokens_file(batch: Batch, path: Path) -> Path:
+    """Pre-tokenized rows `{"input_ids", "labels"}` (padding cut) as jsonl, the way Bergson reads them."""
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]  # type: ignore[index]
+    with path.open("w") as out:
+        for row in range(len(ids)):
+            n = int(mask[row].sum())
+            out.write(json.dumps({"input_ids": ids[row, :n].tolist(), "labels": batch.targets[row, :n].tolist()}) + "\n")
+    return path
+
+
+def bergson_gradients(folder: Path, rows: Path, run: Path, config: dict[str, Any]) -> Tensor:
+    """`[n, d]` Bergson's per-row gradients of the jsonl `rows` (float64), built once per `run` directory."""
+    from bergson.build import build
+    from bergson.config.config import DataConfig, IndexConfig, PreprocessConfig
+    from bergson.data import load_gradients
+
+    index = IndexConfig(run_path=str(run), model=str(folder), tokenizer=str(folder), data=DataConfig(dataset=str(rows)),
+                        overwrite=True, token_batch_size=_context(folder),
+                        projection_dim=int(config.get("projection_dim", 0)))
+    if not run.exists():
+        build(index, PreprocessConfig())
+    return torch.from_numpy(np.array(load_gradients(run))).double()
+
+
+def _context(folder: Path) -> int:
+    """The model's context length (Bergson refuses a token batch larger than it)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(str(folder)).n_positions)
+
+
+def bergson_scores(folder: Path, corpus: FactCorpus, facts: Tensor, config: dict[str, Any], work: Path) -> Tensor:
+    """`[Q, N]` Bergson scores of the queries of `facts` against every training row."""
+    name = "-".join(f"{k}{v}" for k, v in config.items()) or "defaults"
+    train = bergson_gradients(folder, _tokens_file(corpus.train.all, work / "train.jsonl"), work / f"train-{name}", config)
+    tag = "-".join(str(int(f)) for f in facts[:3])
+    queries = bergson_gradients(folder, _tokens_file(corpus.queries(facts), work / f"queries-{tag}.jsonl"),
+                                work / f"queries-{tag}-{name}", config)
+    if config.get("unit_normalize"):
+        train = train / train.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        queries = queries / queries.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    return (queries @ train.T).float()
+
+
 def check_tokens(folder: Path, corpus: FactCorpus) -> None:
     """The saved tokenizer must give the rows scored here (the service tokenizes with it)."""
     from transformers import PreTrainedTokenizerFast
@@ -121,8 +175,32 @@ def main(argv: list[str]) -> None:
                               "validation": max(validation_mrr) if strategy else None,
                               "grid": dict(zip(grid, validation_mrr, strict=True))}
     except Exception as exc:  # reported as the peer's one-line reason
-        summary["kronfluence"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+        summary["kronfluence"] = {"error": _reason(exc)}
+    try:
+        run_bergson(root / "model", corpus, budget, out, summary)
+    except Exception as exc:
+        summary["Bergson"] = {"error": _reason(exc)}
     (out / "peers.json").write_text(json.dumps(summary, indent=1))
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def run_bergson(folder: Path, corpus: FactCorpus, budget: int, out: Path, summary: dict[str, Any]) -> None:
+    """Bergson's defaults and its validation-chosen configuration (`BERGSON_GRID[:budget]`)."""
+    relevant = corpus.proponents(corpus.validation)
+    grid = BERGSON_GRID[:budget]
+    with tempfile.TemporaryDirectory(prefix="q8-bergson-") as tmp:
+        work = Path(tmp)
+        validation_mrr = [mean_reciprocal_rank(bergson_scores(folder, corpus, corpus.validation, c, work), relevant)
+                          for c in grid]
+        chosen = grid[int(np.argmax(validation_mrr))]
+        for entry, config in (("Bergson, defaults", {}), ("Bergson, tuned", chosen)):
+            np.save(out / f"{entry}.npy", bergson_scores(folder, corpus, corpus.evaluated, config, work).numpy())
+            summary[entry] = {"params": ", ".join(f"{k}={v}" for k, v in config.items()) or "IndexConfig() defaults",
+                              "validation": max(validation_mrr) if entry.endswith("tuned") else None,
+                              "grid": {json.dumps(c): m for c, m in zip(grid, validation_mrr, strict=True)}}
 
 
 if __name__ == "__main__":

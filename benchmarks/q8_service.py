@@ -53,6 +53,7 @@ MRR_TARGET = 0.9
 OURS = "forward_inf"
 C_PROJ = "transformer.h.1.attn.c_proj"
 ONE_LAYER = {"fit_batch_size": 16}
+LINEAR_LAYERS = [f"transformer.h.{b}.{m}" for b in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,15 @@ def entries(budget: int) -> list[Entry]:
             {"similarity": "cosine"}, {"similarity": "dot"},
             {"similarity": "dot", "normalize": "relative"}, {"similarity": "cosine", "last_layer": True},
         )),
-        # Library defaults (CG on all 118k parameters, one solve per query, ~47 s idle) do not fit the run:
-        # the exact inverse on one layer does (fit in batches of 16 rows: the causal-LM Gauss-Newton holds
-        # a [T·V, P_layer] Jacobian per row).
-        Entry("influence (exact iHVP on one layer)", "influence", {**ONE_LAYER, "layers": [C_PROJ]}, (
-            {**ONE_LAYER, "layers": [C_PROJ], **relative[0]},
-            {**ONE_LAYER, "layers": [C_PROJ], **relative[1]},
-            {**ONE_LAYER, "layers": ["transformer.ln_f"], **relative[0]},
-            {**ONE_LAYER, "layers": ["transformer.ln_f"], **relative[1]},
+        # Library defaults: EK-FAC over the 8 linear (Conv1D) layers of the blocks, relative scores
+        # (`influence.kronecker_scope`; before, CG on all 118k parameters, ~47 s per query).
+        Entry("influence", "influence", {}, (
+            {"normalize": "relative"}, {"normalize": "none"}, {"ihvp": "kfac"},
+            {**ONE_LAYER, "layers": [C_PROJ], "normalize": "relative"},
+        )),
+        # last_layer would be ln_f (the module owning the last parameter); the tied embedding is the output layer
+        Entry("TrackStar", "trackstar", {}, (
+            {}, {"projection_dim": 8192}, {"layers": LINEAR_LAYERS}, {"layers": ["transformer.wte"]},
         )),
     ]
     return [Entry(e.label, e.method, e.defaults, e.grid[:budget]) for e in lists]
@@ -108,22 +110,21 @@ class PeerEntry:
 
 
 def run_peers(root: Path, sizes: tuple[int, int, int, int]) -> tuple[dict[str, PeerEntry], list[str]]:
-    """kronfluence on the saved folder (`benchmarks.q8_peers`) in the `Q8_PEER_PYTHON` interpreter;
+    """kronfluence and Bergson on the saved folder (`benchmarks.q8_peers`) in the `Q8_PEER_PYTHON` interpreter;
     its entries and the one-line reasons of peers that did not run."""
     python = os.environ.get(PEER_PYTHON)
-    reasons = ["Bergson 2.5.1 installs (--no-deps beside torch 2.13) and imports, but is not run: wiring its "
-               "gradient collector (a `datasets.Dataset` pipeline with an `IndexConfig`) to these folders was not "
-               "finished in this session."]
+    reasons: list[str] = []
     if not python:
-        return {}, [f"kronfluence not run: set {PEER_PYTHON} to an interpreter that has it (benchmarks/README.md)",
-                    *reasons]
+        return {}, [f"kronfluence and Bergson not run: set {PEER_PYTHON} to an interpreter that has them "
+                    "(benchmarks/README.md)"]
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}  # both peers read the local folder; nothing downloads
     done = subprocess.run([python, "-m", "benchmarks.q8_peers", str(root), *map(str, sizes)], env=env,
                           capture_output=True, text=True, timeout=3600, check=False)
     path = root / "peers" / "peers.json"
     if not path.exists():
-        return {}, [f"kronfluence failed to start: {done.stderr.strip().splitlines()[-1:]}", *reasons]
+        return {}, [f"the peers failed to start: {done.stderr.strip().splitlines()[-1:]}", *reasons]
     summary = json.loads(path.read_text())
     entries = {name: PeerEntry(v["params"], v["validation"], torch.from_numpy(np.load(root / "peers" / f"{name}.npy")))
                for name, v in summary.items() if "error" not in v}

@@ -48,8 +48,9 @@ def word_tokenizer() -> Any:
                                    model_max_length=CONTEXT)
 
 
-def causal_lm(architecture: str, *, seed: int = 0) -> torch.nn.Module:
-    """A 1-layer, 8-wide causal LM of `architecture` (gpt2 | llama | qwen2), default attention."""
+def causal_lm(architecture: str, *, seed: int = 0, width: int = 8) -> torch.nn.Module:
+    """A 1-layer, `width`-wide (default 8) causal LM of `architecture` (gpt2 | llama | qwen2),
+    default attention; its MLP is 2 × `width` (Llama, Qwen2) or 4 × `width` (GPT-2) wide."""
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -63,8 +64,9 @@ def causal_lm(architecture: str, *, seed: int = 0) -> torch.nn.Module:
     size = len(vocabulary())
     ids = {"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 0}
     if architecture == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=size, n_embd=8, n_layer=1, n_head=2, n_positions=CONTEXT, **ids))
-    shape = {"vocab_size": size, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        return GPT2LMHeadModel(GPT2Config(vocab_size=size, n_embd=width, n_layer=1, n_head=2, n_positions=CONTEXT,
+                                          **ids))
+    shape = {"vocab_size": size, "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 1,
              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": CONTEXT, **ids}
     if architecture == "llama":
         return LlamaForCausalLM(LlamaConfig(**shape))

@@ -36,7 +36,7 @@ class EKFACIHVP(KFACIHVP):
         state = self.kronecker_factors()
         sums = [torch.zeros(lay.out_features, lay.width, dtype=torch.float64) for lay in self.layers]
         rows = 0
-        for count, acts, grads in layer_statistics(self.curvature, self.layers, self.train):
+        for count, acts, grads, _ in layer_statistics(self.curvature, self.layers, self.train):
             rows += count
             for i in range(len(self.layers)):
                 qa, qs = state[f"l{i}.qa"], state[f"l{i}.qs"]
@@ -52,3 +52,9 @@ class EKFACIHVP(KFACIHVP):
 
     def eigenvalues(self, index: int) -> Tensor:
         return self.state[f"l{index}.lambda"]
+
+    def trace(self) -> float:
+        """`tr(G)` over the tracked parameters from the fitted state: `Σ_l Σ_{oi} Λ*_{oi}`, since
+        `Λ*_l` is the diagonal of `Q_lᵀ G_ll Q_l` (Q_l orthogonal) and the trace only sees the
+        diagonal blocks (exact with exact output factors, an unbiased estimate with sampled ones)."""
+        return float(sum(float(self.state[f"l{i}.lambda"].sum()) for i in range(len(self.layers))))

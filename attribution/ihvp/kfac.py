@@ -3,7 +3,8 @@
 
     G ≈ blockdiag_l (S_l ⊗ A_l),   A_l = E[ã ãᵀ],   S_l = E[Σ_ŷ g gᵀ],
 
-for every `nn.Linear` and `nn.Conv2d` layer l, with `ã = [a, 1]` the layer input (bias
+for every `nn.Linear`, `nn.Conv2d` and Hugging Face `Conv1D` layer l (GPT-2's linear layer,
+`y = a W + b` with the weight stored `[in, out]`, the transpose of `nn.Linear`'s), with `ã = [a, 1]` the layer input (bias
 column when the bias is tracked; convolution inputs unfolded into patches) and `g` the
 gradient of the loss w.r.t. the layer's output (pre-activation). The expectation over the
 model's predictive distribution ŷ (true Fisher) is taken in closed form: `g` is
@@ -12,10 +13,13 @@ back-propagated from each column of the output-Hessian square root `A_i` (`H_i =
 `∇ℓ(x, ŷ)` outer products and removes the sampling noise (models with more than
 `MAX_FACTOR_OUTPUTS` outputs per row, e.g. language models, use one sampled ŷ per row). Positions (convolution patches,
 sequence tokens) are averaged in `A` and summed in `S` (the KFC convention), so for one
-row `G_i ≈ (Σ_t g gᵀ) ⊗ mean_t(ã ãᵀ)`.
+row `G_i ≈ (Σ_t g gᵀ) ⊗ mean_t(ã ãᵀ)`. For token sequences the mean runs over the row's
+real tokens only (`position_weights`): those of its `attention_mask`, or — a right-padded
+causal-LM row without one — the positions up to its last counted target; padding has no
+output gradient (it is in no `S` or `DW`) and would otherwise dilute `A`.
 
-The flat parameter block of layer l is the row-major `[out, in(+1)]` matrix `W̃ = [W | b]`,
-for which `(S ⊗ A) vec(X) = vec(S X Aᵀ)`. With `S = Q_S Λ_S Q_Sᵀ`, `A = Q_A Λ_A Q_Aᵀ`:
+The flat parameter block of layer l is the row-major `[out, in(+1)]` matrix `W̃ = [W | b]`
+(a `Conv1D` weight is stored `[in, out]`: `to_matrix` / `write` transpose it), for which `(S ⊗ A) vec(X) = vec(S X Aᵀ)`. With `S = Q_S Λ_S Q_Sᵀ`, `A = Q_A Λ_A Q_Aᵀ`:
 
     (S ⊗ A + λI)⁻¹ vec(X) = vec(Q_S [(Q_Sᵀ X Q_A) ⊘ (Λ_S Λ_Aᵀ + λ)] Q_Aᵀ).
 
@@ -34,7 +38,8 @@ only while fitting (a layer called twice or never) raise `KroneckerStructureErro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attribution.curvature import CurvatureOperator, flat_outputs
-from attribution.data import TrainingSet
+from attribution.data import Batch, TrainingSet
 from attribution.ihvp.base import IHVPEstimator
 from attribution.ihvp.kfac_scripted import (
     KroneckerStructureError,
@@ -50,6 +55,7 @@ from attribution.ihvp.kfac_scripted import (
     scripted_linear_layers,
 )
 from attribution.model import ModelAdapter
+from attribution.tasks import TaskName
 
 
 @dataclass
@@ -63,6 +69,7 @@ class KroneckerLayer:
     in_features: int  # without the bias column
     weight_name: str = ""
     bias_name: str | None = None  # the layer's bias parameter, tracked or not
+    transposed: bool = False  # weight stored `[in, out]` (Hugging Face `Conv1D`)
 
     @property
     def width(self) -> int:
@@ -91,7 +98,10 @@ class KroneckerLayer:
     def to_matrix(self, vectors: Tensor) -> Tensor:
         """`[M, P]` → `[M, out, in(+1)]` block of this layer."""
         m = vectors.shape[0]
-        mat = vectors[:, self.weight].reshape(m, self.out_features, self.in_features)
+        if self.transposed:
+            mat = vectors[:, self.weight].reshape(m, self.in_features, self.out_features).transpose(1, 2)
+        else:
+            mat = vectors[:, self.weight].reshape(m, self.out_features, self.in_features)
         if self.bias is not None:
             mat = torch.cat([mat, vectors[:, self.bias].unsqueeze(2)], dim=2)
         return mat
@@ -99,7 +109,8 @@ class KroneckerLayer:
     def write(self, out: Tensor, matrix: Tensor) -> None:
         """Inverse of `to_matrix`: write `[M, out, in(+1)]` into `out` `[M, P]`."""
         m = out.shape[0]
-        out[:, self.weight] = matrix[:, :, : self.in_features].reshape(m, -1)
+        weight = matrix[:, :, : self.in_features]
+        out[:, self.weight] = (weight.transpose(1, 2) if self.transposed else weight).reshape(m, -1)
         if self.bias is not None:
             out[:, self.bias] = matrix[:, :, self.in_features]
 
@@ -123,8 +134,11 @@ def kronecker_layers(model: ModelAdapter) -> list[KroneckerLayer]:
         if w_name not in offsets:
             continue
         weight = dict(model.module.named_parameters())[w_name]
+        transposed = is_conv1d(module)
+        out_features, in_features = (weight.shape[1], weight.shape[0]) if transposed else \
+            (weight.shape[0], weight[0].numel())
         layers.append(KroneckerLayer(module, offsets[w_name], offsets.get(b_name) if b_name else None,
-                                     weight.shape[0], weight[0].numel(), w_name, b_name))
+                                     out_features, in_features, w_name, b_name, transposed))
     return layers
 
 
@@ -136,13 +150,13 @@ def unsupported_parameters(module: nn.Module) -> dict[str, str]:
     covered: set[str] = set()
     reasons: dict[str, str] = {}
     for prefix, sub in module.named_modules():
-        if isinstance(sub, nn.Linear | nn.Conv2d):
+        if isinstance(sub, nn.Linear | nn.Conv2d) or is_conv1d(sub):
             names = {f"{prefix}.{p}" if prefix else p for p, _ in sub.named_parameters(recurse=False)}
             if _unsupported_conv(sub):
                 reasons.update({n: "a Conv2d with groups, non-zero padding mode or padding='same'" for n in names})
             else:
                 covered.update(names)
-    return {n: reasons.get(n, "not in an nn.Linear or nn.Conv2d layer")
+    return {n: reasons.get(n, "not in an nn.Linear, nn.Conv2d or Conv1D layer")
             for n, p in module.named_parameters() if p.requires_grad and n not in covered}
 
 
@@ -162,11 +176,20 @@ def _factorable(module: nn.Module) -> list[tuple[str, nn.Module, str, str | None
         return found
     out: list[tuple[str, nn.Module, str, str | None]] = []
     for prefix, sub in module.named_modules():
-        if isinstance(sub, nn.Linear | nn.Conv2d) and not _unsupported_conv(sub):
+        if (isinstance(sub, nn.Linear | nn.Conv2d) or is_conv1d(sub)) and not _unsupported_conv(sub):
             w_name = f"{prefix}.weight" if prefix else "weight"
             b_name = (f"{prefix}.bias" if prefix else "bias") if sub.bias is not None else None
             out.append((prefix, sub, w_name, b_name))
     return out
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is a Hugging Face `transformers.pytorch_utils.Conv1D` (`y = a W + b`, W
+    `[in, out]`). Read from `sys.modules`: a model holding one has imported transformers, and
+    a process that has not needs no import to answer no."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def _unsupported_conv(module: nn.Module) -> bool:
@@ -174,15 +197,48 @@ def _unsupported_conv(module: nn.Module) -> bool:
         module.groups != 1 or module.padding_mode != "zeros" or module.padding == "same")
 
 
-def layer_statistics(curvature: CurvatureOperator, layers: list[KroneckerLayer],
-                     train: TrainingSet) -> Iterator[tuple[int, list[Tensor], list[Tensor]]]:
-    """Per batch: `(rows, acts, grads)` with `acts[l]` `[B, T, in(+1)]` layer inputs `ã` and
-    `grads[l]` `[R, B, T, out]` output gradients back-propagated from each column of the
-    output-Hessian square root (`Σ_r g_r g_rᵀ = E_ŷ[g gᵀ]` per row). TorchScript modules:
+def position_weights(model: ModelAdapter, batch: Batch) -> Tensor | None:
+    """`[B, T]` weights of a token batch's positions in the activation factor `A` (each row's
+    real tokens weighted `1/count`, padding 0), or None (not a token batch: every position
+    counts equally). Real tokens: the `attention_mask`'s; without one, a causal-LM row's
+    positions up to its last counted target (rows are right-padded, targets −100 at padding)."""
+    inputs = batch.inputs
+    if not isinstance(inputs, Mapping):
+        return None
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        real = mask.bool()
+    elif model.task.name is TaskName.CAUSAL_LM and batch.targets.dim() == 2:
+        counted = batch.targets != -100
+        positions = torch.arange(counted.shape[1], device=counted.device)
+        last = torch.where(counted, positions, torch.full_like(positions, -1)).max(dim=1).values
+        real = positions[None, :] <= last[:, None]
+    else:
+        return None
+    real = real.double()
+    return real / real.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def activation_moment(acts: Tensor, weights: Tensor | None) -> Tensor:
+    """`Σ_b Σ_t w_bt ã_bt ã_btᵀ` `[in(+1), in(+1)]` for `acts` `[B, T, in(+1)]` (float64): each
+    row's activation second moment averaged over its positions (`weights` `[B, T]` from
+    `position_weights` when they match the layer's positions, else uniform `1/T`)."""
+    if weights is None or tuple(weights.shape) != tuple(acts.shape[:2]):
+        return torch.einsum("bti,btj->ij", acts, acts) / acts.shape[1]
+    return torch.einsum("bt,bti,btj->ij", weights.to(acts), acts, acts)
+
+
+def layer_statistics(curvature: CurvatureOperator, layers: list[KroneckerLayer], train: TrainingSet,
+                     ) -> Iterator[tuple[int, list[Tensor], list[Tensor], Tensor | None]]:
+    """Per batch: `(rows, acts, grads, weights)` with `acts[l]` `[B, T, in(+1)]` layer inputs
+    `ã`, `grads[l]` `[R, B, T, out]` output gradients back-propagated from each column of the
+    output-Hessian square root (`Σ_r g_r g_rᵀ = E_ŷ[g gᵀ]` per row) and `weights` `[B, T]`
+    the batch's `position_weights` (or None). TorchScript modules:
     `scripted_layer_statistics` (T = 1)."""
     model = curvature.model
     if model.is_scripted:
-        yield from scripted_layer_statistics(curvature, layers, train)
+        for rows, acts, grads in scripted_layer_statistics(curvature, layers, train):
+            yield rows, acts, grads, None
         return
     for batch in curvature.batches(train):
         slots: dict[int, tuple[Tensor, Tensor]] = {}
@@ -202,7 +258,8 @@ def layer_statistics(curvature: CurvatureOperator, layers: list[KroneckerLayer],
                        for k in range(factors.shape[2])]
         acts = [layer.activations(slots[i][0]) for i, layer in enumerate(layers)]
         grads = [torch.stack([layer.output_grads(col[i]) for col in columns]) for i, layer in enumerate(layers)]
-        yield len(batch), acts, grads
+        weights = position_weights(model, batch)
+        yield len(batch), acts, grads, None if weights is None else weights.cpu()
 
 
 def _recorder(slots: dict[int, tuple[Tensor, Tensor]], index: int) -> Callable[..., None]:
@@ -239,12 +296,12 @@ class KFACIHVP(IHVPEstimator):
         a_sums = [torch.zeros(lay.width, lay.width, dtype=torch.float64) for lay in self.layers]
         s_sums = [torch.zeros(lay.out_features, lay.out_features, dtype=torch.float64) for lay in self.layers]
         rows = 0
-        for count, acts, grads in layer_statistics(self.curvature, self.layers, self.train):
+        for count, acts, grads, weights in layer_statistics(self.curvature, self.layers, self.train):
             rows += count
             for i in range(len(self.layers)):
                 a = acts[i].double().cpu()
                 g = grads[i].double().cpu()
-                a_sums[i] += torch.einsum("bti,btj->ij", a, a) / a.shape[1]
+                a_sums[i] += activation_moment(a, weights)
                 s_sums[i] += torch.einsum("rbto,rbtp->op", g, g)
         if rows == 0:
             raise ValueError("the training set is empty")

@@ -17,10 +17,11 @@ Higher = the row supports the query's prediction (the product's sign convention)
 query costs one sweep; `per_sample` unlearns each query separately and scores all Q in one
 pass (`forward_inf_unlearning`, `forward_inf_sweep`).
 
-Language models (`stop="forgotten"`, `forward_inf_stopping`): K becomes a cap and each
-query's ascent stops once its loss reaches the loss of its answer after a shuffled context
-(label-free); causal LMs get that rule, normalised steps and relative scores by default
-(`ForwardInfParams.for_task`, chosen on Q8's validation facts).
+Language models: `stop="forgotten"` (`forward_inf_stopping`) makes K a cap, each query's
+ascent stopping once its loss reaches the loss of its answer after a shuffled context
+(label-free). Causal LMs get K = 20 normalised steps of α = 0.05 and relative scores by
+default (`ForwardInfParams.for_task`, `CAUSAL_LM_DEFAULTS`: chosen on Q8's validation facts,
+where ascending past the forgotten level traced facts better than stopping there).
 
 Newton-step unlearning (`unlearning="newton"`, `forward_inf_newton`): one step
 θ' = θ̂ ± α(G + λI)⁻¹∇L_q with the influence method's cached iHVP, then the same sweep;

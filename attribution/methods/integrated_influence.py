@@ -225,7 +225,7 @@ class IntegratedInfluence(AttributionMethod):
 
     def __init__(self, model: ModelAdapter, params: MethodParams, context: FitContext) -> None:
         super().__init__(model, params, context)
-        self.tracked = tracked_model(model, self.params)
+        self.tracked, self.scoped = tracked_model(model, self.params, context.extras)
         self._estimator: IHVPEstimator | None = None
 
     def fit(self, train: TrainingSet) -> None:
@@ -234,7 +234,8 @@ class IntegratedInfluence(AttributionMethod):
     def final_estimator(self, train: TrainingSet) -> IHVPEstimator:
         """The (cached) estimator at θ̂, shared with `InfluenceFunction` for equal arguments."""
         if self._estimator is None:
-            self._estimator = fitted_estimator(self.tracked, self.params.estimator_params(), self.context, train)
+            self._estimator = fitted_estimator(self.tracked, self.params.estimator_params(), self.context, train,
+                                               scoped=self.scoped)
         return self._estimator
 
     def score(self, queries: Batch, train: TrainingSet, *, per_sample: bool = False) -> Tensor:
@@ -279,7 +280,7 @@ class IntegratedInfluence(AttributionMethod):
     def _path_estimator(self, model: ModelAdapter, train: TrainingSet, damping: float) -> IHVPEstimator:
         """A fresh (uncached: θ_k depends on the query) fit at θ_k with θ̂'s damping λ."""
         params = dataclasses.replace(self.params.estimator_params(), damping=damping)
-        return fitted_estimator(model, params, self.context, train, cache=False)
+        return fitted_estimator(model, params, self.context, train, cache=False, scoped=self.scoped)
 
     def _path(self, queries: Batch, train: TrainingSet) -> list[tuple[Callable[[], ModelAdapter], Callable[[Batch], Tensor]]]:
         """`(model at θ_k, built when called, baseline targets of a batch)` for k = 1..K (one entry

@@ -55,7 +55,7 @@ from attribution.methods.auto import (
 from attribution.methods.base import MethodParams, ParamsError
 from attribution.methods.forward_inf_params import ForwardInfParams
 from attribution.methods.gradient_features import CheckpointFeatureParams
-from attribution.methods.influence import IHVPChoice, IHVPParams
+from attribution.methods.influence import IHVPChoice, IHVPParams, InfluenceParams
 from attribution.methods.registry import UnknownMethodError, method_class, parse_params
 from attribution.methods.trackstar import TrackStarParams
 from attribution.stability import Resampling, StabilityError, StabilityParams, resampling_for
@@ -294,7 +294,10 @@ def _check_structure(model: Model, params: MethodParams) -> None:
     problem = structure.layers_problem(layers)
     if problem is not None:
         raise InvalidInput(f"params.layers: {problem}", code="invalid_params")
-    if isinstance(params, IHVPParams) and IHVPChoice(params.ihvp) in (IHVPChoice.KFAC, IHVPChoice.EKFAC):
+    # influence on a causal LM with no `layers` tracks the linear layers of its blocks (`influence.kronecker_scope`)
+    lm_scope = isinstance(params, InfluenceParams) and model.task == "causal_lm" and not layers
+    if isinstance(params, IHVPParams) and IHVPChoice(params.ihvp) in (IHVPChoice.KFAC, IHVPChoice.EKFAC) \
+            and not lm_scope:
         problem = structure.kfac_problem(layers)
         if problem is not None:
             raise InvalidInput(f"params.ihvp: {params.ihvp} does not work here: {problem}", code="invalid_params")

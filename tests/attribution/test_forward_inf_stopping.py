@@ -116,7 +116,8 @@ def test_causal_lm_defaults_fill_only_unset_fields() -> None:
 def test_the_method_resolves_its_task_defaults(lm) -> None:
     model, _, _ = lm
     method = ForwardInf(model, ForwardInfParams(), FitContext("defaults"))
-    assert method.params.stop is StopRule.FORGOTTEN and method.params.normalize is Normalize.RELATIVE
+    assert method.params.stop is StopRule.FIXED and method.params.normalize is Normalize.RELATIVE
+    assert (method.params.steps, method.params.lr) == (20, 0.05)
 
 
 def test_stop_is_validated() -> None:

@@ -160,7 +160,8 @@ def test_causal_lm_queries_resolve_to_forward_inf_lm_defaults_and_audits_to_trac
     done = e.run(http, {"model_id": model.json()["id"], "dataset_id": dataset.json()["id"], "top_k": 2,
                         "samples": {"prompt": [prompt], "completion": [completion]}})
     choice = assert_reported(done, "forward_inf")
-    assert (choice["params"]["stop"], choice["params"]["normalize"]) == ("forgotten", "relative")  # LM defaults
+    assert (choice["params"]["stop"], choice["params"]["steps"], choice["params"]["normalize"]) == (
+        "fixed", 20, "relative")  # the causal-LM defaults
     assert "q8_service.md" in choice["reason"]
     top = done["result"]["top"][0]
     assert (top["index"], top["preview"]) == (len(CORPUS) + 1, prompt + completion)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,19 @@ def test_a_copied_training_text_ranks_first(http: TestClient, registered: dict[s
 
 
 @pytest.mark.parametrize("architecture", CAUSAL_ARCHITECTURES)
-def test_forward_inf_defaults_on_a_causal_lm_unlearn_until_forgotten(
+def test_forward_inf_defaults_on_a_causal_lm_and_the_forgotten_stop(
         http: TestClient, registered: dict[str, dict[str, str]], architecture: str) -> None:
-    """No params: the causal-LM defaults (stop='forgotten', relative) rank a copied text first
-    and report the steps the unlearning took (at most the cap of 20)."""
+    """No params: the causal-LM defaults (20 normalised ascent steps, relative) rank a copied
+    text first; `stop: forgotten` does too and reports the steps each query took (at most 20)."""
     copied = 3
     done = run(http, {**registered[architecture], "method": "forward_inf", "top_k": 3,
                       "samples": {"text": [CORPUS[copied]]}})
     assert done["result"]["top"][0]["index"] == copied
-    steps = done["result"]["extras"]["unlearning_steps"]
+    assert "unlearning_steps" not in done["result"]["extras"]  # fixed K: every query takes 20 steps
+    forgotten = run(http, {**registered[architecture], "method": "forward_inf", "top_k": 3,
+                           "params": {"stop": "forgotten"}, "samples": {"text": [CORPUS[copied]]}})
+    assert forgotten["result"]["top"][0]["index"] == copied
+    steps = forgotten["result"]["extras"]["unlearning_steps"]
     assert len(steps) == 1 and 0 <= steps[0] <= 20
 
 
@@ -105,6 +110,41 @@ def test_a_prompt_completion_query_finds_its_instruction_row(http: TestClient, r
     top = done["result"]["top"][0]
     assert top["index"] == len(CORPUS) + 1
     assert top["preview"] == prompt + completion
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_influence_with_no_params_fits_ekfac_to_an_lm_above_the_exact_limit(
+        http: TestClient, settings: Settings, architecture: str) -> None:
+    """A 48-wide LM (more parameters than `exact_max_params`, 20,000): `influence` with no
+    params solves with EK-FAC over the blocks' linear layers (GPT-2's Conv1D included), says
+    which layers it tracked and which parameters it left out, ranks a copied training text
+    first (relative scores by default) and stays quick."""
+    root = settings.data_root / f"{architecture}-wide"
+    module = causal_lm(architecture, width=48)
+    assert sum(p.numel() for p in module.parameters()) > 20_000
+    folder = save_folder(module, root / "model")
+    text = write_jsonl(root / "text.jsonl", [{"text": t, "id": f"doc{i}"} for i, t in enumerate(CORPUS)])
+    model_id = http.post("/v1/models", json={"name": f"{architecture}-wide", "uri": folder.as_uri(), "format": "hf",
+                                             "task": "causal_lm"}).json()["id"]
+    dataset_id = http.post("/v1/datasets", json={"name": "text", "shards": [{"uri": text.as_uri()}]}).json()["id"]
+    copied = 8
+    started = time.perf_counter()
+    done = run(http, {"model_id": model_id, "dataset_id": dataset_id, "method": "influence", "top_k": 3,
+                      "samples": {"text": [CORPUS[copied]]}})
+    assert time.perf_counter() - started < 120
+    extras = done["result"]["extras"]
+    assert extras["ihvp"] == "ekfac"
+    layer_kinds = {prefix.rpartition(".")[2] for prefix in extras["ihvp_layers"]}
+    expected = {"c_attn", "c_proj", "c_fc"} if architecture == "gpt2" else \
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert layer_kinds == expected
+    untracked = [name for names in extras["ihvp_untracked"].values() for name in names]
+    assert ("transformer.wte.weight" if architecture == "gpt2" else "lm_head.weight") in untracked
+    assert done["result"]["top"][0]["index"] == copied
+    explicit = run(http, {"model_id": model_id, "dataset_id": dataset_id, "method": "influence", "top_k": 1,
+                          "params": {"ihvp": "kfac"}, "samples": {"text": [CORPUS[copied]]}})
+    assert explicit["result"]["extras"]["ihvp"] == "kfac"
+    assert explicit["result"]["top"][0]["index"] == copied
 
 
 def test_self_influence_and_per_sample_queries_on_text(http: TestClient, registered: dict[str, dict[str, str]]) -> None:
