@@ -454,7 +454,7 @@ class ForwardInf(AttributionMethod):
         value for one step, α‖g_i‖₂² (sgd), α‖g_i‖₂ (normalized_sgd), α‖g_i‖₁ (adam),
         α g_iᵀ(G + λI)⁻¹g_i (newton). With training checkpoints θ_c in the context:
         `Σ_c η_c s(θ_c, z_i)` (`checkpoint_self_influence`)."""
-        if self.context.checkpoints:
+        if self.context.checkpoints or self.settings.checkpoint_model_ids:  # the latter: checked against the context
             return self.checkpoint_self_influence(train)
         started = time.perf_counter()
         p = self.settings

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Any
 
-from attribution.methods.base import MethodParams, Normalize, ParamsError
+from attribution.methods.base import ContextInputs, MethodParams, Normalize, ParamsError
 from attribution.methods.checkpoints import check_checkpoint_params
 from attribution.methods.forward_inf_newton import NewtonStep, removal_scale
 from attribution.methods.forward_inf_unlearning import Unlearning
@@ -142,6 +142,9 @@ class ForwardInfParams(IHVPParams):
     stop: StopRule | None = None
     checkpoint_model_ids: tuple[str, ...] = ()
     checkpoint_lrs: tuple[float, ...] = ()
+
+    def context_inputs(self) -> ContextInputs:
+        return ContextInputs(checkpoint_model_ids=self.checkpoint_model_ids, checkpoint_lrs=self.checkpoint_lrs)
 
     def validate(self) -> None:
         super().validate()

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
 from attribution.methods.base import ContextInputs, FitContext, MethodParams, ParamsError, Progress
+from attribution.methods.checkpoints import check_checkpoint_context
 from attribution.model import ModelAdapter
 from attribution.projection import ProjectionType, RandomProjector
 
@@ -84,11 +85,7 @@ class CheckpointFeatureParams(GradientFeatureParams):
 
     def check_context(self, context: FitContext) -> None:
         """The context must hold the checkpoints the params name (the service resolves them)."""
-        if self.checkpoint_model_ids and len(context.checkpoints) != len(self.checkpoint_model_ids):
-            raise ValueError(f"params name {len(self.checkpoint_model_ids)} checkpoints but the context holds "
-                             f"{len(context.checkpoints)}; resolve checkpoint_model_ids into FitContext.checkpoints")
-        if self.checkpoint_lrs and list(self.checkpoint_lrs) != list(context.checkpoint_lrs):
-            raise ValueError("params.checkpoint_lrs differ from FitContext.checkpoint_lrs")
+        check_checkpoint_context(self.checkpoint_model_ids, self.checkpoint_lrs, context)
 
 
 def last_layer_prefix(model: ModelAdapter) -> str | None:
