@@ -3,7 +3,7 @@
 `code_sha(study)` hashes (SHA-256, first 16 hex digits) the source of the modules a study
 measures: the study's own module, every `benchmarks` module it imports (followed through
 their imports, read statically from the source), and the whole `attribution` package (the
-library under measurement; the speed studies P* also the `service` and `workers` packages). `Report.write` records it as a `code_sha: <hex>` line; a
+library under measurement; the speed studies P* also the `service`, `workers` and `loading` packages). `Report.write` records it as a `code_sha: <hex>` line; a
 report measured before the line existed, or by code that is no longer there, carries
 `code_sha: stale (<why>)` instead. `tests/test_reports_current.py` fails when a report's
 sha differs from the current code's, and when the README quotes a figure no report holds.
@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 LIBRARY = ROOT / "attribution"
-SERVICE = (ROOT / "service", ROOT / "workers")  # also measured by the speed studies (P*)
+SERVICE = (ROOT / "service", ROOT / "workers", ROOT / "loading")  # also measured by the speed studies (P*)
 STALE = "stale"
 _SHA_LINE = re.compile(r"^code_sha: `?([0-9a-f]{16}|stale)`?", re.MULTILINE)
 
