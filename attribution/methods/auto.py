@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from attribution.methods.base import MethodName, MethodParams, ParamsError
+from attribution.methods.checkpoints import check_checkpoint_params
 from attribution.tasks import TaskName
 
 AUTO = "auto"
@@ -62,12 +63,7 @@ class AutoParams(MethodParams):
         return super().from_dict(raw)
 
     def validate(self) -> None:
-        for position, model_id in enumerate(self.checkpoint_model_ids):
-            if not model_id:
-                raise ParamsError(f"checkpoint_model_ids[{position}]", "must be a non-empty model id")
-        if self.checkpoint_lrs and len(self.checkpoint_lrs) != len(self.checkpoint_model_ids):
-            raise ParamsError("checkpoint_lrs", f"{len(self.checkpoint_lrs)} learning rates for "
-                                                f"{len(self.checkpoint_model_ids)} checkpoint_model_ids; give one per id")
+        check_checkpoint_params(self.checkpoint_model_ids, self.checkpoint_lrs)
 
     def passed_on(self, *, checkpoints: bool) -> dict[str, Any]:
         """The raw params every chosen method gets: `batch_size`, `seed`, and the checkpoints

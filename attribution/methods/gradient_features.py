@@ -11,7 +11,6 @@ over a training set with progress reports.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
 from attribution.methods.base import ContextInputs, FitContext, MethodParams, ParamsError, Progress
-from attribution.methods.checkpoints import check_checkpoint_context
+from attribution.methods.checkpoints import check_checkpoint_context, check_checkpoint_params
 from attribution.model import ModelAdapter
 from attribution.projection import ProjectionType, RandomProjector
 
@@ -70,15 +69,7 @@ class CheckpointFeatureParams(GradientFeatureParams):
 
     def validate(self) -> None:
         super().validate()
-        for position, model_id in enumerate(self.checkpoint_model_ids):
-            if not model_id:
-                raise ParamsError(f"checkpoint_model_ids[{position}]", "must be a non-empty model id")
-        if self.checkpoint_lrs and len(self.checkpoint_lrs) != len(self.checkpoint_model_ids):
-            raise ParamsError("checkpoint_lrs", f"{len(self.checkpoint_lrs)} learning rates for "
-                                                f"{len(self.checkpoint_model_ids)} checkpoint_model_ids; give one per id")
-        for position, lr in enumerate(self.checkpoint_lrs):
-            if not (math.isfinite(lr) and lr > 0):
-                raise ParamsError(f"checkpoint_lrs[{position}]", "must be a finite number > 0")
+        check_checkpoint_params(self.checkpoint_model_ids, self.checkpoint_lrs)
 
     def context_inputs(self) -> ContextInputs:
         return ContextInputs(checkpoint_model_ids=self.checkpoint_model_ids, checkpoint_lrs=self.checkpoint_lrs)
