@@ -10,27 +10,24 @@
 so the service (at submission, from the registered model) and `attribution.pipeline.attribute`
 (from the loaded model and context) resolve a request identically. Every rule picks the
 configuration the fair protocol (`benchmarks/fair.py`) chose on *validation* points, and cites
-the committed report line it comes from (figures on the evaluated points of that report):
+the committed report entry it comes from (the figures live in the reports, not here, so they
+cannot go stale beside them):
 
-| purpose | task | checkpoints | → | evidence |
-|---|---|---|---|---|
-| prediction | classification, regression | any | `forward_inf`, defaults | Q3 `q3_leakage.md` "every entry": top-1 1.0000 for every default of ours, Forward-INF's new query 14.7× faster than influence, 23.6× than TracIn ("Time per query") |
-| prediction | causal LM | any | `forward_inf`, defaults (causal-LM defaults: 20 normalised ascent steps) | Q8 `q8_service.md`: that setting (the validation-chosen "Forward-INF, tuned" entry) MRR 0.835, the best entry; the former default (stop at forgotten) 0.7636, above every other default (TracIn with 5 checkpoints 0.6770) |
-| self-influence | classification, regression | yes | `tracin` `last_layer: true` over the checkpoints | Q4 `q4_mislabel.md` "every entry": tracin tuned (last_layer=True, chosen on validation 0.9896) AUC 0.9760 = captum TracInCP last layer, the best entry |
-| self-influence | causal LM | yes | `tracin` over the checkpoints, every layer | Q4: tracin default (all layers) 0.9668 is the best default; Q8 `q8_service.md` TracIn validation: `last_layer` 0.365 vs all layers 0.742 on a GPT-2 — the last layer is not kept for LMs |
-| self-influence | classification, regression | no | `trak` `use_margin: false` (final model) | Q4 "every entry": highest validation AUC of the final-model entries (0.9481 vs influence ekfac 0.9465, forward_inf newton 0.9409), evaluated 0.9318 vs forward_inf default 0.9019 |
-| self-influence | causal LM | no | `tracin` (final model, every layer: ‖∇L(θ̂, z_i)‖²) | no LM self-influence study; one gradient pass per row, no inverse, and Q8's preference for every layer |
+| purpose | task | checkpoints | P | → | evidence (report, table "every entry") |
+|---|---|---|---|---|---|
+| prediction | classification, regression | any | any | `forward_inf`, defaults | Q3 `q3_leakage.md`: every default of ours ranks the copy first alike; Forward-INF's new query is the cheapest ("Time per query") |
+| prediction | causal LM | any | any | `forward_inf`, causal-LM defaults (20 normalised ascent steps) | Q8 `q8_service.md`: the entry "forward_inf" (defaults) against every other default and tuned entry |
+| self-influence | classification, regression | yes | ≤ `EXACT_MAX_PARAMS` | `forward_inf` over the checkpoints, `unlearning: "newton"` | Q4 `q4_mislabel.md`: "forward_inf (5 checkpoints)" tuned (unlearning=newton, the highest validation AUC of every configuration of every entry) is the best entry on the evaluated rows |
+| self-influence | classification, regression | yes | > `EXACT_MAX_PARAMS` | `tracin` `last_layer: true` over the checkpoints | Q4: `tracin` defaults (the last layer) next best; the Newton step needs the exact P×P curvature inverse per checkpoint |
+| self-influence | causal LM | yes | any | `tracin` over the checkpoints, every layer | Q8 `q8_service.md` TracIn validation: the last layer loses on a GPT-2 |
+| self-influence | classification, regression | no | any | `trak` `use_margin: false` (final model) | Q4: the highest validation AUC of the final-model entries |
+| self-influence | causal LM | no | any | `tracin` (final model, every layer: ‖∇L(θ̂, z_i)‖²) | no LM self-influence study; one gradient pass per row, no inverse |
 
-The validation points alone agree (`python -m benchmarks.defaults_validation`, current code):
-Q4 `auto` with 5 checkpoints 0.9896, without 0.9481 (forward_inf default 0.9319, Forward-INF
-over the checkpoints 0.9790); Q3 `auto` top-1 1.0. For predictions the rule serves retrieval
-(Q3: every default of ours ties, Forward-INF is the cheapest per query); it is not the best
-for LDS (Q6 validation: `auto` 0.2795, TracIn's last layer 0.3357, influence EK-FAC raw 0.5758 in
-q6_lds_neural.md), a question a request cannot state — README "Choosing a method" names the method.
-
-Regression has no study of its own: it follows classification (noted in `reason`). No rule
-depends on the size P: every chosen method costs O(N·P) per pass and none inverts a P×P
-matrix (the exact/EK-FAC inverses that do are not chosen), so P is reported in `reason` only.
+`python -m benchmarks.defaults_validation` re-measures the validation points alone. For
+predictions the rule serves retrieval (Q3: every default of ours ties, Forward-INF is the
+cheapest per query); it is not the best for LDS (Q6 `q6_lds_neural.md`: influence EK-FAC with
+`normalize: "none"`), a question a request cannot state — README "Choosing a method" names the
+method. Regression has no study of its own: it follows classification (noted in `reason`).
 """
 
 from __future__ import annotations
@@ -39,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
+from attribution.ihvp.exact import DEFAULT_MAX_PARAMS as EXACT_MAX_PARAMS
 from attribution.methods.base import MethodName, MethodParams, ParamsError
 from attribution.methods.checkpoints import check_checkpoint_params
 from attribution.tasks import TaskName
@@ -124,7 +122,7 @@ def choose_method(inputs: AutoInputs, params: AutoParams) -> AutoChoice:
     """The concrete method for `method: "auto"` (module docstring: one rule per table line)."""
     task = TaskName(inputs.task)
     lm = task is TaskName.CAUSAL_LM
-    size = f"P = {inputs.num_parameters:,} parameters (no rule depends on P)"
+    size = f"P = {inputs.num_parameters:,} parameters"
     regression = " (regression has no study of its own; it follows classification)" \
         if task is TaskName.REGRESSION else ""
     if not inputs.self_influence:
@@ -132,26 +130,30 @@ def choose_method(inputs: AutoInputs, params: AutoParams) -> AutoChoice:
         unused = " Training checkpoints, if given, are not used for queries about predictions."
         if lm:
             why = ("causal LM, query about predictions: forward_inf with its causal-LM defaults (20 normalised ascent "
-                   "steps, relative; chosen on Q8's validation facts), benchmarks/results/q8_service.md: that "
-                   "setting scored MRR 0.835 on the evaluated facts, above every other entry (TracIn with 5 "
-                   "checkpoints: default 0.677, tuned 0.791)")
+                   "steps, relative; chosen on Q8's validation facts), benchmarks/results/q8_service.md 'every "
+                   "entry': forward_inf defaults against every other default and tuned entry")
         else:
             why = (f"{task.value} query about predictions{regression}: forward_inf with its defaults (relative "
-                   "scores), benchmarks/results/q3_leakage.md 'every entry': top-1 1.0000 like every other default "
-                   "of ours, one new query 14.7x faster than influence and 23.6x than TracIn ('Time per query')")
+                   "scores), benchmarks/results/q3_leakage.md 'every entry': every default of ours ranks the copy "
+                   "first alike, and Forward-INF's new query is the cheapest ('Time per query')")
         return AutoChoice(MethodName.FORWARD_INF, params.passed_on(checkpoints=False), f"{why}; {size}.{unused}")
     if inputs.num_checkpoints:
         raw = params.passed_on(checkpoints=True)
         if lm:
             why = (f"causal LM self-influence with {inputs.num_checkpoints} training checkpoints: tracin over "
-                   "them, every layer (benchmarks/results/q4_mislabel.md: tracin default 0.9668, the best default; "
-                   "benchmarks/results/q8_service.md TracIn validation: last_layer 0.365 vs every layer 0.742 "
-                   "on a GPT-2, so the last layer is not kept for LMs; no LM self-influence study exists)")
+                   "them, every layer (benchmarks/results/q8_service.md, TracIn validation: the last layer loses "
+                   "on a GPT-2; no LM self-influence study exists)")
             return AutoChoice(MethodName.TRACIN, raw, f"{why}; {size}.")
+        if inputs.num_parameters <= EXACT_MAX_PARAMS:
+            why = (f"{task.value} self-influence with {inputs.num_checkpoints} training checkpoints{regression}: "
+                   "forward_inf over them with unlearning=newton (exact curvature inverse at this size), "
+                   "benchmarks/results/q4_mislabel.md 'every entry': 'forward_inf (5 checkpoints)' tuned on "
+                   "validation, the best entry")
+            return AutoChoice(MethodName.FORWARD_INF, {**raw, "unlearning": "newton"}, f"{why}; {size}.")
         why = (f"{task.value} self-influence with {inputs.num_checkpoints} training checkpoints{regression}: "
-               "tracin with last_layer over them, benchmarks/results/q4_mislabel.md 'every entry': tracin tuned "
-               "(last_layer=True, chosen on validation: 0.9896) AUC 0.9760 = captum TracInCP last layer, the best "
-               "entry")
+               f"tracin with last_layer over them (above {EXACT_MAX_PARAMS:,} parameters the Newton step of "
+               "forward_inf needs an approximate inverse per checkpoint), benchmarks/results/q4_mislabel.md "
+               "'every entry': tracin defaults (last layer) next to the best entry")
         return AutoChoice(MethodName.TRACIN, {**raw, "last_layer": True}, f"{why}; {size}.")
     raw = params.passed_on(checkpoints=False)
     if lm:
@@ -162,8 +164,7 @@ def choose_method(inputs: AutoInputs, params: AutoParams) -> AutoChoice:
         return AutoChoice(MethodName.TRACIN, raw, f"{why}; {size}.")
     why = (f"{task.value} self-influence without checkpoints{regression}: trak with use_margin=false on the final "
            "model, benchmarks/results/q4_mislabel.md 'every entry': the best validation AUC of the final-model "
-           "entries (0.9481; influence ekfac 0.9465, forward_inf newton 0.9409), evaluated 0.9318 vs forward_inf "
-           "default 0.9019; with training checkpoints (checkpoint_model_ids) auto picks TracIn, AUC 0.9760")
+           "entries; registering training checkpoints (checkpoint_model_ids) does better there")
     if task is TaskName.CLASSIFICATION:
         raw["use_margin"] = False
     return AutoChoice(MethodName.TRAK, raw, f"{why}; {size}.")

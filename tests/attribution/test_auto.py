@@ -16,14 +16,14 @@ from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
 from tests.attribution import fixtures
 
-# (task, self_influence, checkpoints) → (method, params the rule sets, report cited)
+# (task, self_influence, checkpoints, P) → (method, params the rule sets, report cited)
 RULES = [
     ("classification", False, 0, "forward_inf", {}, "q3_leakage.md"),
     ("classification", False, 2, "forward_inf", {}, "q3_leakage.md"),
     ("regression", False, 0, "forward_inf", {}, "q3_leakage.md"),
     ("causal_lm", False, 2, "forward_inf", {}, "q8_service.md"),
-    ("classification", True, 2, "tracin", {"last_layer": True}, "q4_mislabel.md"),
-    ("regression", True, 2, "tracin", {"last_layer": True}, "q4_mislabel.md"),
+    ("classification", True, 2, "forward_inf", {"unlearning": "newton"}, "q4_mislabel.md"),
+    ("regression", True, 2, "forward_inf", {"unlearning": "newton"}, "q4_mislabel.md"),
     ("causal_lm", True, 2, "tracin", {}, "q8_service.md"),
     ("classification", True, 0, "trak", {"use_margin": False}, "q4_mislabel.md"),
     ("regression", True, 0, "trak", {}, "q4_mislabel.md"),
@@ -39,10 +39,21 @@ def test_each_rule_picks_the_documented_method(task: str, self_influence: bool, 
                            AutoParams(checkpoint_model_ids=ids, seed=3))
     assert choice.method == method and report in choice.reason
     assert choice.params.items() >= set_params.items() and choice.params["seed"] == 3
-    assert choice.params.get("checkpoint_model_ids", []) == (list(ids) if method == "tracin" else [])
+    uses_checkpoints = self_influence and checkpoints > 0
+    assert choice.params.get("checkpoint_model_ids", []) == (list(ids) if uses_checkpoints else [])
     method_class(choice.method).params_type.from_dict(choice.params)  # valid params of that method
     if method == "tracin" and task == "causal_lm":
         assert "last_layer" not in choice.params
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_audits_of_models_above_the_exact_inverse_size_run_last_layer_tracin(task: str) -> None:
+    ids = ("ckpt0", "ckpt1")
+    small = choose_method(AutoInputs(task, True, 2, 20_000), AutoParams(checkpoint_model_ids=ids))
+    large = choose_method(AutoInputs(task, True, 2, 20_001), AutoParams(checkpoint_model_ids=ids))
+    assert (small.method, large.method) == ("forward_inf", "tracin")
+    assert large.params["last_layer"] is True and large.params["checkpoint_model_ids"] == list(ids)
+    assert "q4_mislabel.md" in large.reason and "20,000" in large.reason
 
 
 def test_auto_params_accept_only_what_was_registered() -> None:
@@ -78,8 +89,8 @@ def test_attribute_auto_runs_the_chosen_method_and_reports_it(wine_mlp: fixtures
     audit = FitContext("wine-auto", store=InMemoryArtifacts(), checkpoints=[earlier, wine_mlp.adapter])
     si = attribute(wine_mlp.adapter, "auto", {"checkpoint_model_ids": ["e", "f"]}, wine_mlp.train, audit,
                    queries=None, self_influence=True)
-    tracin = attribute(wine_mlp.adapter, "tracin", {"last_layer": True, "checkpoint_model_ids": ["e", "f"]},
-                       wine_mlp.train, FitContext("wine-t", checkpoints=[earlier, wine_mlp.adapter]),
+    newton = attribute(wine_mlp.adapter, "forward_inf", {"unlearning": "newton", "checkpoint_model_ids": ["e", "f"]},
+                       wine_mlp.train, FitContext("wine-n", checkpoints=[earlier, wine_mlp.adapter]),
                        queries=None, self_influence=True)
-    torch.testing.assert_close(si, tracin)
-    assert audit.extras["auto"]["method"] == "tracin" and audit.extras["auto"]["params"]["last_layer"] is True
+    torch.testing.assert_close(si, newton)
+    assert audit.extras["auto"]["method"] == "forward_inf" and audit.extras["auto"]["params"]["unlearning"] == "newton"

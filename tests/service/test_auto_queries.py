@@ -84,21 +84,21 @@ def test_a_classifier_prediction_query_resolves_to_forward_inf_defaults(http: Te
     assert "not used" in choice["reason"]
 
 
-def test_a_self_influence_audit_with_checkpoints_resolves_to_last_layer_tracin(
+def test_a_self_influence_audit_with_checkpoints_resolves_to_newton_forward_inf_over_them(
         http: TestClient, ids: dict[str, Any], earlier: list[torch.nn.Module]) -> None:
     lrs = [0.5, 0.25]
     done = e.run(http, audit(ids, checkpoint_model_ids=ids["checkpoints"], checkpoint_lrs=lrs))
-    choice = assert_reported(done, "tracin")
-    assert choice["params"]["last_layer"] is True
+    choice = assert_reported(done, "forward_inf")
+    assert choice["params"]["unlearning"] == "newton"
     assert choice["params"]["checkpoint_model_ids"] == ids["checkpoints"] and choice["params"]["checkpoint_lrs"] == lrs
     assert "q4_mislabel.md" in choice["reason"]
     served = np.asarray(e.scores(http, done["id"])["scores"])
-    expected = e.direct_scores("tracin", {"last_layer": True}, rows=60, queries=None, checkpoints=earlier,
+    expected = e.direct_scores("forward_inf", {"unlearning": "newton"}, rows=60, queries=None, checkpoints=earlier,
                                checkpoint_lrs=lrs, self_influence=True)[0]
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-7)
-    every_layer = e.direct_scores("tracin", {"last_layer": False}, rows=60, queries=None, checkpoints=earlier, checkpoint_lrs=lrs,
-                                  self_influence=True)[0]
-    assert not np.allclose(served, every_layer, rtol=1e-2)  # the last layer only, as documented
+    final_only = e.direct_scores("forward_inf", {"unlearning": "newton"}, rows=60, queries=None,
+                                 self_influence=True)[0]
+    assert not np.allclose(served, final_only, rtol=1e-2)  # summed over the checkpoints, as documented
 
 
 def test_a_self_influence_audit_without_checkpoints_resolves_to_trak_without_margin(

@@ -44,7 +44,7 @@ def test_an_auto_audit_with_checkpoints_runs_on_a_queue_worker(rq_settings: Sett
                 "params": {"checkpoint_model_ids": [checkpoint, model]}}
         queued = http.post("/v1/queries", json=body)
         assert queued.status_code == 202, queued.text
-        assert queued.json()["method"] == "tracin" and queued.json()["auto"]["params"]["last_layer"] is True
+        assert queued.json()["method"] == "forward_inf" and queued.json()["auto"]["params"]["unlearning"] == "newton"
         jf.work(rq_settings)
         done = http.get(f"/v1/queries/{queued.json()['id']}").json()
         assert done["status"] == "succeeded", done["error"]
@@ -56,8 +56,8 @@ def test_an_auto_audit_with_checkpoints_runs_on_a_queue_worker(rq_settings: Sett
     task = ClassificationTask()
     context = FitContext("direct", store=InMemoryArtifacts(),
                          checkpoints=[ModelAdapter(earlier, task), ModelAdapter(toy.module, task)])
-    expected = attribute(ModelAdapter(toy.module, task), "tracin",
-                         {"last_layer": True, "checkpoint_model_ids": ["a", "b"]},
+    expected = attribute(ModelAdapter(toy.module, task), "forward_inf",
+                         {"unlearning": "newton", "checkpoint_model_ids": ["a", "b"]},
                          TensorTrainingSet(torch.from_numpy(toy.x), torch.from_numpy(toy.y)), context,
                          queries=None, self_influence=True)[0].numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-7)
