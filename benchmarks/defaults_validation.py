@@ -11,7 +11,9 @@ finds may choose a default without looking at a reported figure:
   without margin, Forward-INF's self-influence over the training checkpoints
   (`Σ_c η_c s(θ_c, z_i)`, `ForwardInf.checkpoint_self_influence`), and `auto`;
 - Q6 (mean LDS over the 10 validation queries; the 50 subsets retrained on the validation
-  queries only): TracIn every layer vs last layer, relative and raw, and `auto`;
+  queries only): TracIn every layer vs last layer, relative and raw, `auto`, and raw influence
+  (exact and EK-FAC) at each `relative_damping` of `COUNTERFACTUAL_DAMPINGS` — what
+  `auto`'s `goal: "counterfactual"` rule runs (`attribution/methods/auto.py`);
 - Q3 (top-1 rate of the 10 validation copies, MLP): TracIn every layer vs last layer, `auto`.
 
     OMP_NUM_THREADS=1 python -m benchmarks.defaults_validation [q4 q6 q3] [--out /tmp/x.json]
@@ -47,6 +49,8 @@ from benchmarks.fair import Points
 from benchmarks.leakage_setup import leaked_digits, train_models
 
 Result = dict[str, Any]
+# `relative_damping` candidates for the counterfactual (LDS) question: λ = r · tr(G)/P
+COUNTERFACTUAL_DAMPINGS = (0.01, 0.1, 0.3, 1.0, 3.0)
 Candidate = tuple[str, str, dict[str, Any], bool]  # (label, method, params, with the checkpoints)
 
 
@@ -127,6 +131,10 @@ def q6() -> list[Result]:
         ("tracin every layer (final only)", "tracin", {"last_layer": False}, False),
         ("tracin last_layer (final only)", "tracin", {"last_layer": True}, False),
         ("auto (checkpoints)", "auto", {}, True),
+        *[(f"influence {ihvp} normalize=none relative_damping={r}", "influence",
+           {"ihvp": ihvp, "normalize": "none", "relative_damping": r}, False)
+          for ihvp in ("exact", "ekfac") for r in COUNTERFACTUAL_DAMPINGS],
+        ("auto goal=counterfactual", "auto", {"goal": "counterfactual"}, False),
     ]
     return [_query_row("q6", "LDS", label, method, params, model, split.train,
                        fit_context(f"q6v:{label}", trajectory if ckpt else None), queries, lds)

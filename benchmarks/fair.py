@@ -65,9 +65,12 @@ class Entry:
     grid: tuple[Config, ...]
     run: Callable[[Config], Tensor]
     cannot: str = ""  # set: the entry is not run, the report says why
+    whole_space: bool = False  # the grid is every configuration the entry has (fewer than BUDGET)
 
     def __post_init__(self) -> None:
-        if not self.cannot and len(self.grid) != BUDGET:
+        if self.cannot:
+            return
+        if len(self.grid) != BUDGET and not (self.whole_space and len(self.grid) < BUDGET):
             raise ValueError(f"{self.label}: grid has {len(self.grid)} configurations, the budget is {BUDGET}")
 
 
@@ -189,7 +192,8 @@ def write_tables(report: Report, title: str, outcomes: list[Outcome], metric: st
             rows.append([o.entry.label, o.entry.owner, "not run", "—", "—", "—", o.entry.cannot])
             continue
         failed = "; ".join(f"{k}: {v}" for k, v in o.errors.items()).replace("|", "/")
-        rows.append([o.entry.label, o.entry.owner, _fmt(o.default_value), describe(o.tuned),
+        chosen = describe(o.tuned) + (f" (of {len(o.entry.grid)}: every configuration)" if o.entry.whole_space else "")
+        rows.append([o.entry.label, o.entry.owner, _fmt(o.default_value), chosen,
                      _fmt(o.tuned_validation), _fmt(o.tuned_value), failed or ""])
     report.table(title, ["entry", "library", f"{metric}, library defaults", f"tuned: chosen config (of {BUDGET})",
                          f"{metric} on validation", f"{metric}, tuned", "failed configurations"], rows)
@@ -243,6 +247,18 @@ QUERY_GRIDS: dict[str, tuple[Config, ...]] = {
     "gradient_similarity": ({}, {"similarity": "dot"}, {"similarity": "dot", "normalize": "relative"},
                             {"last_layer": True}),
 }
+# `method: "auto"` has one setting for queries about predictions, the question (`goal`): its
+# whole configuration space, below the budget. Q3 (retrieval) reports its default, Q6 (LDS) the
+# counterfactual goal as the default a user asking that question sends.
+AUTO_GOALS: tuple[Config, ...] = ({"goal": "retrieve"}, {"goal": "counterfactual"})
+
+
+def auto_entry(default: Config, run: Callable[[Config], Tensor]) -> Entry:
+    """The `auto` entry of a query study with `default` as its library-defaults column."""
+    label = "auto" + "".join(f", {k}={v}" for k, v in default.items())
+    return Entry(label, "ours", default, AUTO_GOALS, run, whole_space=True)
+
+
 # Not run in the query studies: its default path refits the exact curvature K − 1 = 4 times per query.
 QUERY_SKIPPED = {"integrated_influence": "refits the (exact, default) curvature 4 times per query: minutes per query "
                                          "at this size on the shared 2-core machine; not run in this session"}

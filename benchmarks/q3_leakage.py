@@ -28,6 +28,7 @@ from benchmarks.fair import (
     Config,
     Entry,
     Points,
+    auto_entry,
     bootstrap_figures,
     evaluate,
     peer_entries,
@@ -64,7 +65,8 @@ def our_entries(contexts: Contexts, data: LeakedDigits, queries: torch.Tensor) -
     def run(method: str) -> Callable[[Config], torch.Tensor]:
         return lambda config: scores(contexts.trained.model, method, config, data.train, contexts(method), batch).scores
 
-    return [Entry(method, "ours", {}, grid, run(method)) for method, grid in QUERY_GRIDS.items()] + [
+    return [auto_entry({}, run("auto"))] + [
+        Entry(method, "ours", {}, grid, run(method)) for method, grid in QUERY_GRIDS.items()] + [
         Entry(method, "ours", {}, (), run(method), why) for method, why in QUERY_SKIPPED.items()]
 
 

@@ -34,6 +34,7 @@ from benchmarks.fair import (
     Config,
     Entry,
     Points,
+    auto_entry,
     bootstrap_figures,
     evaluate,
     peer_entries,
@@ -61,7 +62,8 @@ def our_entries(model: ModelAdapter, train: TensorTrainingSet, trajectory: Traje
         context = with_checkpoints if method == "tracin" else final
         return lambda config: scores(model, method, config, train, context, queries).scores
 
-    return [Entry(method, "ours", {}, grid, run(method)) for method, grid in QUERY_GRIDS.items()] + [
+    return [auto_entry({"goal": "counterfactual"}, run("auto"))] + [
+        Entry(method, "ours", {}, grid, run(method)) for method, grid in QUERY_GRIDS.items()] + [
         Entry(method, "ours", {}, (), run(method), why) for method, why in QUERY_SKIPPED.items()]
 
 

@@ -4,6 +4,10 @@
 
 - the task (`classification`, `regression`, `causal_lm`; `attribution.tasks.TaskName`),
 - the purpose: a query about predictions (`self_influence=False`) or a self-influence audit,
+- for predictions, the question (`params.goal`): `"retrieve"` (default; which training rows
+  taught this prediction — leaked copies, facts, debugging) or `"counterfactual"` (how the
+  query's loss would change if rows were removed — what the linear datamodeling score, LDS,
+  measures),
 - whether training checkpoints θ_c were given (`checkpoint_model_ids`, resolved into
   `FitContext.checkpoints`), and the model size P (number of parameters),
 
@@ -15,25 +19,30 @@ cannot go stale beside them):
 
 | purpose | task | checkpoints | P | → | evidence (report, table "every entry") |
 |---|---|---|---|---|---|
-| prediction | classification, regression | any | any | `forward_inf`, defaults | Q3 `q3_leakage.md`: every default of ours ranks the copy first alike; Forward-INF's new query is the cheapest ("Time per query") |
-| prediction | causal LM | any | any | `forward_inf`, causal-LM defaults (20 normalised ascent steps) | Q8 `q8_service.md`: the entry "forward_inf" (defaults) against every other default and tuned entry |
+| prediction, retrieve | classification, regression | any | any | `forward_inf`, defaults | Q3 `q3_leakage.md`: every default of ours ranks the copy first alike; Forward-INF's new query is the cheapest ("Time per query") |
+| prediction, retrieve | causal LM | any | any | `forward_inf`, causal-LM defaults (20 normalised ascent steps) | Q8 `q8_service.md`: the entry "forward_inf" (defaults) against every other default and tuned entry |
+| prediction, counterfactual | classification, regression | any | ≤ `EXACT_MAX_PARAMS` | `influence`, raw (`normalize: "none"`), exact inverse, `relative_damping: COUNTERFACTUAL_EXACT_DAMPING` | Q6 `q6_lds_neural.md`: the entry "auto, goal=counterfactual" against every entry; the damping from `benchmarks/defaults_validation.py q6` (validation queries only) |
+| prediction, counterfactual | any | any | > `EXACT_MAX_PARAMS`, or causal LM | `influence`, raw, `ihvp` auto (EK-FAC; an LM's block linears), `relative_damping: COUNTERFACTUAL_KRONECKER_DAMPING` | Q6 `q6_lds_neural.md`: influence `ihvp=ekfac, normalize=none`, the best of our EK-FAC entries; the damping from `defaults_validation.py q6` |
 | self-influence | classification, regression | yes | ≤ `EXACT_MAX_PARAMS` | `forward_inf` over the checkpoints, `unlearning: "newton"` | Q4 `q4_mislabel.md`: "forward_inf (5 checkpoints)" tuned (unlearning=newton, the highest validation AUC of every configuration of every entry) is the best entry on the evaluated rows |
 | self-influence | classification, regression | yes | > `EXACT_MAX_PARAMS` | `tracin` `last_layer: true` over the checkpoints | Q4: `tracin` defaults (the last layer) next best; the Newton step needs the exact P×P curvature inverse per checkpoint |
 | self-influence | causal LM | yes | any | `tracin` over the checkpoints, every layer | Q8 `q8_service.md` TracIn validation: the last layer loses on a GPT-2 |
 | self-influence | classification, regression | no | any | `trak` `use_margin: false` (final model) | Q4: the highest validation AUC of the final-model entries |
 | self-influence | causal LM | no | any | `tracin` (final model, every layer: ‖∇L(θ̂, z_i)‖²) | no LM self-influence study; one gradient pass per row, no inverse |
 
-`python -m benchmarks.defaults_validation` re-measures the validation points alone. For
-predictions the rule serves retrieval (Q3: every default of ours ties, Forward-INF is the
-cheapest per query); it is not the best for LDS (Q6 `q6_lds_neural.md`: influence EK-FAC with
-`normalize: "none"`), a question a request cannot state — README "Choosing a method" names the
-method. Regression has no study of its own: it follows classification (noted in `reason`).
+`python -m benchmarks.defaults_validation` re-measures the validation points alone. The two
+questions about a prediction want opposite scores: retrieval wants each row's score relative
+to its own norm (an exact copy first, Cauchy–Schwarz; raw scores fail Q3), while the LDS wants
+raw magnitudes (relative scores fail Q6). No one default serves both, so the request states
+its question with `goal`; retrieval is the default. Regression has no study of its own: it
+follows classification (noted in `reason`). `goal` applies to queries about predictions only
+(a self-influence audit asks neither question): `ParamsError` otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Self
 
 from attribution.ihvp.exact import DEFAULT_MAX_PARAMS as EXACT_MAX_PARAMS
@@ -42,15 +51,29 @@ from attribution.methods.checkpoints import check_checkpoint_params
 from attribution.tasks import TaskName
 
 AUTO = "auto"
+# `relative_damping` for counterfactual questions (λ = r · tr(G)/P): the best validation LDS of
+# `benchmarks.defaults_validation.COUNTERFACTUAL_DAMPINGS` (0.01 … 3) on Q6, per estimator. The
+# 0.01 default under-damps raw scores (noise of the smallest eigen-directions; relative scores
+# divide it out); EK-FAC's own eigenvalues want less.
+COUNTERFACTUAL_EXACT_DAMPING = 1.0
+COUNTERFACTUAL_KRONECKER_DAMPING = 0.1
+
+
+class Goal(StrEnum):
+    """The question a query about predictions asks (module docstring)."""
+
+    RETRIEVE = "retrieve"
+    COUNTERFACTUAL = "counterfactual"
 
 
 @dataclass(frozen=True)
 class AutoParams(MethodParams):
-    """What `auto` accepts: what was registered (the training checkpoints θ_c as
-    `checkpoint_model_ids` with optional `checkpoint_lrs` η_c) and the common `batch_size` and
-    `seed`, passed on to the chosen method. Method-specific settings (and `normalize`) are
-    refused: name a method to set them."""
+    """What `auto` accepts: the question (`goal`, for queries about predictions), what was
+    registered (the training checkpoints θ_c as `checkpoint_model_ids` with optional
+    `checkpoint_lrs` η_c) and the common `batch_size` and `seed`, passed on to the chosen
+    method. Method-specific settings (and `normalize`) are refused: name a method to set them."""
 
+    goal: Goal = Goal.RETRIEVE
     checkpoint_model_ids: tuple[str, ...] = ()
     checkpoint_lrs: tuple[float, ...] = ()
 
@@ -125,6 +148,10 @@ def choose_method(inputs: AutoInputs, params: AutoParams) -> AutoChoice:
     size = f"P = {inputs.num_parameters:,} parameters"
     regression = " (regression has no study of its own; it follows classification)" \
         if task is TaskName.REGRESSION else ""
+    if inputs.self_influence and params.goal is not Goal.RETRIEVE:
+        raise ParamsError("goal", "applies to queries about predictions; a self_influence audit takes no goal")
+    if not inputs.self_influence and params.goal is Goal.COUNTERFACTUAL:
+        return _counterfactual(task, inputs, params, size)
     if not inputs.self_influence:
         # the same words with or without checkpoints: the choice (and the request hash) ignores them
         unused = " Training checkpoints, if given, are not used for queries about predictions."
@@ -170,5 +197,37 @@ def choose_method(inputs: AutoInputs, params: AutoParams) -> AutoChoice:
     return AutoChoice(MethodName.TRAK, raw, f"{why}; {size}.")
 
 
-__all__ = ["AUTO", "AutoChoice", "AutoInputs", "AutoParams", "auto_record", "choose_method",
-           "with_task_defaults"]
+def _counterfactual(task: TaskName, inputs: AutoInputs, params: AutoParams, size: str) -> AutoChoice:
+    """`goal: "counterfactual"`: raw influence with the damping chosen on Q6's validation
+    queries — the exact inverse up to `EXACT_MAX_PARAMS`, else the estimator `ihvp: auto`
+    picks (EK-FAC; an LM's block linears)."""
+    raw = {**params.passed_on(checkpoints=False), "normalize": "none"}
+    unused = " Training checkpoints, if given, are not used for queries about predictions."
+    chosen = "chosen on Q6's validation queries, benchmarks/defaults_validation.py q6"
+    if task is not TaskName.CAUSAL_LM and inputs.num_parameters <= EXACT_MAX_PARAMS:
+        why = (f"{task.value} counterfactual query: influence, raw, the exact curvature inverse with relative_damping "
+               f"{COUNTERFACTUAL_EXACT_DAMPING:g} ({chosen}), benchmarks/results/q6_lds_neural.md 'every entry': "
+               "'auto, goal=counterfactual' against every entry (raw scores: the LDS compares score magnitudes, "
+               "which relative scores divide out)")
+        return AutoChoice(MethodName.INFLUENCE, {**raw, "relative_damping": COUNTERFACTUAL_EXACT_DAMPING},
+                          f"{why}; {size}.{unused}")
+    what = "causal LM" if task is TaskName.CAUSAL_LM else f"{task.value} above {EXACT_MAX_PARAMS:,} parameters"
+    why = (f"{what}, counterfactual query: influence, raw, ihvp auto (EK-FAC) with relative_damping "
+           f"{COUNTERFACTUAL_KRONECKER_DAMPING:g} ({chosen}); benchmarks/results/q6_lds_neural.md 'every entry': "
+           "influence ihvp=ekfac, normalize=none, our best EK-FAC entry (no LM LDS study exists)")
+    return AutoChoice(MethodName.INFLUENCE, {**raw, "relative_damping": COUNTERFACTUAL_KRONECKER_DAMPING},
+                      f"{why}; {size}.{unused}")
+
+
+__all__ = [
+    "AUTO",
+    "COUNTERFACTUAL_EXACT_DAMPING",
+    "COUNTERFACTUAL_KRONECKER_DAMPING",
+    "AutoChoice",
+    "AutoInputs",
+    "AutoParams",
+    "Goal",
+    "auto_record",
+    "choose_method",
+    "with_task_defaults",
+]

@@ -99,11 +99,14 @@ class IHVPChoice(StrEnum):
 @dataclass(frozen=True)
 class IHVPParams(MethodParams):
     """The iHVP estimator's arguments, shared by every method that solves with `(G + λI)⁻¹`
-    (influence functions, Integrated Influence, Forward-INF's Newton-step unlearning)."""
+    (influence functions, Integrated Influence, Forward-INF's Newton-step unlearning).
+    `damping` unset: `λ = relative_damping · tr(G)/P` (`relative_damping` times the mean
+    curvature eigenvalue; module docstring)."""
 
     ihvp: IHVPChoice = IHVPChoice.AUTO
     curvature: CurvatureName = CurvatureName.GAUSS_NEWTON
     damping: float | None = None
+    relative_damping: float = DEFAULT_RELATIVE_DAMPING
     cg_max_iter: int = 100
     cg_tol: float = 1e-5
     lissa_depth: int = 1000
@@ -119,6 +122,7 @@ class IHVPParams(MethodParams):
         _enum("ihvp", IHVPChoice, self.ihvp)
         _enum("curvature", CurvatureName, self.curvature)
         _positive("damping", self.damping)
+        _positive("relative_damping", self.relative_damping)
         _positive("cg_tol", self.cg_tol)
         _positive("lissa_scale", self.lissa_scale)
         for name in ("cg_max_iter", "lissa_depth", "lissa_repeats", "arnoldi_rank", "arnoldi_iterations",
@@ -263,7 +267,7 @@ def fitted_estimator(model: ModelAdapter, params: IHVPParams, context: FitContex
         estimator, computed = _loaded_estimator(ihvp, curvature, damping, model, params, context, train, cache=cache)
     if damping is None:
         assert isinstance(estimator, EKFACIHVP)
-        damping = _damping_from_trace(estimator.trace(), curvature)
+        damping = _damping_from_trace(estimator.trace(), curvature, params.relative_damping)
         estimator.damping = damping
     context.timings["ihvp_fit"] = context.timings.get("ihvp_fit", 0.0) + time.perf_counter() - started
     context.extras.update(ihvp=ihvp.value, damping=damping, ihvp_fit_cached=not computed)
@@ -301,14 +305,14 @@ def _relative_damping(curvature: CurvatureOperator, params: IHVPParams, context:
     store = context.store if cache else None
     trace = cached_tensors(store, key, lambda: {"trace": torch.tensor([curvature.trace(train)],
                                                                       dtype=torch.float64)})["trace"]
-    return _damping_from_trace(float(trace[0]), curvature)
+    return _damping_from_trace(float(trace[0]), curvature, params.relative_damping)
 
 
-def _damping_from_trace(trace: float, curvature: CurvatureOperator) -> float:
-    """`λ = 0.01 · tr(C)/P`; a `ValueError` unless it is positive."""
-    damping = DEFAULT_RELATIVE_DAMPING * trace / curvature.num_params
+def _damping_from_trace(trace: float, curvature: CurvatureOperator, relative: float) -> float:
+    """`λ = relative · tr(C)/P`; a `ValueError` unless it is positive."""
+    damping = relative * trace / curvature.num_params
     if not damping > 0:
-        raise ValueError(f"the default damping 0.01·tr(C)/P needs a positive trace, but the {curvature.kind.value} "
+        raise ValueError(f"the default damping {relative:g}·tr(C)/P needs a positive trace, but the {curvature.kind.value} "
                          f"curvature's trace is {trace:.3g} here (a flat loss, or an indefinite Hessian away "
                          "from a minimum); give an explicit damping")
     return damping

@@ -237,12 +237,12 @@ def _auto_choice(body: QueryCreate, model: Model) -> tuple[AutoParams | None, Au
         return None, None
     try:
         params = AutoParams.from_dict(body.params)
+        inputs = AutoInputs(task=model.task, self_influence=body.self_influence,
+                            num_checkpoints=len(params.checkpoint_model_ids), num_parameters=model.num_parameters)
+        return params, choose_method(inputs, params)
     except ParamsError as exc:
-        raise InvalidInput(f"{exc} (method auto accepts checkpoint_model_ids, checkpoint_lrs, batch_size, seed)",
-                           code="invalid_params") from exc
-    inputs = AutoInputs(task=model.task, self_influence=body.self_influence,
-                        num_checkpoints=len(params.checkpoint_model_ids), num_parameters=model.num_parameters)
-    return params, choose_method(inputs, params)
+        raise InvalidInput(f"{exc} (method auto accepts goal, checkpoint_model_ids, checkpoint_lrs, batch_size, "
+                           "seed)", code="invalid_params") from exc
 
 
 def _method_params(body: QueryCreate, method: str, raw: dict[str, Any] | None) -> MethodParams:

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from attribution.artifacts import InMemoryArtifacts
-from attribution.methods.auto import AutoInputs, AutoParams, auto_record, choose_method
+from attribution.methods.auto import (
+    COUNTERFACTUAL_EXACT_DAMPING,
+    COUNTERFACTUAL_KRONECKER_DAMPING,
+    AutoInputs,
+    AutoParams,
+    Goal,
+    auto_record,
+    choose_method,
+)
 from attribution.methods.base import FitContext, ParamsError
 from attribution.methods.registry import UnknownMethodError, method_class, requestable_methods
 from attribution.model import ModelAdapter
@@ -94,3 +102,42 @@ def test_attribute_auto_runs_the_chosen_method_and_reports_it(wine_mlp: fixtures
                        queries=None, self_influence=True)
     torch.testing.assert_close(si, newton)
     assert audit.extras["auto"]["method"] == "forward_inf" and audit.extras["auto"]["params"]["unlearning"] == "newton"
+
+
+@pytest.mark.parametrize(("task", "size", "ihvp_exact"), [("classification", 20_000, True),
+                                                          ("regression", 500, True),
+                                                          ("classification", 20_001, False),
+                                                          ("causal_lm", 500, False)])
+def test_counterfactual_goal_picks_raw_influence(task: str, size: int, ihvp_exact: bool) -> None:
+    choice = choose_method(AutoInputs(task, False, 0, size), AutoParams(goal=Goal.COUNTERFACTUAL, seed=2))
+    assert choice.method == "influence" and choice.params["normalize"] == "none" and choice.params["seed"] == 2
+    assert "q6_lds_neural.md" in choice.reason
+    assert choice.params["relative_damping"] == (COUNTERFACTUAL_EXACT_DAMPING if ihvp_exact
+                                                 else COUNTERFACTUAL_KRONECKER_DAMPING)
+    method_class(choice.method).params_type.from_dict(choice.params)
+    retrieve = choose_method(AutoInputs(task, False, 0, size), AutoParams())
+    assert retrieve.method == "forward_inf"  # the default question is retrieval
+
+
+def test_goal_is_for_prediction_queries_only() -> None:
+    with pytest.raises(ParamsError, match=r"params\.goal: applies to queries about predictions"):
+        choose_method(AutoInputs("classification", True, 0, 100), AutoParams(goal=Goal.COUNTERFACTUAL))
+    with pytest.raises(ParamsError, match="goal"):
+        AutoParams.from_dict({"goal": "why"})
+
+
+def test_counterfactual_goal_scores_equal_raw_influence_at_its_damping(wine_mlp: fixtures.Trained) -> None:
+    queries = wine_mlp.test_batch([0, 1])
+    context = FitContext("wine-cf", store=InMemoryArtifacts())
+    scores = attribute(wine_mlp.adapter, "auto", {"goal": "counterfactual"}, wine_mlp.train, context,
+                       queries=queries)
+    plain = FitContext("wine-inf")
+    expected = attribute(wine_mlp.adapter, "influence",
+                         {"normalize": "none", "relative_damping": COUNTERFACTUAL_EXACT_DAMPING},
+                         wine_mlp.train, plain, queries=queries)
+    torch.testing.assert_close(scores, expected)
+    # the damping is relative_damping · tr(G)/P: 100× the 0.01 default's on the same curvature
+    default = FitContext("wine-inf-default")
+    attribute(wine_mlp.adapter, "influence", {"normalize": "none"}, wine_mlp.train, default, queries=queries)
+    assert context.extras["damping"] == pytest.approx(COUNTERFACTUAL_EXACT_DAMPING / 0.01 * default.extras["damping"], rel=1e-6)
+    assert context.extras["auto"]["method"] == "influence"

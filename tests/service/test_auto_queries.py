@@ -111,6 +111,22 @@ def test_a_self_influence_audit_without_checkpoints_resolves_to_trak_without_mar
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-7)
 
 
+def test_a_counterfactual_goal_resolves_to_raw_influence_and_audits_refuse_a_goal(
+        http: TestClient, ids: dict[str, Any]) -> None:
+    done = e.run(http, prediction(ids, method="auto", params={"goal": "counterfactual"}))
+    choice = assert_reported(done, "influence")
+    assert choice["params"]["normalize"] == "none" and choice["params"]["relative_damping"] == 1.0
+    assert "q6_lds_neural.md" in choice["reason"]
+    served = np.asarray(e.scores(http, done["id"])["scores"])
+    expected = e.direct_scores("influence", {"normalize": "none", "relative_damping": 1.0}, rows=60,
+                               queries=e.query_batch(2))[0]
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-6)
+    refused = http.post("/v1/queries", json={**audit(ids), "params": {"goal": "counterfactual"}})
+    assert_error(refused, 422, "invalid_params", "params.goal: applies to queries about predictions")
+    assert_error(http.post("/v1/queries", json=prediction(ids, method="auto", params={"goal": "why"})), 422,
+                 "invalid_params", "params.goal")
+
+
 def test_auto_requests_are_cached_and_replayed_as_auto_requests(http: TestClient, ids: dict[str, Any]) -> None:
     first = e.run(http, prediction(ids, samples=e.samples(3)))
     again = http.post("/v1/queries", json=prediction(ids, method="auto", samples=e.samples(3))).json()
