@@ -37,6 +37,7 @@ from benchmarks.fair import (
     Config,
     Entry,
     Points,
+    auto_audit_entry,
     bootstrap_figures,
     evaluate,
     peer_entries,
@@ -72,11 +73,13 @@ def our_entries(model: ModelAdapter, train: TensorTrainingSet, trajectory: Traje
     def run(method: str, context: FitContext) -> Callable[[Config], Tensor]:
         return lambda config: self_influence(model, method, config, train, context).scores
 
-    entries = [Entry(method, "ours", {}, grid, run(method, with_checkpoints if method == "tracin" else shared))
+    entries = [Entry(method, "ours", {}, grid, run(method, with_checkpoints if method == "tracin" else shared),
+                     checkpoints=method == "tracin")
                for method, grid in SELF_GRIDS.items()]
     entries.insert(1, Entry("forward_inf (5 checkpoints)", "ours", {}, SELF_GRIDS["forward_inf"],
-                            run("forward_inf", with_checkpoints)))
-    return entries
+                            run("forward_inf", with_checkpoints), checkpoints=True))
+    return [auto_audit_entry("auto (5 checkpoints)", run("auto", with_checkpoints), checkpoints=True),
+            auto_audit_entry("auto (final model only)", run("auto", shared), checkpoints=False), *entries]
 
 
 def run(options: Options) -> Report:
