@@ -96,13 +96,13 @@ class NormalizedSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             sets = group["params"][0].shape[0] if self.stacked else 1
-            pairs = [(p, p.grad) for p in group["params"] if p.grad is not None]
+            pairs = [(p, p.grad.double()) for p in group["params"] if p.grad is not None]
             if not pairs:  # no tracked parameter reaches the loss: a zero gradient
                 self.log.zero_gradient_steps += sets
                 continue
             squared = torch.zeros(sets, dtype=torch.float64, device=pairs[0][0].device)
             for _, g in pairs:
-                squared += g.double().reshape(sets, -1).pow(2).sum(1)
+                squared += g.reshape(sets, -1).pow(2).sum(1)
             norm = squared.sqrt()
             moving = norm > 0
             self.log.zero_gradient_steps += int((~moving).sum())
@@ -110,7 +110,7 @@ class NormalizedSGD(torch.optim.Optimizer):
             scale = torch.where(moving, sign * group["lr"] / norm.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
             for p, g in pairs:
                 shape = (sets, *([1] * (g.dim() - 1))) if self.stacked else ()
-                p.add_((g.double() * scale.reshape(shape)).to(p.dtype))
+                p.add_((g * scale.reshape(shape)).to(p.dtype))
         return loss
 
 
