@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, is_dataclass
@@ -96,21 +97,24 @@ class DecodedMemo:
         self.max_entry_bytes = max_entry_bytes
         self.entries: OrderedDict[str, tuple[bytes, dict[str, Tensor]]] = OrderedDict()
         self.size = 0
+        self.lock = threading.Lock()  # worker threads share the process's memo
 
     def decode(self, key: str, raw: bytes) -> dict[str, Tensor]:
         """`tensors_from_bytes(raw)`, from the memo when `raw` is the value last decoded at `key`."""
-        entry = self.entries.get(key)
-        if entry is not None and entry[0] == raw:
-            self.entries.move_to_end(key)
-            return {k: v.clone() for k, v in entry[1].items()}
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None and entry[0] == raw:
+                self.entries.move_to_end(key)
+                return {k: v.clone() for k, v in entry[1].items()}
         value = tensors_from_bytes(raw)
-        if entry is not None:
-            self.size -= len(self.entries.pop(key)[0])
         if len(raw) <= self.max_entry_bytes:
-            self.entries[key] = (raw, {k: v.clone() for k, v in value.items()})
-            self.size += len(raw)
-            while self.size > self.max_bytes:
-                self.size -= len(self.entries.popitem(last=False)[1][0])
+            with self.lock:
+                old = self.entries.pop(key, None)
+                self.size -= len(old[0]) if old is not None else 0
+                self.entries[key] = (raw, {k: v.clone() for k, v in value.items()})
+                self.size += len(raw)
+                while self.size > self.max_bytes:
+                    self.size -= len(self.entries.popitem(last=False)[1][0])
         return value
 
 
