@@ -10,9 +10,14 @@ from attribution.artifacts import DecodedMemo, InMemoryArtifacts, cached_tensors
 
 
 def test_unchanged_bytes_are_decoded_once_and_returned_as_copies(monkeypatch: pytest.MonkeyPatch) -> None:
-    decoded = []
+    decoded: list[bytes] = []
     load = artifacts.tensors_from_bytes
-    monkeypatch.setattr(artifacts, "tensors_from_bytes", lambda raw: decoded.append(1) or load(raw))
+
+    def counted(raw: bytes) -> dict[str, torch.Tensor]:
+        decoded.append(raw)
+        return load(raw)
+
+    monkeypatch.setattr(artifacts, "tensors_from_bytes", counted)
     monkeypatch.setattr(artifacts, "DECODED", DecodedMemo())
     store = InMemoryArtifacts()
     first = cached_tensors(store, "k", lambda: {"v": torch.arange(4.0)})  # computed, stored
