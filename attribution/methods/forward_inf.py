@@ -194,9 +194,11 @@ class ForwardInf(AttributionMethod):
         self.settings: ForwardInfParams = params.for_task(model.task.name).resolved()
         self.params = self.settings
         self.dtype = torch.float64 if params.precision == Precision.FP64 else None
-        module = copy.deepcopy(model.module).double() if self.dtype is not None else model.module
-        layers = list(params.layers) or model.layers
-        self.tracked = ModelAdapter(module, model.task, device=model.device, layers=layers)
+        if self.dtype is None and not params.layers:  # the model as given: its tracked parameters
+            self.tracked = model
+        else:
+            module = copy.deepcopy(model.module).double() if self.dtype is not None else model.module
+            self.tracked = ModelAdapter(module, model.task, device=model.device, layers=list(params.layers) or model.layers)
         self.base_losses: Tensor | None = None
         self.auto_choice: AutoChoice | None = None
         self._estimator: IHVPEstimator | None = None

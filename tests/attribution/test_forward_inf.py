@@ -13,12 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vmap
 
 from attribution.artifacts import InMemoryArtifacts
 from attribution.data import Batch, TensorTrainingSet
 from attribution.evaluation import leakage_detection, pearson
 from attribution.methods.base import FitContext, ParamsError
 from attribution.methods.forward_inf import ForwardInf, ForwardInfParams
+from attribution.methods.forward_inf_unlearning import StackedModel
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute, relative_scores
 from attribution.tasks import ClassificationTask
@@ -124,6 +126,17 @@ def test_per_sample_equals_separate_joint_runs(wine_mlp: fixtures.Trained, optim
         single = run(wine_mlp.module, wine_mlp, queries.slice(q, q + 1), **params)[0]
         torch.testing.assert_close(batched[q], single, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(scripted[q], single, atol=1e-5, rtol=1e-4)
+
+
+def test_one_stacked_set_sweeps_like_the_vmapped_sets(wine_mlp: fixtures.Trained) -> None:
+    """One parameter set is evaluated without `vmap`: bitwise the losses of the vmapped path."""
+    stacked = StackedModel(wine_mlp.adapter)
+    moved = stacked.unlearn(wine_mlp.test_batch([0]), ForwardInfParams(steps=2, lr=0.1).resolved().gradient_unlearning)
+    rows = wine_mlp.train.all
+    one = stacked.batch_losses(moved)(rows)  # [1, N]
+    vmapped = vmap(lambda params: stacked.losses(params, rows.inputs, rows.targets))(moved)
+    assert one.shape == (1, len(wine_mlp.y_train))
+    torch.testing.assert_close(one, vmapped, rtol=0, atol=0)
 
 
 def test_layers_restrict_the_update_and_descent_flips_the_sign(wine_mlp: fixtures.Trained) -> None:
