@@ -76,7 +76,8 @@ def entries(budget: int) -> list[Entry]:
             {"stop": "forgotten", "optimizer": "normalized_sgd", "steps": 20, "lr": 0.05, "normalize": "relative"},
             {"stop": "fixed", "optimizer": "normalized_sgd", "steps": 10, "lr": 0.1, "normalize": "relative"},
             {"stop": "fixed", "optimizer": "normalized_sgd", "steps": 20, "lr": 0.05, "normalize": "relative"},
-            {"stop": "forgotten", "optimizer": "normalized_sgd", "steps": 50, "lr": 0.02, "normalize": "relative"},
+            {"stop": "fixed", "optimizer": "normalized_sgd", "steps": 20, "lr": 0.05, "normalize": "relative",
+             "scope": "all"},
         )),
         Entry("TracIn (5 checkpoints)", "tracin", {CHECKPOINTS: True}, (
             *({CHECKPOINTS: True, **r} for r in relative),
