@@ -16,7 +16,7 @@ cannot go stale beside them):
 | purpose | task | checkpoints | P | → | evidence (report, table "every entry") |
 |---|---|---|---|---|---|
 | prediction | classification, regression | any | any | `forward_inf`, defaults | Q3 `q3_leakage.md`: every default of ours ranks the copy first alike; Forward-INF's new query is the cheapest ("Time per query") |
-| prediction | causal LM | any | any | `forward_inf`, causal-LM defaults (20 normalised ascent steps) | Q8 `q8_service.md`: the entry "forward_inf" (defaults) against every other default and tuned entry |
+| prediction | causal LM | any | any | `forward_inf`, causal-LM defaults (20 normalised ascent steps in the token embeddings) | Q8 `q8_service.md`: the entry "forward_inf" (defaults) against every other default and tuned entry |
 | self-influence | classification, regression | yes | ≤ `EXACT_MAX_PARAMS` | `forward_inf` over the checkpoints, `unlearning: "newton"` | Q4 `q4_mislabel.md`: "forward_inf (5 checkpoints)" tuned (unlearning=newton, the highest validation AUC of every configuration of every entry) is the best entry on the evaluated rows |
 | self-influence | classification, regression | yes | > `EXACT_MAX_PARAMS` | `tracin` `last_layer: true` over the checkpoints | Q4: `tracin` defaults (the last layer) next best; the Newton step needs the exact P×P curvature inverse per checkpoint |
 | self-influence | causal LM | yes | any | `tracin` over the checkpoints, every layer | Q8 `q8_service.md` TracIn validation: the last layer loses on a GPT-2 |
@@ -130,7 +130,7 @@ def choose_method(inputs: AutoInputs, params: AutoParams) -> AutoChoice:
         unused = " Training checkpoints, if given, are not used for queries about predictions."
         if lm:
             why = ("causal LM, query about predictions: forward_inf with its causal-LM defaults (20 normalised ascent "
-                   "steps, relative; chosen on Q8's validation facts), benchmarks/results/q8_service.md 'every "
+                   "steps in the token embeddings, relative; chosen on Q8's validation facts), benchmarks/results/q8_service.md 'every "
                    "entry': forward_inf defaults against every other default and tuned entry")
         else:
             why = (f"{task.value} query about predictions{regression}: forward_inf with its defaults (relative "
