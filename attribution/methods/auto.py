@@ -20,7 +20,7 @@ cannot go stale beside them):
 | purpose | task | checkpoints | P | → | evidence (report, table "every entry") |
 |---|---|---|---|---|---|
 | prediction, retrieve | classification, regression | any | any | `forward_inf`, defaults | Q3 `q3_leakage.md`: every default of ours ranks the copy first alike; Forward-INF's new query is the cheapest ("Time per query") |
-| prediction, retrieve | causal LM | any | any | `forward_inf`, causal-LM defaults (20 normalised ascent steps) | Q8 `q8_service.md`: the entry "forward_inf" (defaults) against every other default and tuned entry |
+| prediction, retrieve | causal LM | any | any | `forward_inf`, causal-LM defaults (20 normalised ascent steps in the token embeddings) | Q8 `q8_service.md`: the entry "forward_inf" (defaults) against every other default and tuned entry |
 | prediction, counterfactual | classification, regression | any | ≤ `EXACT_MAX_PARAMS` | `influence`, raw (`normalize: "none"`), exact inverse, `relative_damping: COUNTERFACTUAL_EXACT_DAMPING` | Q6 `q6_lds_neural.md`: the entry "auto, goal=counterfactual" against every entry; the damping from `benchmarks/defaults_validation.py q6` (validation queries only) |
 | prediction, counterfactual | any | any | > `EXACT_MAX_PARAMS`, or causal LM | `influence`, raw, `ihvp` auto (EK-FAC; an LM's block linears), `relative_damping: COUNTERFACTUAL_KRONECKER_DAMPING` | Q6 `q6_lds_neural.md`: influence `ihvp=ekfac, normalize=none`, the best of our EK-FAC entries; the damping from `defaults_validation.py q6` |
 | self-influence | classification, regression | yes | ≤ `EXACT_MAX_PARAMS` | `forward_inf` over the checkpoints, `unlearning: "newton"` | Q4 `q4_mislabel.md`: "forward_inf (5 checkpoints)" tuned (unlearning=newton, the highest validation AUC of every configuration of every entry) is the best entry on the evaluated rows |
@@ -157,7 +157,7 @@ def choose_method(inputs: AutoInputs, params: AutoParams) -> AutoChoice:
         unused = " Training checkpoints, if given, are not used for queries about predictions."
         if lm:
             why = ("causal LM, query about predictions: forward_inf with its causal-LM defaults (20 normalised ascent "
-                   "steps, relative; chosen on Q8's validation facts), benchmarks/results/q8_service.md 'every "
+                   "steps in the token embeddings, relative; chosen on Q8's validation facts), benchmarks/results/q8_service.md 'every "
                    "entry': forward_inf defaults against every other default and tuned entry")
         else:
             why = (f"{task.value} query about predictions{regression}: forward_inf with its defaults (relative "

@@ -19,9 +19,11 @@ pass (`forward_inf_unlearning`, `forward_inf_sweep`).
 
 Language models: `stop="forgotten"` (`forward_inf_stopping`) makes K a cap, each query's
 ascent stopping once its loss reaches the loss of its answer after a shuffled context
-(label-free). Causal LMs get K = 20 normalised steps of α = 0.05 and relative scores by
-default (`ForwardInfParams.for_task`, `CAUSAL_LM_DEFAULTS`: chosen on Q8's validation facts,
-where ascending past the forgotten level traced facts better than stopping there).
+(label-free). Causal LMs get K = 20 normalised steps of α = 0.05 in the token embeddings only
+(`scope="embeddings"`, `forward_inf_scope`) and relative scores by default
+(`ForwardInfParams.for_task`, `CAUSAL_LM_DEFAULTS`: chosen on Q8's validation facts, where
+ascending past the forgotten level traced facts better than stopping there, and ascent over
+every parameter also forgot the query's wording, shared with other facts' sentences).
 
 Newton-step unlearning (`unlearning="newton"`, `forward_inf_newton`): one step
 θ' = θ̂ ± α(G + λI)⁻¹∇L_q with the influence method's cached iHVP, then the same sweep;
@@ -119,7 +121,9 @@ from attribution.methods.forward_inf_params import (
     Precision,
     SelfInfluenceMode,
     UnlearningRule,
+    UnlearningScope,
 )
+from attribution.methods.forward_inf_scope import token_embedding_names
 from attribution.methods.forward_inf_sweep import (
     BatchLosses,
     CastTrainingSet,
@@ -194,11 +198,13 @@ class ForwardInf(AttributionMethod):
         self.settings: ForwardInfParams = params.for_task(model.task.name).resolved()
         self.params = self.settings
         self.dtype = torch.float64 if params.precision == Precision.FP64 else None
-        if self.dtype is None and not params.layers:  # the model as given: its tracked parameters
+        layers = list(self.settings.layers) or (token_embedding_names(model.module)
+                                                if self.settings.scope == UnlearningScope.EMBEDDINGS else [])
+        if self.dtype is None and not layers:  # the model as given: its tracked parameters
             self.tracked = model
         else:
             module = copy.deepcopy(model.module).double() if self.dtype is not None else model.module
-            self.tracked = ModelAdapter(module, model.task, device=model.device, layers=list(params.layers) or model.layers)
+            self.tracked = ModelAdapter(module, model.task, device=model.device, layers=layers or model.layers)
         self.base_losses: Tensor | None = None
         self.auto_choice: AutoChoice | None = None
         self._estimator: IHVPEstimator | None = None
