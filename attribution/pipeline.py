@@ -31,7 +31,7 @@ from torch import Tensor
 
 from attribution.artifacts import artifact_key, cached_tensors
 from attribution.data import Batch, TrainingSet
-from attribution.methods.auto import AUTO, AutoInputs, AutoParams, choose_method, with_task_defaults
+from attribution.methods.auto import AUTO, AutoInputs, AutoParams, choose_method
 from attribution.methods.base import (
     AttributionMethod,
     BatchedScores,
@@ -62,7 +62,7 @@ def attribute(
     """Scores of every training row: `[1, N]` (joint), `[Q, N]` (per_sample), `[1, N]` (self-influence).
 
     `method` is a registered name or an `AttributionMethod` subclass; `params` its params
-    dataclass or a raw mapping (validated with the method's `from_dict`). Raises
+    dataclass or a raw mapping (validated with the method's `parse`). Raises
     `ValueError` (incl. `ParamsError`, `UnknownMethodError`) for invalid requests. `"auto"`:
     see `resolve_auto`; its choice is reported in `context.extras["auto"]`.
     `on_fitted` receives the fitted method instance (its resolved params and context), e.g. for
@@ -72,7 +72,7 @@ def attribute(
         method, params = resolve_auto(model, params, context, self_influence=self_influence)
     cls = method if isinstance(method, type) else method_class(str(method))
     if params is None or isinstance(params, Mapping):
-        params = cls.params_type.from_dict(params)
+        params = cls.params_type.parse(params)
     if not isinstance(params, cls.params_type):
         raise ValueError(f"{cls.name} takes {cls.params_type.__name__}, got {type(params).__name__}")
     _check_request(cls, train, queries, per_sample, self_influence)
@@ -105,7 +105,7 @@ def resolve_auto(model: ModelAdapter, params: MethodParams | Mapping[str, Any] |
     purpose and `len(context.checkpoints)` (`attribution.methods.auto.choose_method`);
     records `context.extras["auto"]`. `params`: `AutoParams` or its raw mapping."""
     if params is None or isinstance(params, Mapping):
-        params = AutoParams.from_dict(params)
+        params = AutoParams.parse(params)
     if not isinstance(params, AutoParams):
         raise ValueError(f"method 'auto' takes AutoParams, got {type(params).__name__}")
     inputs = AutoInputs(task=str(model.task.name), self_influence=self_influence,
@@ -113,7 +113,7 @@ def resolve_auto(model: ModelAdapter, params: MethodParams | Mapping[str, Any] |
                         num_parameters=sum(p.numel() for p in model.module.parameters()))
     choice = choose_method(inputs, params)
     cls = method_class(choice.method)
-    chosen = with_task_defaults(cls.params_type.from_dict(choice.params), inputs.task)
+    chosen = cls.params_type.parse(choice.params).for_task(inputs.task)
     context.extras["auto"] = choice.report(chosen.to_dict())
     return cls, chosen
 
@@ -142,7 +142,7 @@ def attribute_many(
     instance.fit(train)
     results = instance.score_many(list(zip(params, queries, strict=True)), train)
     for p, result in zip(params, results, strict=True):
-        if cls.resolved_normalize(p, model.task.name) == Normalize.RELATIVE:  # this query's own denominator
+        if p.for_task(model.task.name).normalize == Normalize.RELATIVE:  # this query's own denominator
             own = cls(model, p, context)
             norms = cached_self_influence(own, train, relative_norm=True)
             result.scores = relative_scores(result.scores, norms, floor=own.relative_norm_floor())

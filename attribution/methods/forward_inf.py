@@ -166,13 +166,6 @@ class ForwardInf(AttributionMethod):
         return isinstance(params, ForwardInfParams) and params.newton
 
     @classmethod
-    def resolved_normalize(cls, params: MethodParams, task: str) -> Normalize:
-        """An unset `normalize` takes the task's default (`ForwardInfParams.for_task`)."""
-        if not isinstance(params, ForwardInfParams):
-            raise TypeError("forward_inf takes ForwardInfParams")
-        return Normalize(str(params.for_task(task).normalize))  # for_task always sets it
-
-    @classmethod
     def can_fan_out(cls, params: MethodParams, task: str) -> bool:
         """As every method, and not `auto` (its search runs over the whole training set)."""
         return super().can_fan_out(params, task) and not (isinstance(params, ForwardInfParams) and params.auto)

@@ -12,13 +12,21 @@ over a training set with progress reports.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
+from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
-from attribution.methods.base import ContextInputs, FitContext, MethodParams, ParamsError, Progress
+from attribution.methods.base import (
+    PARAMS_CONFIG,
+    ContextInputs,
+    FitContext,
+    MethodParams,
+    ParamsError,
+    Progress,
+)
 from attribution.methods.checkpoints import check_checkpoint_context, check_checkpoint_params
 from attribution.model import ModelAdapter
 from attribution.projection import ProjectionType, RandomProjector
@@ -29,7 +37,7 @@ MAX_PROJECTION_DIM = 1 << 16
 BatchGradients = Callable[[ModelAdapter, Batch], Tensor]
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class GradientFeatureParams(MethodParams):
     """Which gradients form the features, and how they are compressed.
 
@@ -40,12 +48,12 @@ class GradientFeatureParams(MethodParams):
     k ≥ P, means no projection (a projection to ≥ P dims saves nothing and only adds noise).
     """
 
-    layers: tuple[str, ...] = ()
-    last_layer: bool = False
-    projection_dim: int | None = None
+    layers: tuple[StrictStr, ...] = ()
+    last_layer: StrictBool = False
+    projection_dim: StrictInt | None = None
     projection_type: ProjectionType = ProjectionType.RADEMACHER
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.last_layer and self.layers:
             raise ParamsError("layers", "give either layers or last_layer, not both")
         if any(not name for name in self.layers):
@@ -54,7 +62,7 @@ class GradientFeatureParams(MethodParams):
             raise ParamsError("projection_dim", f"must be between 1 and {MAX_PROJECTION_DIM}")
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class CheckpointFeatureParams(GradientFeatureParams):
     """Gradient-feature params of the methods that sum or average over checkpoints θ_c
     (TracIn, TRAK).
@@ -64,11 +72,11 @@ class CheckpointFeatureParams(GradientFeatureParams):
     learning rates η_c (finite, > 0; one per id; empty: η_c = 1). No ids: the final model only.
     """
 
-    checkpoint_model_ids: tuple[str, ...] = ()
-    checkpoint_lrs: tuple[float, ...] = ()
+    checkpoint_model_ids: tuple[StrictStr, ...] = ()
+    checkpoint_lrs: tuple[StrictFloat, ...] = ()
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         check_checkpoint_params(self.checkpoint_model_ids, self.checkpoint_lrs)
 
     def context_inputs(self) -> ContextInputs:

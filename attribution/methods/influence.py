@@ -55,11 +55,12 @@ damping uses `tr(H)`, exact up to 2,048 parameters, else a seeded Hutchinson est
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import torch
+from pydantic import StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
 from attribution.artifacts import artifact_key, cached_tensors
@@ -71,6 +72,7 @@ from attribution.ihvp.kfac import kronecker_layers
 from attribution.ihvp.kfac_scripted import KroneckerStructureError
 from attribution.ihvp.kronecker_scope import KroneckerScope, language_model_scope
 from attribution.methods.base import (
+    PARAMS_CONFIG,
     AttributionMethod,
     FitContext,
     MethodName,
@@ -96,7 +98,7 @@ class IHVPChoice(StrEnum):
     EKFAC = "ekfac"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class IHVPParams(MethodParams):
     """The iHVP estimator's arguments, shared by every method that solves with `(G + λI)⁻¹`
     (influence functions, Integrated Influence, Forward-INF's Newton-step unlearning).
@@ -105,20 +107,20 @@ class IHVPParams(MethodParams):
 
     ihvp: IHVPChoice = IHVPChoice.AUTO
     curvature: CurvatureName = CurvatureName.GAUSS_NEWTON
-    damping: float | None = None
-    relative_damping: float = DEFAULT_RELATIVE_DAMPING
-    cg_max_iter: int = 100
-    cg_tol: float = 1e-5
-    lissa_depth: int = 1000
-    lissa_scale: float | None = None
-    lissa_repeats: int = 1
-    arnoldi_rank: int | None = None  # None: Krylov dimension adapted to the damping (ihvp/arnoldi.py)
-    arnoldi_iterations: int | None = None
-    exact_max_params: int = DEFAULT_MAX_PARAMS
-    fit_batch_size: int = 512
-    fit_rows: int | None = None
+    damping: StrictFloat | None = None
+    relative_damping: StrictFloat = DEFAULT_RELATIVE_DAMPING
+    cg_max_iter: StrictInt = 100
+    cg_tol: StrictFloat = 1e-5
+    lissa_depth: StrictInt = 1000
+    lissa_scale: StrictFloat | None = None
+    lissa_repeats: StrictInt = 1
+    arnoldi_rank: StrictInt | None = None  # None: Krylov dimension adapted to the damping (ihvp/arnoldi.py)
+    arnoldi_iterations: StrictInt | None = None
+    exact_max_params: StrictInt = DEFAULT_MAX_PARAMS
+    fit_batch_size: StrictInt = 512
+    fit_rows: StrictInt | None = None
 
-    def validate(self) -> None:
+    def check(self) -> None:
         _enum("ihvp", IHVPChoice, self.ihvp)
         _enum("curvature", CurvatureName, self.curvature)
         _positive("damping", self.damping)
@@ -145,17 +147,17 @@ class IHVPParams(MethodParams):
                                                "cg, arnoldi or auto")
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class InfluenceParams(IHVPParams):
     """Influence-function arguments; `layers` restricts the tracked parameters (prefixes).
     `normalize` defaults to "relative" (RelatIF; benchmarks/results/q3_leakage.md, fair protocol)."""
 
     normalize: Normalize = Normalize.RELATIVE
 
-    layers: tuple[str, ...] = ()
+    layers: tuple[StrictStr, ...] = ()
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         if any(not isinstance(layer, str) or not layer for layer in self.layers):
             raise ParamsError("layers", "must be non-empty parameter-name prefixes")
 

@@ -41,12 +41,13 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
 from attribution.curvature import curvature_batches
@@ -54,6 +55,7 @@ from attribution.data import Batch, TrainingSet
 from attribution.feature_files import EntryWriter, FeatureFiles, read_array, streamed_product
 from attribution.interrupts import check_interrupt
 from attribution.methods.base import (
+    PARAMS_CONFIG,
     AttributionMethod,
     ContextInputs,
     FitContext,
@@ -81,7 +83,7 @@ FEATURES_KIND = "trackstar"
 SECOND_MOMENT_KIND = "trackstar_second_moment"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class TrackStarParams(GradientFeatureParams):
     """`projection_dim` k (default 1024; `None` or ≥ P: no projection), `projection_type`,
     `seed`, `layers` / `last_layer` (see `GradientFeatureParams`); `optimizer_state`: a
@@ -89,13 +91,13 @@ class TrackStarParams(GradientFeatureParams):
     keyed by parameter name; `fit_rows`: rows of the second-moment estimate used without it;
     `eps` ε (`None`: see the module docstring); `batch_size`: rows per gradient batch."""
 
-    projection_dim: int | None = 1024
-    optimizer_state: str | None = None
-    fit_rows: int = 1000
-    eps: float | None = None
+    projection_dim: StrictInt | None = 1024
+    optimizer_state: StrictStr | None = None
+    fit_rows: StrictInt = 1000
+    eps: StrictFloat | None = None
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         if self.normalize is Normalize.RELATIVE:
             raise ParamsError("normalize", "trackstar scores are cosines, already normalised; use normalize='none'")
         if self.fit_rows < 1:  # the maximum is in attribution.methods.limits

@@ -33,15 +33,17 @@ unprojected kernel is the exact Gauss–Newton one TRAK approximates.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from functools import partial
 
 import torch
+from pydantic import StrictBool, StrictFloat, StrictInt
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
 from attribution.artifacts import artifact_key, cached_tensors
 from attribution.data import Batch, TrainingSet
 from attribution.methods.base import (
+    PARAMS_CONFIG,
     AttributionMethod,
     FitContext,
     MethodName,
@@ -64,7 +66,7 @@ from attribution.tasks import ClassificationTask
 MARGIN_CHUNK = 64
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class TrakParams(CheckpointFeatureParams):
     """`projection_dim` k (default 2048; `None` or ≥ P: raw gradients), `projection_type`,
     `damping` λ added to ΦᵀΦ, `use_margin` (classification: margin features with the
@@ -74,12 +76,12 @@ class TrakParams(CheckpointFeatureParams):
 
     normalize: Normalize = Normalize.RELATIVE
 
-    projection_dim: int | None = 2048
-    damping: float = 1e-2
-    use_margin: bool = True
+    projection_dim: StrictInt | None = 2048
+    damping: StrictFloat = 1e-2
+    use_margin: StrictBool = True
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         if not self.damping > 0:
             raise ParamsError("damping", "must be positive (ΦᵀΦ is singular when k > N)")
 

@@ -37,7 +37,6 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,7 +49,6 @@ from attribution.methods.auto import (
     AutoInputs,
     AutoParams,
     choose_method,
-    with_task_defaults,
 )
 from attribution.methods.base import MethodParams, ParamsError
 from attribution.methods.forward_inf_params import ForwardInfParams
@@ -158,7 +156,7 @@ def _validate(session: Session, settings: Settings, tenant: str, body: QueryCrea
     method = choice.method.value if choice is not None else body.method
     params = _method_params(body, method, choice.params if choice is not None else body.params)
     if choice is not None:
-        params = with_task_defaults(params, model.task)
+        params = params.for_task(model.task)
     _check_structure(model, params)
     params_dict = params.to_dict()
     checkpoint_shas = _checkpoint_shas(session, tenant, model, _named_checkpoints(params))
@@ -202,7 +200,7 @@ def _stability(body: QueryCreate, method: str, params: MethodParams, model: Mode
     if body.stability is None:
         return None
     try:
-        checked = StabilityParams(resamples=body.stability.resamples)
+        checked = StabilityParams.parse({"resamples": body.stability.resamples})
         resampling = resampling_for(method, params)
     except StabilityError as exc:
         raise InvalidInput(str(exc)) from exc
@@ -236,7 +234,7 @@ def _auto_choice(body: QueryCreate, model: Model) -> tuple[AutoParams | None, Au
     if body.method != AUTO:
         return None, None
     try:
-        params = AutoParams.from_dict(body.params)
+        params = AutoParams.parse(body.params)
         inputs = AutoInputs(task=model.task, self_influence=body.self_influence,
                             num_checkpoints=len(params.checkpoint_model_ids), num_parameters=model.num_parameters)
         return params, choose_method(inputs, params)
@@ -247,7 +245,7 @@ def _auto_choice(body: QueryCreate, model: Model) -> tuple[AutoParams | None, Au
 
 def _method_params(body: QueryCreate, method: str, raw: dict[str, Any] | None) -> MethodParams:
     try:
-        params = _params_of(method, raw)
+        params = parse_params(method, raw)
         supports_self_influence = method_class(method).supports_self_influence
     except UnknownMethodError as exc:
         raise InvalidInput(f"method: {exc}", code="unknown_method") from exc
@@ -260,27 +258,6 @@ def _method_params(body: QueryCreate, method: str, raw: dict[str, Any] | None) -
                            "only (its query scores unlearn the final model); drop them, or use tracin",
                            code="invalid_params")
     return params
-
-
-_MEMO_PARAMS_CHARS = 4096  # longer params objects (long checkpoint lists) are parsed every time
-
-
-def _params_of(method: str, raw: dict[str, Any] | None) -> MethodParams:
-    """`parse_params`, memoised per process on the canonical JSON of short params objects.
-
-    Parsing reads the params dataclass's type hints (~0.3 ms a call), which a repeated
-    request then skips. The dataclasses are frozen, so sharing one instance is safe, and a
-    refused params object is not memoised: it raises again every time.
-    """
-    canonical = json.dumps(raw, sort_keys=True)
-    if len(canonical) > _MEMO_PARAMS_CHARS:
-        return parse_params(method, raw)
-    return _parsed_params(method, canonical)
-
-
-@lru_cache(maxsize=256)
-def _parsed_params(method: str, params_json: str) -> MethodParams:
-    return parse_params(method, json.loads(params_json))
 
 
 def _check_structure(model: Model, params: MethodParams) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 from attribution.artifacts import artifact_key
 from attribution.curvature import CurvatureName
-from attribution.methods.auto import with_task_defaults
 from attribution.methods.base import MethodName, MethodParams
 from attribution.methods.forward_inf_params import ForwardInfParams, Precision
 from attribution.methods.gradient_features import CheckpointFeatureParams, GradientFeatureParams
@@ -49,7 +48,7 @@ def artifact_probes(method: str, params: MethodParams, shape: JobShape, *, finge
         name = MethodName(method)
     except ValueError:
         return out
-    params = with_task_defaults(params, shape.task)  # e.g. TracIn's last layer on classifiers: what runs
+    params = params.for_task(shape.task)  # e.g. TracIn's last layer on classifiers: what runs
     names = _tracked_names(params, parameter_names)
     if isinstance(params, ForwardInfParams):
         p = params.for_task(shape.task).resolved()

@@ -49,7 +49,7 @@ def test_each_rule_picks_the_documented_method(task: str, self_influence: bool, 
     assert choice.params.items() >= set_params.items() and choice.params["seed"] == 3
     uses_checkpoints = self_influence and checkpoints > 0
     assert choice.params.get("checkpoint_model_ids", []) == (list(ids) if uses_checkpoints else [])
-    method_class(choice.method).params_type.from_dict(choice.params)  # valid params of that method
+    method_class(choice.method).params_type.parse(choice.params)  # valid params of that method
     if method == "tracin" and task == "causal_lm":
         assert "last_layer" not in choice.params
 
@@ -65,11 +65,11 @@ def test_audits_of_models_above_the_exact_inverse_size_run_last_layer_tracin(tas
 
 
 def test_auto_params_accept_only_what_was_registered() -> None:
-    assert AutoParams.from_dict({"checkpoint_model_ids": ["a"], "checkpoint_lrs": [0.1]}).checkpoint_lrs == (0.1,)
+    assert AutoParams.parse({"checkpoint_model_ids": ["a"], "checkpoint_lrs": [0.1]}).checkpoint_lrs == (0.1,)
     for raw, field in (({"steps": 1}, "steps"), ({"normalize": "none"}, "normalize"),
                        ({"checkpoint_lrs": [0.1]}, "checkpoint_lrs")):
         with pytest.raises(ParamsError, match=field):
-            AutoParams.from_dict(raw)
+            AutoParams.parse(raw)
     with pytest.raises(UnknownMethodError, match="valid methods: auto, forward_inf"):
         method_class("nope")
     assert requestable_methods()[0] == "auto"
