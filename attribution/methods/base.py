@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Self
 import torch
 from pydantic import ConfigDict, StrictInt, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic_core import to_jsonable_python
 from torch import Tensor
 
 from attribution.artifacts import ArtifactStore
@@ -35,6 +36,11 @@ Progress = Callable[[float], None]
 
 def no_progress(_: float) -> None:
     return None
+
+
+def stage_progress(progress: Progress, stage: int, num_stages: int) -> Progress:
+    """Map a stage's own `[0, 1]` progress onto its slice of the overall `[0, 1]`."""
+    return lambda fraction: progress((stage + fraction) / num_stages)
 
 
 class MethodName(StrEnum):
@@ -123,7 +129,7 @@ class MethodParams:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object `parse` reads back (enums as values, tuples as lists)."""
-        return dict(self.__pydantic_serializer__.to_python(self, mode="json"))
+        return dict(to_jsonable_python(self))
 
 
 def params_error(exc: ValidationError, params_type: type, error_type: Callable[[str, str], ValueError]) -> ValueError:

@@ -94,7 +94,7 @@ from attribution.methods.base import (
     MethodParams,
     Normalize,
 )
-from attribution.methods.checkpoints import check_checkpoint_context
+from attribution.methods.checkpoints import check_checkpoint_context, checkpoint_sum
 from attribution.methods.forward_inf_auto import AutoChoice, Candidate, select_hyperparameters
 from attribution.methods.forward_inf_logspace import (
     LogLossTask,
@@ -135,7 +135,6 @@ from attribution.methods.forward_inf_unlearning import (
     relative_denominator,
     unlearn_copy,
 )
-from attribution.methods.gradient_features import checkpoint_schedule, stage_progress
 from attribution.methods.influence import fitted_estimator
 from attribution.methods.registry import register
 from attribution.model import ModelAdapter
@@ -472,17 +471,13 @@ class ForwardInf(AttributionMethod):
         flipped-label AUC goes 0.9319 → 0.9790 with the defaults."""
         check_checkpoint_context(self.settings.checkpoint_model_ids, self.settings.checkpoint_lrs, self.context)
         single = replace(self.settings, auto=False, checkpoint_model_ids=(), checkpoint_lrs=())
-        schedule = checkpoint_schedule(self.model, self.context)
-        total = torch.zeros(len(train), dtype=torch.float32)
-        for stage, (checkpoint, lr) in enumerate(schedule):
-            context = FitContext(
-                fingerprint=f"{self.context.fingerprint}:checkpoint:{checkpoint.digest()}", store=self.context.store,
-                progress=stage_progress(self.context.progress, stage, len(schedule)),
-                timings=self.context.timings, amp_dtype=self.context.amp_dtype)
+
+        def at(checkpoint: ModelAdapter, context: FitContext) -> Tensor:
             method = ForwardInf(checkpoint, single, context)
             method.fit(train)
-            total += lr * method.self_influence(train).float()
-        return total
+            return method.self_influence(train)
+
+        return checkpoint_sum(self.model, self.context, len(train), at)
 
     def _newton_self_influence(self, p: ForwardInfParams, train: TrainingSet) -> Tensor:
         if p.self_influence_mode == SelfInfluenceMode.GRADIENT_NORM:

@@ -5,7 +5,7 @@ optionally randomly projected (`attribution.projection`): `φ(z) = g(z) R ∈ �
 methods differ only in how they combine query and training features, so this module
 owns the common parts: the params every one of them takes (layers, last layer,
 projection; checkpoint ids and learning rates for TracIn and TRAK), resolving those
-params against a model, the checkpoint schedule `[(θ_c, η_c)]`, and streaming features
+params against a model, and streaming features
 over a training set with progress reports.
 """
 
@@ -27,7 +27,11 @@ from attribution.methods.base import (
     ParamsError,
     Progress,
 )
-from attribution.methods.checkpoints import check_checkpoint_context, check_checkpoint_params
+from attribution.methods.checkpoints import (
+    check_checkpoint_context,
+    check_checkpoint_params,
+    checkpoint_schedule,
+)
 from attribution.model import ModelAdapter
 from attribution.projection import ProjectionType, RandomProjector
 
@@ -115,19 +119,6 @@ def restricted(model: ModelAdapter, layers: list[str] | None) -> ModelAdapter:
     if layers == model.layers:
         return model
     return ModelAdapter(model.module, model.task, device=model.device, layers=layers)
-
-
-def checkpoint_schedule(model: ModelAdapter, context: FitContext) -> list[tuple[ModelAdapter, float]]:
-    """`[(θ_c, η_c)]`: the context's checkpoints with their learning rates, or `[(θ̂, 1)]`.
-
-    An empty `checkpoint_lrs` with checkpoints means η_c = 1 for every checkpoint.
-    """
-    if not context.checkpoints:
-        return [(model, 1.0)]
-    lrs = context.checkpoint_lrs or [1.0] * len(context.checkpoints)
-    if len(lrs) != len(context.checkpoints):
-        raise ValueError(f"{len(context.checkpoints)} checkpoints but {len(lrs)} checkpoint learning rates")
-    return list(zip(context.checkpoints, lrs, strict=True))
 
 
 def loss_gradients(model: ModelAdapter, batch: Batch) -> Tensor:
@@ -274,8 +265,3 @@ def unit(rows: Tensor) -> Tensor:
     scaled = torch.where(peak > 0, rows / peak.clamp_min(torch.finfo(rows.dtype).tiny), rows)
     norms = scaled.norm(dim=1, keepdim=True)
     return torch.where(norms > 0, scaled / norms.clamp_min(torch.finfo(rows.dtype).tiny), rows)
-
-
-def stage_progress(progress: Progress, stage: int, num_stages: int) -> Progress:
-    """Map a stage's own `[0, 1]` progress onto its slice of the overall `[0, 1]`."""
-    return lambda fraction: progress((stage + fraction) / num_stages)

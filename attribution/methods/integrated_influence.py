@@ -76,8 +76,8 @@ from attribution.methods.base import (
     Normalize,
     ParamsError,
     Progress,
+    stage_progress,
 )
-from attribution.methods.gradient_features import stage_progress
 from attribution.methods.influence import (
     IHVPChoice,
     InfluenceParams,

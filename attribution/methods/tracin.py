@@ -33,13 +33,13 @@ from attribution.methods.base import (
     MethodName,
     MethodParams,
     Normalize,
+    stage_progress,
 )
 from attribution.methods.gradient_features import (
     CheckpointFeatureParams,
     checkpoint_featurizers,
     dot_scores,
     squared_norms,
-    stage_progress,
 )
 from attribution.methods.registry import register
 from attribution.model import ModelAdapter

@@ -50,6 +50,7 @@ from attribution.methods.base import (
     Normalize,
     ParamsError,
     Progress,
+    stage_progress,
 )
 from attribution.methods.gradient_features import (
     MAX_PROJECTION_DIM,
@@ -57,7 +58,6 @@ from attribution.methods.gradient_features import (
     GradientFeaturizer,
     checkpoint_featurizers,
     loss_gradients,
-    stage_progress,
 )
 from attribution.methods.registry import register
 from attribution.model import ModelAdapter
