@@ -24,12 +24,12 @@ filled in, reason).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor
 
-from attribution.artifacts import artifact_key, cached_tensors
+from attribution.artifacts import FitArgs, cached_tensors
 from attribution.data import Batch, TrainingSet
 from attribution.methods.auto import AUTO, AutoInputs, AutoParams, choose_method
 from attribution.methods.base import (
@@ -167,17 +167,39 @@ def _check_request(cls: type[AttributionMethod], train: TrainingSet, queries: Ba
         raise ValueError("queries must contain at least one sample")
 
 
+class SelfInfluenceFit(FitArgs):
+    """What a cached `[N]` self-influence vector depends on besides model and data: the method,
+    its params but `normalize` (applied after), the checkpoints' digests and learning rates."""
+
+    kind = "self_influence"
+    method: str
+    params: dict[str, Any]
+    checkpoints: list[str]
+    checkpoint_lrs: list[float]
+
+    @classmethod
+    def of(cls, method: str, params: MethodParams, checkpoints: Sequence[str], checkpoint_lrs: Sequence[float]) -> Self:
+        stripped = {k: v for k, v in params.to_dict().items() if k != "normalize"}
+        return cls(method=str(method), params=stripped, checkpoints=list(checkpoints),
+                   checkpoint_lrs=list(checkpoint_lrs))
+
+
+class RelativeNormFit(SelfInfluenceFit):
+    """Likewise for the `[N]` squared norms RelatIF divides by (`relative_norm_squared`)."""
+
+    kind = "relative_norm"
+
+
 def cached_self_influence(instance: AttributionMethod, train: TrainingSet, *, relative_norm: bool = False) -> Tensor:
     """`[N]` self-influence (or, with `relative_norm`, the squared norms RelatIF divides by) of a
     fitted method, cached per (model, dataset, checkpoints, method, params ∖ normalize)."""
-    params = {k: v for k, v in instance.params.to_dict().items() if k != "normalize"}
-    checkpoints = [c.digest() for c in instance.context.checkpoints]
-    kind = "relative_norm" if relative_norm else "self_influence"
-    key = artifact_key(kind, instance.context.fingerprint, str(instance.name), params,
-                       checkpoints, instance.context.checkpoint_lrs)
+    args_type = RelativeNormFit if relative_norm else SelfInfluenceFit
+    args = args_type.of(instance.name, instance.params, [c.digest() for c in instance.context.checkpoints],
+                        instance.context.checkpoint_lrs)
     compute = instance.relative_norm_squared if relative_norm else instance.self_influence
-    values = cached_tensors(instance.context.store, key, lambda: {kind: compute(train)})
-    return values[kind]
+    values = cached_tensors(instance.context.store, instance.context.fingerprint, args,
+                            lambda: {args.kind: compute(train)})
+    return values[args.kind]
 
 
 def relative_scores(scores: Tensor, self_influence: Tensor, *, floor: float | None = None) -> Tensor:

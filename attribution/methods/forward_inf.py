@@ -82,7 +82,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from attribution.artifacts import artifact_key, cached_tensors
+from attribution.artifacts import FitArgs, cached_tensors
 from attribution.data import Batch, TensorTrainingSet, TrainingSet
 from attribution.device import precision_tag
 from attribution.ihvp import IHVPEstimator
@@ -140,6 +140,27 @@ from attribution.methods.registry import register
 from attribution.model import ModelAdapter
 
 STACK_BUDGET = 2**24  # stacked parameter elements per self-influence chunk when chunk_size = 0
+
+
+class BaseLosses(FitArgs):
+    """The fit of `L(θ̂, z_i)` `[N]`: the sweep's precision (`ForwardInf.precision`)."""
+
+    kind = "train_losses"
+    precision: str
+
+
+class BaseLogLosses(BaseLosses):
+    """The fit of `log L(θ̂, z_i)` `[N]` (classifiers' relative scores, `forward_inf_logspace`)."""
+
+    kind = "train_log_losses"
+
+
+class GradientNorms(FitArgs):
+    """The fit of ‖∇L(θ̂, z_i)‖₂², ‖∇L(θ̂, z_i)‖₁ `[N]`: precision and the tracked parameter names."""
+
+    kind = "gradient_norms"
+    precision: str
+    params: list[str]
 
 __all__ = ["DEFAULTS", "Direction", "ForwardInf", "ForwardInfParams", "Optimizer", "Precision", "SelfInfluenceMode",
            "UnlearningRule"]
@@ -216,8 +237,6 @@ class ForwardInf(AttributionMethod):
     def fit(self, train: TrainingSet) -> None:
         """Cache `L(θ̂, z_i)` `[N]`; with `auto`, choose optimizer/K/α/normalize by self-retrieval."""
         started = time.perf_counter()
-        key = artifact_key("train_losses", self.context.fingerprint, self.precision)
-
         def compute() -> dict[str, Tensor]:
             # A TorchScript module whose graph autograd has profiled (query gradients, curvature) refuses
             # inference tensors while its parameters require grad: sweep a frozen copy (see `unlearn_copy`).
@@ -225,7 +244,8 @@ class ForwardInf(AttributionMethod):
             model = parameter_copy(tracked, tracked.flat_params()) if tracked.is_scripted else tracked
             return {"losses": self._sweep(copies_losses([model]), train, self.settings.batch_size, False)[0]}
 
-        cached = cached_tensors(self.context.store, key, compute)
+        cached = cached_tensors(self.context.store, self.context.fingerprint, BaseLosses(precision=self.precision),
+                                compute)
         self.base_losses = cached["losses"]
         self.context.timings["base_losses_s"] = time.perf_counter() - started
         if self.settings.newton:
@@ -368,15 +388,14 @@ class ForwardInf(AttributionMethod):
 
     def _base_log_losses(self, train: TrainingSet) -> Tensor:
         """`[N]` `log L(θ̂, z_i)`, cached per (model, data, precision)."""
-        key = artifact_key("train_log_losses", self.context.fingerprint, self.precision)
-
         def compute() -> dict[str, Tensor]:
             tracked = self.tracked
             model = parameter_copy(tracked, tracked.flat_params()) if tracked.is_scripted else tracked
             return {"log_losses": self._sweep(copies_losses([log_loss_model(model)]), train,
                                               self.settings.batch_size, False)[0]}
 
-        return cached_tensors(self.context.store, key, compute)["log_losses"]
+        args = BaseLogLosses(precision=self.precision)
+        return cached_tensors(self.context.store, self.context.fingerprint, args, compute)["log_losses"]
 
     def _newton_unlearned(self, p: ForwardInfParams, queries: Batch, train: TrainingSet,
                           per_sample: bool) -> tuple[BatchLosses, Tensor]:
@@ -407,8 +426,8 @@ class ForwardInf(AttributionMethod):
 
     def _gradient_norms(self, train: TrainingSet, *, report: bool) -> dict[str, Tensor]:
         """‖∇L(θ̂, z_i)‖₂² and ‖∇L(θ̂, z_i)‖₁ `[N]` float64, cached per (model, data, precision, layers)."""
-        key = artifact_key("gradient_norms", self.context.fingerprint, self.precision, self.tracked.param_names)
-        return cached_tensors(self.context.store, key, lambda: gradient_norms(
+        args = GradientNorms(precision=self.precision, params=self.tracked.param_names)
+        return cached_tensors(self.context.store, self.context.fingerprint, args, lambda: gradient_norms(
             self.tracked, self._view(train), rows=self._gradient_rows,
             progress=self.context.progress if report else None,
         ))

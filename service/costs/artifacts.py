@@ -3,9 +3,9 @@
 `artifact_probes` rebuilds, without loading the model, the keys the methods store their
 artifacts under — `artifact_key(...)` in the artifact store, or `FeatureFiles` entries — from
 the job's fingerprint, the model's trainable parameter names (recorded at registration) and the
-params, exactly as the methods build them (`forward_inf.fit` / `_base_log_losses`,
-`pipeline.cached_self_influence`, `influence.fit_key_parts` / `_relative_damping`,
-`trak._artifact_key`, `trackstar._feature_arguments` / `_estimated_second_moment`). A part
+params, with the methods' own fit-argument models (`forward_inf.BaseLosses` / `BaseLogLosses`,
+`pipeline.SelfInfluenceFit` / `RelativeNormFit`, `influence.IHVPFit` / `CurvatureTrace`,
+`trak.TrakFit`; `trackstar._feature_arguments` / `_estimated_second_moment`). A part
 whose key cannot be known before the run (checkpoint models, `last_layer`, `auto`, float64
 copies, Newton unlearning) gets no probe and counts as cold. `tests/service/test_dry_run.py`
 runs real queries and checks that these probes then find what the methods stored.
@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from attribution.artifacts import artifact_key
-from attribution.curvature import CurvatureName
+from attribution.ihvp import IHVPName
 from attribution.methods.base import MethodName, MethodParams
+from attribution.methods.forward_inf import BaseLogLosses, BaseLosses
 from attribution.methods.forward_inf_params import ForwardInfParams, Precision
 from attribution.methods.gradient_features import CheckpointFeatureParams, GradientFeatureParams
-from attribution.methods.influence import IHVPChoice, IHVPParams
+from attribution.methods.influence import CurvatureTrace, IHVPChoice, IHVPFit, IHVPParams
 from attribution.methods.trackstar import FEATURES_KIND, SECOND_MOMENT_KIND, TrackStarParams
-from attribution.methods.trak import TrakParams
+from attribution.methods.trak import TrakFit, TrakParams
+from attribution.pipeline import RelativeNormFit, SelfInfluenceFit
 from service.costs.model import JobShape
 from service.costs.plan import resolve_ihvp
 
@@ -54,8 +56,8 @@ def artifact_probes(method: str, params: MethodParams, shape: JobShape, *, finge
         p = params.for_task(shape.task).resolved()
         if p.precision != Precision.FP32:
             return out
-        out["base_losses"] = [ArtifactProbe(artifact_key("train_losses", fingerprint, tag)) for tag in precisions]
-        out["base_log_losses"] = [ArtifactProbe(artifact_key("train_log_losses", fingerprint, tag))
+        out["base_losses"] = [ArtifactProbe(artifact_key(fingerprint, BaseLosses(precision=tag))) for tag in precisions]
+        out["base_log_losses"] = [ArtifactProbe(artifact_key(fingerprint, BaseLogLosses(precision=tag)))
                                   for tag in precisions]
         if not p.auto and not p.newton:
             out.update(_self_influence_probes(name, p, fingerprint))
@@ -85,9 +87,8 @@ def _tracked_names(params: MethodParams, names: Sequence[str] | None) -> list[st
 
 def _self_influence_probes(name: MethodName, params: MethodParams, fingerprint: str) -> dict[str, list[ArtifactProbe]]:
     """`pipeline.cached_self_influence` keys (no checkpoints: empty digests and rates)."""
-    stripped = {k: v for k, v in params.to_dict().items() if k != "normalize"}
-    return {kind: [ArtifactProbe(artifact_key(kind, fingerprint, str(name), stripped, [], []))]
-            for kind in ("relative_norm", "self_influence")}
+    return {args.kind: [ArtifactProbe(artifact_key(fingerprint, args))]
+            for args in (RelativeNormFit.of(name, params, [], []), SelfInfluenceFit.of(name, params, [], []))}
 
 
 def _ihvp_probes(params: IHVPParams, shape: JobShape, fingerprint: str,
@@ -95,18 +96,9 @@ def _ihvp_probes(params: IHVPParams, shape: JobShape, fingerprint: str,
     ihvp = resolve_ihvp(params, shape)
     if ihvp is IHVPChoice.AUTO:
         return {}
-    curvature = CurvatureName(params.curvature).value
-    parts: dict[str, Any] = {"ihvp": ihvp.value, "curvature": curvature, "params": names,
-                             "fit_rows": params.fit_rows, "fit_batch_size": params.fit_batch_size,
-                             "seed": params.seed}
-    if ihvp is IHVPChoice.ARNOLDI:
-        parts.update(rank=params.arnoldi_rank, iterations=params.arnoldi_iterations)
-    if ihvp is IHVPChoice.LISSA:
-        parts.update(auto_scale=params.lissa_scale is None)
     return {
-        "ihvp_fit": [ArtifactProbe(artifact_key("ihvp", fingerprint, parts))],
-        "curvature_trace": [ArtifactProbe(artifact_key("curvature-trace", fingerprint, curvature, names,
-                                                       params.fit_rows, params.seed))],
+        "ihvp_fit": [ArtifactProbe(artifact_key(fingerprint, IHVPFit.of(params, IHVPName(ihvp.value), names)))],
+        "curvature_trace": [ArtifactProbe(artifact_key(fingerprint, CurvatureTrace.of(params, names)))],
     }
 
 
@@ -118,12 +110,9 @@ def _feature_dim(params: GradientFeatureParams, size: int) -> tuple[int, bool]:
 
 def _trak_key(params: TrakParams, shape: JobShape, fingerprint: str, names: list[str]) -> str:
     dim, projected = _feature_dim(params, _size(names, shape))
-    fit_params = {
-        "projection_dim": dim, "projection_type": params.projection_type.value, "projected": projected,
-        "seed": params.seed, "damping": params.damping, "margin": params.use_margin and shape.task == "classification",
-        "layers": names,
-    }
-    return artifact_key("trak", fingerprint, fit_params, "final", shape.num_rows)
+    margin = params.use_margin and shape.task == "classification"
+    return artifact_key(fingerprint, TrakFit.of(params, dim=dim, projected=projected, margin=margin, layers=names,
+                                                checkpoint="final", num_rows=shape.num_rows))
 
 
 def _trackstar_probes(params: TrackStarParams, shape: JobShape, fingerprint: str,
