@@ -53,8 +53,8 @@ def artifact_key(fingerprint: str, args: FitArgs) -> str:
 
 
 def canonical_json(value: Any) -> str:
-    """Key-sorted, compact JSON of a JSON value (hashing input)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    """Key-sorted JSON of `value`, tuples as lists, other values as `str` (hashing input)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 class ArtifactStore(Protocol):

@@ -5,7 +5,7 @@ artifacts under — `artifact_key(...)` in the artifact store, or `FeatureFiles`
 the job's fingerprint, the model's trainable parameter names (recorded at registration) and the
 params, with the methods' own fit-argument models (`forward_inf.BaseLosses` / `BaseLogLosses`,
 `pipeline.SelfInfluenceFit` / `RelativeNormFit`, `influence.IHVPFit` / `CurvatureTrace`,
-`trak.TrakFit`; `trackstar._feature_arguments` / `_estimated_second_moment`). A part
+`trak.TrakFit`, `trackstar.FeaturesFit` / `SecondMomentFit`). A part
 whose key cannot be known before the run (checkpoint models, `last_layer`, `auto`, float64
 copies, Newton unlearning) gets no probe and counts as cold. `tests/service/test_dry_run.py`
 runs real queries and checks that these probes then find what the methods stored.
@@ -24,7 +24,7 @@ from attribution.methods.forward_inf import BaseLogLosses, BaseLosses
 from attribution.methods.forward_inf_params import ForwardInfParams, Precision
 from attribution.methods.gradient_features import CheckpointFeatureParams, GradientFeatureParams
 from attribution.methods.influence import CurvatureTrace, IHVPChoice, IHVPFit, IHVPParams
-from attribution.methods.trackstar import FEATURES_KIND, SECOND_MOMENT_KIND, TrackStarParams
+from attribution.methods.trackstar import FeaturesFit, SecondMomentFit, TrackStarParams
 from attribution.methods.trak import TrakFit, TrakParams
 from attribution.pipeline import RelativeNormFit, SelfInfluenceFit
 from service.costs.model import JobShape
@@ -118,14 +118,11 @@ def _trak_key(params: TrakParams, shape: JobShape, fingerprint: str, names: list
 def _trackstar_probes(params: TrackStarParams, shape: JobShape, fingerprint: str,
                       names: list[str]) -> dict[str, list[ArtifactProbe]]:
     dim, projected = _feature_dim(params, _size(names, shape))
-    fit_rows = min(params.fit_rows, shape.num_rows)
-    features = {"method": MethodName.TRACKSTAR.value, "fingerprint": fingerprint, "num_rows": shape.num_rows,
-                "layers": names, "dim": dim, "projected": projected,
-                "projection_type": params.projection_type.value, "seed": params.seed,
-                "second_moment": {"estimate_fit_rows": fit_rows}, "eps": params.eps}
-    moment = {"fingerprint": fingerprint, "num_rows": shape.num_rows, "layers": names, "fit_rows": fit_rows}
-    return {"trackstar_features": [ArtifactProbe(files_kind=FEATURES_KIND, files_arguments=features)],
-            "trackstar_second_moment": [ArtifactProbe(files_kind=SECOND_MOMENT_KIND, files_arguments=moment)]}
+    features = FeaturesFit.of(params, fingerprint=fingerprint, num_rows=shape.num_rows, layers=names, dim=dim,
+                              projected=projected, optimizer_state_sha256=None)
+    moment = SecondMomentFit.of(params, fingerprint=fingerprint, num_rows=shape.num_rows, layers=names)
+    return {"trackstar_features": [ArtifactProbe(files_kind=features.kind, files_arguments=features.model_dump(mode="json"))],
+            "trackstar_second_moment": [ArtifactProbe(files_kind=moment.kind, files_arguments=moment.model_dump(mode="json"))]}
 
 
 def _size(names: list[str], shape: JobShape) -> int:
