@@ -114,7 +114,7 @@ def test_counterfactual_goal_picks_raw_influence(task: str, size: int, ihvp_exac
     assert "q6_lds_neural.md" in choice.reason
     assert choice.params["relative_damping"] == (COUNTERFACTUAL_EXACT_DAMPING if ihvp_exact
                                                  else COUNTERFACTUAL_KRONECKER_DAMPING)
-    method_class(choice.method).params_type.from_dict(choice.params)
+    method_class(choice.method).params_type.parse(choice.params)
     retrieve = choose_method(AutoInputs(task, False, 0, size), AutoParams())
     assert retrieve.method == "forward_inf"  # the default question is retrieval
 
@@ -123,7 +123,7 @@ def test_goal_is_for_prediction_queries_only() -> None:
     with pytest.raises(ParamsError, match=r"params\.goal: applies to queries about predictions"):
         choose_method(AutoInputs("classification", True, 0, 100), AutoParams(goal=Goal.COUNTERFACTUAL))
     with pytest.raises(ParamsError, match="goal"):
-        AutoParams.from_dict({"goal": "why"})
+        AutoParams.parse({"goal": "why"})
 
 
 def test_counterfactual_goal_scores_equal_raw_influence_at_its_damping(wine_mlp: fixtures.Trained) -> None:
