@@ -122,8 +122,6 @@ class IHVPParams(MethodParams):
     fit_rows: StrictInt | None = None
 
     def check(self) -> None:
-        _enum("ihvp", IHVPChoice, self.ihvp)
-        _enum("curvature", CurvatureName, self.curvature)
         _positive("damping", self.damping)
         _positive("relative_damping", self.relative_damping)
         _positive("cg_tol", self.cg_tol)
@@ -161,13 +159,6 @@ class InfluenceParams(IHVPParams):
         super().check()
         if any(not isinstance(layer, str) or not layer for layer in self.layers):
             raise ParamsError("layers", "must be non-empty parameter-name prefixes")
-
-
-def _enum(name: str, enum: type[StrEnum], value: Any) -> None:
-    try:
-        enum(value)
-    except ValueError:
-        raise ParamsError(name, f"must be one of {', '.join(m.value for m in enum)}") from None
 
 
 def _positive(name: str, value: float | None) -> None:
