@@ -45,7 +45,7 @@ from benchmarks.fair import (
     write_tables,
 )
 from benchmarks.peers import PeerProblem, peers
-from benchmarks.report import Report
+from benchmarks.report import Report, machine_load
 from benchmarks.runner import self_influence
 
 STUDY = "q4_mislabel"
@@ -108,7 +108,7 @@ def run(options: Options) -> Report:
         f"({watch.seconds:.0f} s): {tag} ReLU (full-batch AdamW, lr 1e-2, weight decay 1e-4, seed 0, 5 checkpoints "
         f"kept for TracIn and the peers' TracIn) — test accuracy {accuracy(module, split.x_test, split.y_test):.3f}. "
         f"Logistic regression (every method ties its training loss there, earlier report) is not re-run this "
-        f"session (CPU budget). Each entry's self-influence of every row (ours: `attribute(..., "
+        f"session (CPU budget; after training: {machine_load()}). Each entry's self-influence of every row (ours: `attribute(..., "
         f"self_influence=True)`; peers: their self-influence APIs on the same weights) ranks the rows; the statistic "
         f"is the ROC AUC of the flipped flags (`attribution.evaluation.roc_auc`). The points are training rows: "
         f"{len(points.validation)} validation rows (their flipped flags choose the tuned configuration) and "

@@ -84,7 +84,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from attribution.artifacts import artifact_key, cached_tensors
+from attribution.artifacts import FitArgs, cached_tensors
 from attribution.data import Batch, TensorTrainingSet, TrainingSet
 from attribution.device import precision_tag
 from attribution.ihvp import IHVPEstimator
@@ -96,7 +96,7 @@ from attribution.methods.base import (
     MethodParams,
     Normalize,
 )
-from attribution.methods.checkpoints import check_checkpoint_context
+from attribution.methods.checkpoints import check_checkpoint_context, checkpoint_sum
 from attribution.methods.forward_inf_auto import AutoChoice, Candidate, select_hyperparameters
 from attribution.methods.forward_inf_logspace import (
     LogLossTask,
@@ -139,12 +139,32 @@ from attribution.methods.forward_inf_unlearning import (
     relative_denominator,
     unlearn_copy,
 )
-from attribution.methods.gradient_features import checkpoint_schedule, stage_progress
 from attribution.methods.influence import fitted_estimator
 from attribution.methods.registry import register
 from attribution.model import ModelAdapter
 
 STACK_BUDGET = 2**24  # stacked parameter elements per self-influence chunk when chunk_size = 0
+
+
+class BaseLosses(FitArgs):
+    """The fit of `L(θ̂, z_i)` `[N]`: the sweep's precision (`ForwardInf.precision`)."""
+
+    kind = "train_losses"
+    precision: str
+
+
+class BaseLogLosses(BaseLosses):
+    """The fit of `log L(θ̂, z_i)` `[N]` (classifiers' relative scores, `forward_inf_logspace`)."""
+
+    kind = "train_log_losses"
+
+
+class GradientNorms(FitArgs):
+    """The fit of ‖∇L(θ̂, z_i)‖₂², ‖∇L(θ̂, z_i)‖₁ `[N]`: precision and the tracked parameter names."""
+
+    kind = "gradient_norms"
+    precision: str
+    params: list[str]
 
 __all__ = ["DEFAULTS", "Direction", "ForwardInf", "ForwardInfParams", "Optimizer", "Precision", "SelfInfluenceMode",
            "UnlearningRule"]
@@ -168,13 +188,6 @@ class ForwardInf(AttributionMethod):
     def fits_curvature(cls, params: MethodParams) -> bool:
         """Newton-step unlearning fits (G + λI)⁻¹ over the whole training set."""
         return isinstance(params, ForwardInfParams) and params.newton
-
-    @classmethod
-    def resolved_normalize(cls, params: MethodParams, task: str) -> Normalize:
-        """An unset `normalize` takes the task's default (`ForwardInfParams.for_task`)."""
-        if not isinstance(params, ForwardInfParams):
-            raise TypeError("forward_inf takes ForwardInfParams")
-        return Normalize(str(params.for_task(task).normalize))  # for_task always sets it
 
     @classmethod
     def can_fan_out(cls, params: MethodParams, task: str) -> bool:
@@ -230,8 +243,6 @@ class ForwardInf(AttributionMethod):
     def fit(self, train: TrainingSet) -> None:
         """Cache `L(θ̂, z_i)` `[N]`; with `auto`, choose optimizer/K/α/normalize by self-retrieval."""
         started = time.perf_counter()
-        key = artifact_key("train_losses", self.context.fingerprint, self.precision)
-
         def compute() -> dict[str, Tensor]:
             # A TorchScript module whose graph autograd has profiled (query gradients, curvature) refuses
             # inference tensors while its parameters require grad: sweep a frozen copy (see `unlearn_copy`).
@@ -239,7 +250,8 @@ class ForwardInf(AttributionMethod):
             model = parameter_copy(tracked, tracked.flat_params()) if tracked.is_scripted else tracked
             return {"losses": self._sweep(copies_losses([model]), train, self.settings.batch_size, False)[0]}
 
-        cached = cached_tensors(self.context.store, key, compute)
+        cached = cached_tensors(self.context.store, self.context.fingerprint, BaseLosses(precision=self.precision),
+                                compute)
         self.base_losses = cached["losses"]
         self.context.timings["base_losses_s"] = time.perf_counter() - started
         if self.settings.newton:
@@ -382,15 +394,14 @@ class ForwardInf(AttributionMethod):
 
     def _base_log_losses(self, train: TrainingSet) -> Tensor:
         """`[N]` `log L(θ̂, z_i)`, cached per (model, data, precision)."""
-        key = artifact_key("train_log_losses", self.context.fingerprint, self.precision)
-
         def compute() -> dict[str, Tensor]:
             tracked = self.tracked
             model = parameter_copy(tracked, tracked.flat_params()) if tracked.is_scripted else tracked
             return {"log_losses": self._sweep(copies_losses([log_loss_model(model)]), train,
                                               self.settings.batch_size, False)[0]}
 
-        return cached_tensors(self.context.store, key, compute)["log_losses"]
+        args = BaseLogLosses(precision=self.precision)
+        return cached_tensors(self.context.store, self.context.fingerprint, args, compute)["log_losses"]
 
     def _newton_unlearned(self, p: ForwardInfParams, queries: Batch, train: TrainingSet,
                           per_sample: bool) -> tuple[BatchLosses, Tensor]:
@@ -421,8 +432,8 @@ class ForwardInf(AttributionMethod):
 
     def _gradient_norms(self, train: TrainingSet, *, report: bool) -> dict[str, Tensor]:
         """‖∇L(θ̂, z_i)‖₂² and ‖∇L(θ̂, z_i)‖₁ `[N]` float64, cached per (model, data, precision, layers)."""
-        key = artifact_key("gradient_norms", self.context.fingerprint, self.precision, self.tracked.param_names)
-        return cached_tensors(self.context.store, key, lambda: gradient_norms(
+        args = GradientNorms(precision=self.precision, params=self.tracked.param_names)
+        return cached_tensors(self.context.store, self.context.fingerprint, args, lambda: gradient_norms(
             self.tracked, self._view(train), rows=self._gradient_rows,
             progress=self.context.progress if report else None,
         ))
@@ -485,17 +496,13 @@ class ForwardInf(AttributionMethod):
         flipped-label AUC goes 0.9319 → 0.9790 with the defaults."""
         check_checkpoint_context(self.settings.checkpoint_model_ids, self.settings.checkpoint_lrs, self.context)
         single = replace(self.settings, auto=False, checkpoint_model_ids=(), checkpoint_lrs=())
-        schedule = checkpoint_schedule(self.model, self.context)
-        total = torch.zeros(len(train), dtype=torch.float32)
-        for stage, (checkpoint, lr) in enumerate(schedule):
-            context = FitContext(
-                fingerprint=f"{self.context.fingerprint}:checkpoint:{checkpoint.digest()}", store=self.context.store,
-                progress=stage_progress(self.context.progress, stage, len(schedule)),
-                timings=self.context.timings, amp_dtype=self.context.amp_dtype)
+
+        def at(checkpoint: ModelAdapter, context: FitContext) -> Tensor:
             method = ForwardInf(checkpoint, single, context)
             method.fit(train)
-            total += lr * method.self_influence(train).float()
-        return total
+            return method.self_influence(train)
+
+        return checkpoint_sum(self.model, self.context, len(train), at)
 
     def _newton_self_influence(self, p: ForwardInfParams, train: TrainingSet) -> Tensor:
         if p.self_influence_mode == SelfInfluenceMode.GRADIENT_NORM:

@@ -6,11 +6,20 @@ docstring; Newton-step unlearning is described in `forward_inf_newton`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
-from attribution.methods.base import ContextInputs, MethodParams, Normalize, ParamsError
+from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from attribution.methods.base import (
+    PARAMS_CONFIG,
+    ContextInputs,
+    MethodParams,
+    Normalize,
+    ParamsError,
+)
 from attribution.methods.checkpoints import check_checkpoint_params
 from attribution.methods.forward_inf_newton import NewtonStep, removal_scale
 from attribution.methods.forward_inf_unlearning import Unlearning
@@ -98,7 +107,7 @@ CAUSAL_LM_DEFAULTS: dict[str, Any] = {
 _BASE_NORMALIZE = Normalize.RELATIVE
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class ForwardInfParams(IHVPParams):
     """Forward-INF hyperparameters.
 
@@ -148,26 +157,26 @@ class ForwardInfParams(IHVPParams):
     # None = the task's default (`for_task`); the base class's field is a plain `Normalize`.
     normalize: Normalize | None = None  # type: ignore[assignment]
 
-    steps: int | None = None
-    lr: float | None = None
+    steps: StrictInt | None = None
+    lr: StrictFloat | None = None
     direction: Direction = Direction.ASCENT
     optimizer: Optimizer | None = None
-    layers: tuple[str, ...] = ()
-    auto: bool = False
+    layers: tuple[StrictStr, ...] = ()
+    auto: StrictBool = False
     self_influence_mode: SelfInfluenceMode = SelfInfluenceMode.UNLEARN
     precision: Precision = Precision.FP32
-    chunk_size: int = 0
+    chunk_size: StrictInt = 0
     unlearning: UnlearningRule = UnlearningRule.GRADIENT
     stop: StopRule | None = None
     scope: UnlearningScope | None = None
-    checkpoint_model_ids: tuple[str, ...] = ()
-    checkpoint_lrs: tuple[float, ...] = ()
+    checkpoint_model_ids: tuple[StrictStr, ...] = ()
+    checkpoint_lrs: tuple[StrictFloat, ...] = ()
 
     def context_inputs(self) -> ContextInputs:
         return ContextInputs(checkpoint_model_ids=self.checkpoint_model_ids, checkpoint_lrs=self.checkpoint_lrs)
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         check_checkpoint_params(self.checkpoint_model_ids, self.checkpoint_lrs)
         if self.steps is not None and not 1 <= self.steps <= 1000:
             raise ParamsError("steps", "must be between 1 and 1000")
@@ -194,7 +203,7 @@ class ForwardInfParams(IHVPParams):
             if getattr(self, f.name) != f.default:
                 raise ParamsError(f.name, "applies to unlearning='newton' only (the iHVP of the Newton step)")
 
-    def for_task(self, task: str) -> ForwardInfParams:
+    def for_task(self, task: str) -> Self:
         """These params with the task's defaults in the unset fields (class docstring)."""
         if task == "causal_lm":
             searched = self.newton or self.auto  # the optimizer/K/α are the Newton step's or auto's

@@ -6,7 +6,22 @@ import pytest
 import torch
 
 from attribution import artifacts
-from attribution.artifacts import DecodedMemo, InMemoryArtifacts, cached_tensors, tensors_to_bytes
+from attribution.artifacts import (
+    DecodedMemo,
+    FitArgs,
+    InMemoryArtifacts,
+    artifact_key,
+    cached_tensors,
+    fit_record,
+    tensors_to_bytes,
+)
+
+
+class Values(FitArgs):
+    kind = "values"
+
+
+ARGS = Values()
 
 
 def test_unchanged_bytes_are_decoded_once_and_returned_as_copies(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -20,15 +35,15 @@ def test_unchanged_bytes_are_decoded_once_and_returned_as_copies(monkeypatch: py
     monkeypatch.setattr(artifacts, "tensors_from_bytes", counted)
     monkeypatch.setattr(artifacts, "DECODED", DecodedMemo())
     store = InMemoryArtifacts()
-    first = cached_tensors(store, "k", lambda: {"v": torch.arange(4.0)})  # computed, stored
+    first = cached_tensors(store, "f", ARGS, lambda: {"v": torch.arange(4.0)})  # computed, stored
     first["v"].zero_()
     for _ in range(2):
-        got = cached_tensors(store, "k", lambda: pytest.fail("recomputed"))
+        got = cached_tensors(store, "f", ARGS, lambda: pytest.fail("recomputed"))
         torch.testing.assert_close(got["v"], torch.arange(4.0), rtol=0, atol=0)
         got["v"].zero_()  # a caller's write reaches neither the memo nor the store
     assert len(decoded) == 1 and store.hits == 2  # the store is still asked every time
-    store.put("k", tensors_to_bytes({"v": torch.ones(2)}))  # a new value at the key is decoded anew
-    torch.testing.assert_close(cached_tensors(store, "k", dict)["v"], torch.ones(2), rtol=0, atol=0)
+    store.put(artifact_key("f", ARGS), tensors_to_bytes({"v": torch.ones(2)}), fit_record("f", ARGS))  # a new value at the key is decoded anew
+    torch.testing.assert_close(cached_tensors(store, "f", ARGS, dict)["v"], torch.ones(2), rtol=0, atol=0)
     assert len(decoded) == 2
 
 
