@@ -62,9 +62,9 @@ def test_the_causal_lm_default_ascent_moves_only_the_token_embeddings(architectu
 def test_scope_defaults_and_validation() -> None:
     assert ForwardInfParams().for_task("classification").scope is UnlearningScope.ALL
     assert ForwardInfParams().for_task("causal_lm").scope is UnlearningScope.EMBEDDINGS
-    named = ForwardInfParams.from_dict({"layers": ["transformer.h"]}).for_task("causal_lm")
+    named = ForwardInfParams.parse({"layers": ["transformer.h"]}).for_task("causal_lm")
     assert named.scope is UnlearningScope.ALL and named.layers == ("transformer.h",)
     with pytest.raises(ParamsError, match=r"params\.layers"):
-        ForwardInfParams.from_dict({"layers": ["transformer.h"], "scope": "embeddings"})
+        ForwardInfParams.parse({"layers": ["transformer.h"], "scope": "embeddings"})
     with pytest.raises(ParamsError, match=r"params\.scope"):
-        ForwardInfParams.from_dict({"scope": "blocks"})
+        ForwardInfParams.parse({"scope": "blocks"})
