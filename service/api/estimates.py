@@ -34,6 +34,7 @@ from service.artifact_store import (
 from service.costs.artifacts import ArtifactProbe, artifact_probes
 from service.costs.model import COEFFICIENTS_FILE, Coefficients, CostEstimate, JobShape, estimate
 from service.costs.plan import memory_sizes, plan
+from service.costs.tracked import tracked_parameters
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
 
@@ -58,6 +59,7 @@ def estimate_query(session: Session, settings: Settings, tenant: str, body: Quer
         num_parameters=int(model.num_parameters), per_sample=body.mode == "per_sample",
         self_influence=body.self_influence,
         kfac_supported=structure is None or structure.kfac_problem(layers) is None,
+        tracked_parameters=tracked_parameters(checked.params, model.task, structure),
     )
     phases, notes = plan(checked.method, checked.params, shape)
     warm = _warm_artifacts(settings, checked.method, checked.params, shape, model.sha256, dataset.sha256,

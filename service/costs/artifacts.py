@@ -118,7 +118,7 @@ def _feature_dim(params: GradientFeatureParams, size: int) -> tuple[int, bool]:
 
 
 def _trak_key(params: TrakParams, shape: JobShape, fingerprint: str, names: list[str]) -> str:
-    dim, projected = _feature_dim(params, _size(names, shape))
+    dim, projected = _feature_dim(params, shape.differentiated)
     fit_params = {
         "projection_dim": dim, "projection_type": params.projection_type.value, "projected": projected,
         "seed": params.seed, "damping": params.damping, "margin": params.use_margin and shape.task == "classification",
@@ -129,7 +129,7 @@ def _trak_key(params: TrakParams, shape: JobShape, fingerprint: str, names: list
 
 def _trackstar_probes(params: TrackStarParams, shape: JobShape, fingerprint: str,
                       names: list[str]) -> dict[str, list[ArtifactProbe]]:
-    dim, projected = _feature_dim(params, _size(names, shape))
+    dim, projected = _feature_dim(params, shape.differentiated)
     fit_rows = min(params.fit_rows, shape.num_rows)
     features = {"method": MethodName.TRACKSTAR.value, "fingerprint": fingerprint, "num_rows": shape.num_rows,
                 "layers": names, "dim": dim, "projected": projected,
@@ -139,8 +139,3 @@ def _trackstar_probes(params: TrackStarParams, shape: JobShape, fingerprint: str
     return {"trackstar_features": [ArtifactProbe(files_kind=FEATURES_KIND, files_arguments=features)],
             "trackstar_second_moment": [ArtifactProbe(files_kind=SECOND_MOMENT_KIND, files_arguments=moment)]}
 
-
-def _size(names: list[str], shape: JobShape) -> int:
-    """The tracked parameter count: the whole model's when every parameter is tracked. (A
-    `layers` subset's size is unknown before loading; the model's count then stands in.)"""
-    return shape.num_parameters
