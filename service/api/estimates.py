@@ -126,6 +126,7 @@ def _out(body: QueryCreate, method: str, params: dict[str, object], shape: JobSh
     return QueryEstimate(
         method=method, params=params, mode=body.mode, self_influence=body.self_influence,
         num_rows=shape.num_rows, num_query_samples=shape.num_queries, num_parameters=shape.num_parameters,
+        num_parameters_differentiated=shape.differentiated,
         predicted_seconds=0.0 if nothing_to_run else predicted.seconds,
         predicted_seconds_cold=predicted.cold_seconds, peak_memory_bytes=predicted.peak_memory_bytes,
         rows_x_passes=0 if nothing_to_run else predicted.rows_x_passes,
