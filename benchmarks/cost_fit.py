@@ -99,9 +99,9 @@ def fit(runs: Sequence[Measured], source: dict[str, object]) -> Coefficients:
                       MEMORY_COLUMNS)
     coefficients = Coefficients(
         seconds_per_unit={kind.value: timing[kind.value] for kind in PassKind},
-        seconds_per_batch=timing["batches"], overhead_seconds=timing["overhead"],
-        memory_per_byte={t: memory[t] for t in MEMORY_TERMS}, memory_overhead_bytes=memory["overhead"],
-        source=source, seconds_per_sample_row=timing["sample_rows"],
+        seconds_per_batch=timing["batches"], seconds_per_sample_row=timing["sample_rows"],
+        overhead_seconds=timing["overhead"], memory_per_byte={t: memory[t] for t in MEMORY_TERMS},
+        memory_overhead_bytes=memory["overhead"], source=source,
     )
     predicted = [sum(timing[c] * row[c] for c in TIME_COLUMNS) for row in rows]
     within = [max(p / s, s / p) <= 2.0 for p, s in zip(predicted, seconds, strict=True) if p > 0]

@@ -52,6 +52,7 @@ class PassKind(StrEnum):
     DIRECTION = "direction"  # per-sample gradient as direction × log-scale (`gradient_directions`): width P
     PSEUDO_GRADIENT = "pseudo_gradient"  # a row's curvature factors Σ r rᵀ (one gradient per output): width P
     CURVATURE = "curvature"  # one curvature-vector product of a row (CG, LiSSA, Arnoldi iterations): width P
+    KRONECKER = "kronecker"  # a row's K-FAC / EK-FAC layer statistics (batched, every output's backward): width P
     STEP = "step"  # one unlearning step (backward of the query loss + optimizer update): rows = copies, width P
     RANDOM = "random"  # entries of a random projection matrix drawn: rows = 1, width P·k
     PROJECTION = "projection"  # a row's P-vector times a P×k matrix (random projection, factored solves): width P·k
@@ -130,11 +131,11 @@ class Coefficients:
 
     seconds_per_unit: dict[str, float]
     seconds_per_batch: float
+    seconds_per_sample_row: float
     overhead_seconds: float
     memory_per_byte: dict[str, float]
     memory_overhead_bytes: float
     source: dict[str, Any] = field(default_factory=dict)
-    seconds_per_sample_row: float = 0.0
 
     @classmethod
     def load(cls, path: Path = COEFFICIENTS_FILE) -> Coefficients:
@@ -144,14 +145,17 @@ class Coefficients:
     def from_dict(cls, data: Mapping[str, Any]) -> Coefficients:
         per_unit = {str(k): float(v) for k, v in dict(data["seconds_per_unit"]).items()}
         missing = [kind.value for kind in PassKind if kind.value not in per_unit]
+        if "seconds_per_sample_row" not in data:
+            missing.append("seconds_per_sample_row")
         if missing:
-            raise ValueError(f"cost coefficients lack seconds_per_unit for {missing}")
+            raise ValueError(f"cost coefficients lack {missing} (fitted by an older cost model): refit them "
+                             "with python -m benchmarks.cost_fit")
         memory = {str(k): float(v) for k, v in dict(data["memory_per_byte"]).items()}
         if set(memory) != set(MEMORY_TERMS):
             raise ValueError(f"cost coefficients need memory_per_byte for exactly {list(MEMORY_TERMS)}")
-        return cls(per_unit, float(data["seconds_per_batch"]), float(data["overhead_seconds"]), memory,
-                   float(data["memory_overhead_bytes"]), dict(data.get("source", {})),
-                   float(data.get("seconds_per_sample_row", 0.0)))  # 0: a file fitted before the term
+        return cls(per_unit, float(data["seconds_per_batch"]), float(data["seconds_per_sample_row"]),
+                   float(data["overhead_seconds"]), memory, float(data["memory_overhead_bytes"]),
+                   dict(data.get("source", {})))
 
     def to_dict(self) -> dict[str, Any]:
         return {"seconds_per_unit": self.seconds_per_unit, "seconds_per_batch": self.seconds_per_batch,

@@ -13,7 +13,7 @@ from the same code paths the methods take (module docstrings of each method):
   forgotten` at its cap K (an upper bound).
 - influence / integrated_influence / Newton: the curvature trace for the default damping
   (per-output pseudo-gradients over F rows, cached), the estimator's fit (exact: pseudo-gradients,
-  dense F × P², eigh P³; kfac/ekfac: 1/2 factor passes over F; arnoldi: F × iterations curvature
+  dense F × P², eigh P³; kfac/ekfac: 1/2 layer-statistics passes over F; arnoldi: F × iterations curvature
   products; lissa: power iterations; cg: none; cached `ihvp_fit`), per-query solves (cg:
   `cg_max_iter` curvature passes over F rows — an upper bound, CG stops at its tolerance; lissa:
   depth × repeats batches; factored estimators: products with the fit), the gradient sweep over
@@ -206,7 +206,7 @@ def _ihvp_phases(params: IHVPParams, shape: JobShape, *, artifact: str = "ihvp_f
                    Phase("curvature_eigh", PassKind.EIGEN, 1, 1, size ** 3, artifact)]
     elif ihvp in (IHVPChoice.KFAC, IHVPChoice.EKFAC):
         passes = 2 if ihvp is IHVPChoice.EKFAC else 1
-        phases.append(Phase("kronecker_factors", PassKind.GRADIENT, fit, passes, size, artifact, batch))
+        phases.append(Phase("kronecker_factors", PassKind.KRONECKER, fit, passes, size, artifact, batch))
     elif ihvp is IHVPChoice.ARNOLDI:
         phases.append(Phase("arnoldi", PassKind.CURVATURE, fit, _arnoldi_iterations(params, size), size, artifact,
                             batch))
@@ -300,16 +300,20 @@ def _influence(params: IHVPParams, shape: JobShape) -> tuple[list[Phase], list[s
 
 
 def _integrated_influence(params: IntegratedInfluenceParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
-    """K path steps: the θ̂ fit is cached, the K − 1 others refit per query (unlearned baseline)."""
+    """K path steps: the θ̂ fit is cached, the K − 1 others refit per query (unlearned baseline,
+    reached by `unlearn_steps` SGD steps on a `fit_batch_size` training batch and the queries:
+    batched backward passes, no per-sample gradients)."""
     n, q, size = shape.num_rows, shape.num_queries, shape.differentiated
     moving = Baseline(params.baseline) is Baseline.UNLEARNED
     steps = params.steps if moving else 1
     phases = _ihvp_phases(params, shape)
     if moving:
         unlearned = q if shape.per_sample else 1
+        steps_taken = params.unlearn_steps * unlearned
+        batch = min(_fit_rows(params, shape), params.fit_batch_size) + q  # a training batch and the queries
         phases += [
-            Phase("baseline_unlearning", PassKind.GRADIENT, params.batch_size + q, params.unlearn_steps * unlearned,
-                  size),
+            Phase("baseline_unlearning", PassKind.STEP, 1, steps_taken, size),
+            Phase("baseline_unlearning_batches", PassKind.FORWARD, batch, steps_taken, shape.num_parameters),
             Phase("baseline_predictions", PassKind.FORWARD, n, unlearned, shape.num_parameters, None,
                   params.batch_size),
         ]

@@ -32,7 +32,7 @@ SHAPE = JobShape(task="classification", num_rows=10_000, num_queries=2, num_para
 
 def coefficients(seconds: float = 1e-9) -> Coefficients:
     """Every kind at the same price, so a prediction is proportional to the work."""
-    return Coefficients({k.value: seconds for k in PassKind}, 0.0, 0.0, {t: 1.0 for t in MEMORY_TERMS}, 0.0)
+    return Coefficients({k.value: seconds for k in PassKind}, 0.0, 0.0, 0.0, {t: 1.0 for t in MEMORY_TERMS}, 0.0)
 
 
 def predicted(method: str, params: dict[str, object], shape: JobShape = SHAPE, warm: bool = False) -> float:
@@ -55,6 +55,11 @@ def test_incomplete_coefficients_are_refused(tmp_path: Path) -> None:
     del data["seconds_per_unit"]["forward"]
     (tmp_path / "c.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="forward"):
+        Coefficients.load(tmp_path / "c.json")
+    older = coefficients().to_dict()
+    del older["seconds_per_sample_row"]  # fitted before the per-sample row term: refit, not a silent 0
+    (tmp_path / "c.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="seconds_per_sample_row"):
         Coefficients.load(tmp_path / "c.json")
 
 
@@ -210,3 +215,12 @@ def test_per_sample_gradient_rows_pay_the_row_coefficient() -> None:
     memory = memory_sizes("tracin", parse_params("tracin", {}), SHAPE, phases)
     assert estimate(phases, memory, with_rows).seconds == pytest.approx(
         estimate(phases, memory, base).seconds + 1e-3 * rows)
+
+
+def test_integrated_influence_unlearns_with_batched_steps_not_per_sample_gradients() -> None:
+    parsed = parse_params("integrated_influence", {"ihvp": "ekfac", "unlearn_steps": 7})
+    phases = {p.name: p for p in plan("integrated_influence", parsed, SHAPE)[0]}
+    assert (phases["baseline_unlearning"].kind, phases["baseline_unlearning"].passes) == (PassKind.STEP, 7)
+    batches = phases["baseline_unlearning_batches"]
+    assert (batches.kind, batches.rows) == (PassKind.FORWARD, parsed.fit_batch_size + SHAPE.num_queries)
+    assert phases["path_kronecker_factors"].kind is PassKind.KRONECKER

@@ -160,7 +160,7 @@ def test_coefficients_from_settings_scale_the_prediction(
     linear in the coefficients, so doubling every one doubles the prediction."""
     committed = Coefficients.load()
     doubled = Coefficients({k: 2 * v for k, v in committed.seconds_per_unit.items()}, 2 * committed.seconds_per_batch,
-                           2 * committed.overhead_seconds, committed.memory_per_byte, committed.memory_overhead_bytes,
+                           2 * committed.seconds_per_sample_row, 2 * committed.overhead_seconds, committed.memory_per_byte, committed.memory_overhead_bytes,
                            {"machine": "twice as slow"})
     doubled.save(tmp_path / "slow.json")
     answers = []
