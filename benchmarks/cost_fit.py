@@ -4,6 +4,9 @@
     python -m benchmarks.cost_fit --out /tmp/coef.json  # elsewhere (e.g. to compare machines)
     python -m benchmarks.cost_fit --quick --out ...      # a small grid (smoke test)
 
+The first command is the whole refit (≈ 15 minutes on 2 shared cores): rerun it after any change
+that makes a method faster or slower, then check with `python -m benchmarks.p9_cost_estimates`.
+
 Runs every setting of `cost_runs.CONFIGS` at the fit sizes (N × hidden widths), cold and warm
 (`benchmarks.cost_runs`), then solves two non-negative least-squares problems on relative
 error: CPU seconds ≈ Σ_kind c_kind · units_kind + c_batch · batches + c_sample · sample_rows

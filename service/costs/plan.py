@@ -12,7 +12,8 @@ from the same code paths the methods take (module docstrings of each method):
   `auto`: a cached search over ≤ 3,000 rows. Newton unlearning as influence below; `stop:
   forgotten` at its cap K (an upper bound).
 - influence / integrated_influence / Newton: the curvature trace for the default damping
-  (per-output pseudo-gradients over F rows, cached), the estimator's fit (exact: pseudo-gradients,
+  (per-output pseudo-gradients over F rows, cached; none for EK-FAC, whose default damping reads
+  the trace off its fitted eigenvalues), the estimator's fit (exact: pseudo-gradients,
   dense F × P², eigh P³; kfac/ekfac: 1/2 layer-statistics passes over F; arnoldi: F × iterations curvature
   products; lissa: power iterations; cg: none; cached `ihvp_fit`), per-query solves (cg:
   `cg_max_iter` curvature passes over F rows — an upper bound, CG stops at its tolerance; lissa:
