@@ -24,14 +24,14 @@ filled in, reason).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor
 
-from attribution.artifacts import artifact_key, cached_tensors
+from attribution.artifacts import FitArgs, cached_tensors
 from attribution.data import Batch, TrainingSet
-from attribution.methods.auto import AUTO, AutoInputs, AutoParams, choose_method, with_task_defaults
+from attribution.methods.auto import AUTO, AutoInputs, AutoParams, choose_method
 from attribution.methods.base import (
     AttributionMethod,
     BatchedScores,
@@ -62,7 +62,7 @@ def attribute(
     """Scores of every training row: `[1, N]` (joint), `[Q, N]` (per_sample), `[1, N]` (self-influence).
 
     `method` is a registered name or an `AttributionMethod` subclass; `params` its params
-    dataclass or a raw mapping (validated with the method's `from_dict`). Raises
+    dataclass or a raw mapping (validated with the method's `parse`). Raises
     `ValueError` (incl. `ParamsError`, `UnknownMethodError`) for invalid requests. `"auto"`:
     see `resolve_auto`; its choice is reported in `context.extras["auto"]`.
     `on_fitted` receives the fitted method instance (its resolved params and context), e.g. for
@@ -72,7 +72,7 @@ def attribute(
         method, params = resolve_auto(model, params, context, self_influence=self_influence)
     cls = method if isinstance(method, type) else method_class(str(method))
     if params is None or isinstance(params, Mapping):
-        params = cls.params_type.from_dict(params)
+        params = cls.params_type.parse(params)
     if not isinstance(params, cls.params_type):
         raise ValueError(f"{cls.name} takes {cls.params_type.__name__}, got {type(params).__name__}")
     _check_request(cls, train, queries, per_sample, self_influence)
@@ -105,7 +105,7 @@ def resolve_auto(model: ModelAdapter, params: MethodParams | Mapping[str, Any] |
     purpose and `len(context.checkpoints)` (`attribution.methods.auto.choose_method`);
     records `context.extras["auto"]`. `params`: `AutoParams` or its raw mapping."""
     if params is None or isinstance(params, Mapping):
-        params = AutoParams.from_dict(params)
+        params = AutoParams.parse(params)
     if not isinstance(params, AutoParams):
         raise ValueError(f"method 'auto' takes AutoParams, got {type(params).__name__}")
     inputs = AutoInputs(task=str(model.task.name), self_influence=self_influence,
@@ -113,7 +113,7 @@ def resolve_auto(model: ModelAdapter, params: MethodParams | Mapping[str, Any] |
                         num_parameters=sum(p.numel() for p in model.module.parameters()))
     choice = choose_method(inputs, params)
     cls = method_class(choice.method)
-    chosen = with_task_defaults(cls.params_type.from_dict(choice.params), inputs.task)
+    chosen = cls.params_type.parse(choice.params).for_task(inputs.task)
     context.extras["auto"] = choice.report(chosen.to_dict())
     return cls, chosen
 
@@ -142,7 +142,7 @@ def attribute_many(
     instance.fit(train)
     results = instance.score_many(list(zip(params, queries, strict=True)), train)
     for p, result in zip(params, results, strict=True):
-        if cls.resolved_normalize(p, model.task.name) == Normalize.RELATIVE:  # this query's own denominator
+        if p.for_task(model.task.name).normalize == Normalize.RELATIVE:  # this query's own denominator
             own = cls(model, p, context)
             norms = cached_self_influence(own, train, relative_norm=True)
             result.scores = relative_scores(result.scores, norms, floor=own.relative_norm_floor())
@@ -167,17 +167,39 @@ def _check_request(cls: type[AttributionMethod], train: TrainingSet, queries: Ba
         raise ValueError("queries must contain at least one sample")
 
 
+class SelfInfluenceFit(FitArgs):
+    """What a cached `[N]` self-influence vector depends on besides model and data: the method,
+    its params but `normalize` (applied after), the checkpoints' digests and learning rates."""
+
+    kind = "self_influence"
+    method: str
+    params: dict[str, Any]
+    checkpoints: list[str]
+    checkpoint_lrs: list[float]
+
+    @classmethod
+    def of(cls, method: str, params: MethodParams, checkpoints: Sequence[str], checkpoint_lrs: Sequence[float]) -> Self:
+        stripped = {k: v for k, v in params.to_dict().items() if k != "normalize"}
+        return cls(method=str(method), params=stripped, checkpoints=list(checkpoints),
+                   checkpoint_lrs=list(checkpoint_lrs))
+
+
+class RelativeNormFit(SelfInfluenceFit):
+    """Likewise for the `[N]` squared norms RelatIF divides by (`relative_norm_squared`)."""
+
+    kind = "relative_norm"
+
+
 def cached_self_influence(instance: AttributionMethod, train: TrainingSet, *, relative_norm: bool = False) -> Tensor:
     """`[N]` self-influence (or, with `relative_norm`, the squared norms RelatIF divides by) of a
     fitted method, cached per (model, dataset, checkpoints, method, params ∖ normalize)."""
-    params = {k: v for k, v in instance.params.to_dict().items() if k != "normalize"}
-    checkpoints = [c.digest() for c in instance.context.checkpoints]
-    kind = "relative_norm" if relative_norm else "self_influence"
-    key = artifact_key(kind, instance.context.fingerprint, str(instance.name), params,
-                       checkpoints, instance.context.checkpoint_lrs)
+    args_type = RelativeNormFit if relative_norm else SelfInfluenceFit
+    args = args_type.of(instance.name, instance.params, [c.digest() for c in instance.context.checkpoints],
+                        instance.context.checkpoint_lrs)
     compute = instance.relative_norm_squared if relative_norm else instance.self_influence
-    values = cached_tensors(instance.context.store, key, lambda: {kind: compute(train)})
-    return values[kind]
+    values = cached_tensors(instance.context.store, instance.context.fingerprint, args,
+                            lambda: {args.kind: compute(train)})
+    return values[args.kind]
 
 
 def relative_scores(scores: Tensor, self_influence: Tensor, *, floor: float | None = None) -> Tensor:

@@ -50,7 +50,6 @@ nothing to resample, and a constant 1.0 would be a fake.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -58,10 +57,13 @@ from enum import StrEnum
 from typing import Any
 
 import torch
+from pydantic import StrictInt, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
 from attribution.methods.base import (
+    PARAMS_CONFIG,
     AttributionMethod,
     FitContext,
     MethodName,
@@ -69,6 +71,7 @@ from attribution.methods.base import (
     Normalize,
     Progress,
     no_progress,
+    params_error,
 )
 from attribution.methods.gradient_features import (
     GradientFeatureParams,
@@ -104,16 +107,14 @@ class Resampling(StrEnum):
     LISSA_SEED = "lissa_seed"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class StabilityParams:
     """`resamples` R ≥ 2, bounded by `limits.MAXIMUMS["resamples"]` (each resample is up to
     one more run of the method)."""
 
-    resamples: int = 16
+    resamples: StrictInt = 16
 
     def __post_init__(self) -> None:
-        if isinstance(self.resamples, bool) or not isinstance(self.resamples, int):
-            raise StabilityError("stability.resamples", "must be an integer")
         if self.resamples < 2:
             raise StabilityError("stability.resamples", "must be at least 2")
         excess = first_excess(self)
@@ -123,14 +124,14 @@ class StabilityParams:
                                                       "the limits are in the README")
 
     @classmethod
-    def from_dict(cls, raw: Any) -> StabilityParams:
+    def parse(cls, raw: Any) -> StabilityParams:
+        """The request of a raw JSON object; raises `StabilityError` naming the invalid field."""
         if not isinstance(raw, dict):
             raise StabilityError("stability", 'must be an object such as {"resamples": 16}')
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise StabilityError(f"stability.{unknown[0]}", f"unknown field; valid: {', '.join(sorted(known))}")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except ValidationError as exc:
+            raise params_error(exc, cls, lambda field, message: StabilityError(f"stability.{field}", message)) from None
 
 
 def resampling_for(method: str, params: MethodParams, *, num_checkpoints: int | None = None) -> Resampling:

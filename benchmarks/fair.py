@@ -66,6 +66,8 @@ class Entry:
     run: Callable[[Config], Tensor]
     cannot: str = ""  # set: the entry is not run, the report says why
     whole_space: bool = False  # the grid is every configuration the entry has (fewer than BUDGET)
+    service_default: bool = False  # the answer the service gives with no method and no params (`auto`)
+    checkpoints: bool = False  # given the training checkpoints (ours; peers say so per config)
 
     def __post_init__(self) -> None:
         if self.cannot:
@@ -137,16 +139,26 @@ def evaluate(entry: Entry, points: Points, statistic: Statistic,
     return outcome
 
 
+def uses_checkpoints(outcome: Outcome, kind: str) -> bool:
+    """Whether the `kind` column ("default"/"tuned") of `outcome` used the training checkpoints."""
+    config = outcome.entry.default if kind == "default" else outcome.tuned
+    return outcome.entry.checkpoints or (config or {}).get("checkpoints") == "all"
+
+
 def versus_best(ours: Outcome, outcomes: list[Outcome], points: Points, statistic: Statistic,
-                per_point: PerPoint | None = None, seed: int = 0) -> tuple[str, PairedDifference] | None:
+                per_point: PerPoint | None = None, seed: int = 0,
+                final_model_only: bool = False) -> tuple[str, PairedDifference] | None:
     """Paired bootstrap of our default minus the best column (default or tuned) of any entry,
     over the evaluated points; None if our default did not run. With `per_point` (a statistic
     that is a mean over points: top-1 rate, mean LDS) the per-point values are computed once
-    and their means resampled (`mean_difference`, the same draws and numbers, much faster)."""
+    and their means resampled (`mean_difference`, the same draws and numbers, much faster).
+    `final_model_only`: only columns that did not use the training checkpoints compete (the
+    answer for a user who registered none)."""
     if "default" not in ours.scores:
         return None
     columns = [(f"{o.entry.label} ({kind})", o.scores[kind], o.default_value if kind == "default" else o.tuned_value)
-               for o in outcomes for kind in ("default", "tuned") if kind in o.scores]
+               for o in outcomes for kind in ("default", "tuned")
+               if kind in o.scores and not (final_model_only and uses_checkpoints(o, kind))]
     columns = [c for c in columns if not math.isnan(c[2])]
     name, best, _ = max(columns, key=lambda c: c[2])
     ev = points.evaluated
@@ -205,20 +217,30 @@ def write_tables(report: Report, title: str, outcomes: list[Outcome], metric: st
 
 def bootstrap_figures(report: Report, tag: str, outcomes: list[Outcome], points: Points, statistic: Statistic,
                       metric: str, per_point: PerPoint | None = None) -> dict[str, tuple[str, PairedDifference]]:
-    """A figure per our method: its default minus the best column, with the 95% interval."""
+    """A figure per our method: its default minus the best column, with the 95% interval. The
+    target (first or tied) applies to the service's default answer (`service_default` entries)
+    when the study has them, else to every method's defaults; the other rows are informational
+    (a named method's defaults may serve another question, e.g. relative scores on Q6)."""
     out = {}
+    targeted = [o for o in outcomes if o.entry.service_default] or [o for o in outcomes if o.entry.owner == "ours"]
     for o in outcomes:
         if o.entry.owner != "ours":
             continue
-        result = versus_best(o, outcomes, points, statistic, per_point)
+        # the service's answer without checkpoints competes with what runs without them
+        final_only = o.entry.service_default and not o.entry.checkpoints and any(
+            uses_checkpoints(other, kind) for other in outcomes for kind in other.scores)
+        result = versus_best(o, outcomes, points, statistic, per_point, final_model_only=final_only)
         if result is None:
             continue
         best, diff = result
         out[o.entry.label] = result
         verdict = "tied (interval includes 0)" if not diff.significant else ("ahead" if diff.low > 0 else "behind")
-        report.figure(f"{tag}: {o.entry.label} default {metric} {_fmt(o.default_value)} − best ({best})",
+        target = o in targeted
+        versus = f"best final-model entry ({best})" if final_only else f"best ({best})"
+        report.figure(f"{tag}: {o.entry.label} default {metric} {_fmt(o.default_value)} − {versus}",
                       f"{diff.difference:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}] {verdict}", "—", "this run",
-                      "best or tied", not diff.high < 0)
+                      "best or tied" if target else "— (a named method's defaults)",
+                      (not diff.high < 0) if target else None)
     return out
 
 
@@ -256,7 +278,13 @@ AUTO_GOALS: tuple[Config, ...] = ({"goal": "retrieve"}, {"goal": "counterfactual
 def auto_entry(default: Config, run: Callable[[Config], Tensor]) -> Entry:
     """The `auto` entry of a query study with `default` as its library-defaults column."""
     label = "auto" + "".join(f", {k}={v}" for k, v in default.items())
-    return Entry(label, "ours", default, AUTO_GOALS, run, whole_space=True)
+    return Entry(label, "ours", default, AUTO_GOALS, run, whole_space=True, service_default=True)
+
+
+def auto_audit_entry(label: str, run: Callable[[Config], Tensor], *, checkpoints: bool) -> Entry:
+    """The `auto` entry of a self-influence study: no setting to tune (what was registered —
+    the checkpoints in `run`'s context, if `checkpoints` — decides)."""
+    return Entry(label, "ours", {}, ({},), run, whole_space=True, service_default=True, checkpoints=checkpoints)
 
 
 # Not run in the query studies: its default path refits the exact curvature K − 1 = 4 times per query.

@@ -16,7 +16,6 @@ timed too, as the cost per query when queries share a pass.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -31,7 +30,17 @@ from attribution.pipeline import attribute
 from attribution.tasks import ClassificationTask
 from benchmarks.cli import Options, Stopwatch, run_study
 from benchmarks.report import Report
-from benchmarks.speed_common import Clock, blobs, machine, torch_threads, trained_mlp, write_shards
+from benchmarks.speed_common import (
+    Clock,
+    Repetitions,
+    add_repetition_tables,
+    blobs,
+    machine,
+    median_seconds,
+    torch_threads,
+    trained_mlp,
+    write_shards,
+)
 from loading import ShardedTrainingSet
 
 STUDY = "p1_sweep_efficiency"
@@ -71,7 +80,9 @@ def run(options: Options) -> Report:
             attribute(adapter, "forward_inf", params, train, context, queries=query)
         plain_inference(module, train, BATCH)  # warm-up: allocator, thread pool, page cache
         attribute(adapter, "forward_inf", params, train, context, queries=queries, per_sample=True)
-        plain_c, finf_c, per_sample_c = [], [], []  # (wall, cpu) per repetition
+        plain_c: Repetitions = []
+        finf_c: Repetitions = []
+        per_sample_c: Repetitions = []
         with torch_threads(1):
             for _ in range(repeats):
                 with Clock() as c:
@@ -85,12 +96,9 @@ def run(options: Options) -> Report:
                 per_sample_c.append((c.wall, c.cpu))
         sweep_timings = dict(context.timings)
 
-    def med(values: list[tuple[float, float]], which: int) -> float:
-        return statistics.median(v[which] for v in values)
-
-    plain, finf, per_sample = (med(v, 1) for v in (plain_c, finf_c, per_sample_c))  # CPU seconds
+    plain, finf, per_sample = (median_seconds(v) for v in (plain_c, finf_c, per_sample_c))  # CPU seconds
     ratio = plain / finf
-    wall_ratio = med(plain_c, 0) / med(finf_c, 0)
+    wall_ratio = median_seconds(plain_c, cpu=False) / median_seconds(finf_c, cpu=False)
     if scores.shape != (1, n) or not torch.isfinite(floor).all():
         raise RuntimeError("unexpected output shapes")
     report.setup = (
@@ -107,12 +115,8 @@ def run(options: Options) -> Report:
     report.figure("Forward-INF query, rows/s", n / finf, "—", "this run")
     report.figure(f"per_sample query, Q={PER_SAMPLE_Q}: seconds per query sample / plain sweep",
                   per_sample / PER_SAMPLE_Q / plain, "—", "this run")
-    report.table("Repetitions (wall / CPU seconds)", ["repetition", "plain inference", "Forward-INF (1 query)",
-                                                      f"Forward-INF per_sample (Q={PER_SAMPLE_Q})"],
-                 [[str(i + 1)] + [f"{w:.3f} / {c:.3f}" for w, c in row]
-                  for i, row in enumerate(zip(plain_c, finf_c, per_sample_c, strict=True))])
-    report.table("Forward-INF timings of the last call (seconds)", ["phase", "seconds"],
-                 [[k, f"{v:.4f}"] for k, v in sorted(sweep_timings.items())])
+    add_repetition_tables(report, {"plain inference": plain_c, "Forward-INF (1 query)": finf_c,
+                                   f"Forward-INF per_sample (Q={PER_SAMPLE_Q})": per_sample_c}, sweep_timings)
     report.timing("plain inference (one pass), CPU s", plain, f"{n:,} rows")
     report.timing("Forward-INF, new query (base losses cached)", finf, "unlearning K=5 + one sweep")
     report.timing(f"Forward-INF per_sample, per query sample (Q={PER_SAMPLE_Q})", per_sample / PER_SAMPLE_Q,

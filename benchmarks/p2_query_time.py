@@ -54,7 +54,7 @@ QUERIES = 1 + WARM_QUERIES  # the first on an empty cache (cold), then WARM_QUER
 PEER_MEMORY_BYTES = 8 * 2**30  # address-space cap of each peer's process
 PEER_TIMEOUT_S = 1800
 BATCH = 1024
-_FORWARD_INF = ForwardInfParams()  # the defaults our Forward-INF rows run with
+_FORWARD_INF = ForwardInfParams().for_task("classification").resolved()  # the defaults our Forward-INF rows run with
 
 # Raw scores (normalize "none") for the gradient methods: their relative denominators are a one-off
 # per-row cost (for influence one iHVP solve per training row), not a per-query one. Forward-INF runs
@@ -365,8 +365,8 @@ def run(options: Options) -> Report:
         f"batch size {BATCH}; one new joint query = one test sample; cold = the first query on an empty artifact "
         f"store (includes every fit), warm = the next new query (another sample). Our methods run through "
         f"`attribution.pipeline.attribute` with default params except influence damping 0.01 (Forward-INF "
-        f"defaults: {_FORWARD_INF.chosen_optimizer} K={_FORWARD_INF.k}, α={_FORWARD_INF.alpha:g}, normalize "
-        f"{_FORWARD_INF.normalize}; influence, TracIn and TRAK with normalize none). One intra-op thread everywhere; times are CPU seconds of the process (robust "
+        f"defaults on a classifier: {_FORWARD_INF.chosen_optimizer} K={_FORWARD_INF.k}, α={_FORWARD_INF.alpha:g}, "
+        f"normalize {_FORWARD_INF.normalize}; influence, TracIn and TRAK with normalize none). One intra-op thread everywhere; times are CPU seconds of the process (robust "
         f"when other jobs share the machine; wall seconds in the table). The target is read on the warm times of "
         f"IF and TracIn. Warm = median of {WARM_QUERIES} timed new queries per method (each a different test "
         f"sample). pyDVL is called once per query against all N rows, i.e. one iHVP solve per query. Machine: "

@@ -191,7 +191,7 @@ def run(options: Options) -> Report:
 def _query_feature(model: ModelAdapter, params: dict[str, Any], train: ShardedTrainingSet, files: FeatureFiles,
                    batch: Batch) -> np.ndarray:
     """`[1, d]` TrackStar feature of `batch` (for the FAISS search), from the stored fit."""
-    method = TrackStar(model, TrackStarParams.from_dict(params), FitContext(fingerprint="p7", feature_files=files))
+    method = TrackStar(model, TrackStarParams.parse(params), FitContext(fingerprint="p7", feature_files=files))
     return method.query_features(batch, train).cpu().numpy()
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +39,14 @@ from attribution.tasks import CausalLMTask
 from benchmarks.cli import Options, Stopwatch, run_study
 from benchmarks.lm_folder import word_tokenizer
 from benchmarks.report import Report
-from benchmarks.speed_common import Clock, machine, torch_threads
+from benchmarks.speed_common import (
+    Clock,
+    Repetitions,
+    add_repetition_tables,
+    machine,
+    median_seconds,
+    torch_threads,
+)
 from loading import ShardedTrainingSet
 from loading.model_inputs import InputSpec, rows_to_batch
 from loading.models import build_module, load_tokenizer_from
@@ -110,7 +116,8 @@ def run(options: Options) -> Report:
         with Stopwatch() as first:  # caches L(θ̂, ·) and the RelatIF norms, as a worker does once
             attribute(adapter, "forward_inf", params, train, context, queries=query)
         plain_inference(module, train, BATCH)  # warm-up
-        plain_c, finf_c = [], []
+        plain_c: Repetitions = []
+        finf_c: Repetitions = []
         with torch_threads(1):
             for _ in range(repeats):
                 with Clock() as c:
@@ -123,11 +130,8 @@ def run(options: Options) -> Report:
     if scores.shape != (1, n) or not bool(torch.isfinite(floor).all()):
         raise RuntimeError("unexpected output shapes")
 
-    def med(values: list[tuple[float, float]], which: int) -> float:
-        return statistics.median(v[which] for v in values)
-
-    plain, finf = med(plain_c, 1), med(finf_c, 1)
-    ratio, wall_ratio = plain / finf, med(plain_c, 0) / med(finf_c, 0)
+    plain, finf = median_seconds(plain_c), median_seconds(finf_c)
+    ratio, wall_ratio = plain / finf, median_seconds(plain_c, cpu=False) / median_seconds(finf_c, cpu=False)
     report.setup = (
         f"N = {n:,} text rows (16–48 random words each, {tokens:,} tokens with `<bos>`) in {len(specs)} `.jsonl` "
         f"shards; GPT-2 {layers} layers × {width} wide ({adapter.num_params:,} parameters), saved with `save_pretrained` "
@@ -142,11 +146,7 @@ def run(options: Options) -> Report:
     report.figure("same ratio in wall time", wall_ratio, "—", "this run")
     report.figure("plain inference, tokens/s (CPU time)", tokens / plain, "—", "this run")
     report.figure("Forward-INF query, tokens/s (CPU time)", tokens / finf, "—", "this run")
-    report.table("Repetitions (wall / CPU seconds)", ["repetition", "plain inference", "Forward-INF (1 query)"],
-                 [[str(i + 1)] + [f"{w:.3f} / {c:.3f}" for w, c in row]
-                  for i, row in enumerate(zip(plain_c, finf_c, strict=True))])
-    report.table("Forward-INF timings of the last call (seconds)", ["phase", "seconds"],
-                 [[k, f"{v:.4f}"] for k, v in sorted(timings.items())])
+    add_repetition_tables(report, {"plain inference": plain_c, "Forward-INF (1 query)": finf_c}, timings)
     report.timing("plain inference (one pass), CPU s", plain, f"{n:,} rows")
     report.timing("Forward-INF, new query (base losses cached)", finf, "unlearning + one sweep")
     for figure in report.missed():

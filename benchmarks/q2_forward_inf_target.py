@@ -60,7 +60,7 @@ NUM_VALIDATION = 5
 DEFAULTS: dict[str, Any] = {}
 ALGORITHM_1: dict[str, Any] = {"steps": 5, "lr": 0.01}
 NEWTON_ESTIMATORS = ("exact", "cg", "arnoldi", "ekfac")
-_DEFAULT = ForwardInfParams.from_dict(DEFAULTS)
+_DEFAULT = ForwardInfParams.parse(DEFAULTS)
 DEFAULTS_LABEL = f"Algorithm 1 (gradient ascent), library defaults (K={_DEFAULT.k}, α={_DEFAULT.alpha:g})"
 
 

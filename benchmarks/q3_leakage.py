@@ -37,7 +37,7 @@ from benchmarks.fair import (
 )
 from benchmarks.leakage_setup import LeakedDigits, TrainedModel, leaked_digits, train_models
 from benchmarks.peers import PeerProblem, peers
-from benchmarks.report import Report
+from benchmarks.report import Report, machine_load
 from benchmarks.runner import scores
 
 STUDY = "q3_leakage"
@@ -158,7 +158,7 @@ def run(options: Options) -> Report:
         f"AdamW, lr 1e-2, weight decay 1e-4, {epochs} epochs, seed 0, 5 evenly spaced checkpoints kept for TracIn "
         f"and the peers' TracIn; {watch.seconds:.0f} s): "
         + "; ".join(f"{m.name}, test accuracy {m.test_accuracy:.3f}" for m in models)
-        + ". The small CNN of earlier runs is not run in this session (CPU budget: 2 cores shared by 6 jobs). "
+        + f". The small CNN of earlier runs is not run in this session (CPU budget; after training: {machine_load()}). "
         "Every entry scores the evaluated and validation test points against every training row (ours through "
         "`attribution.pipeline.attribute(..., per_sample=True)`, the peers through their own APIs on the same "
         "weights and tensors, `benchmarks/peers.py`); `attribution.evaluation.leakage_detection` gives the rank "

@@ -37,6 +37,7 @@ from benchmarks.fair import (
     Config,
     Entry,
     Points,
+    auto_audit_entry,
     bootstrap_figures,
     evaluate,
     peer_entries,
@@ -44,7 +45,7 @@ from benchmarks.fair import (
     write_tables,
 )
 from benchmarks.peers import PeerProblem, peers
-from benchmarks.report import Report
+from benchmarks.report import Report, machine_load
 from benchmarks.runner import self_influence
 
 STUDY = "q4_mislabel"
@@ -72,11 +73,13 @@ def our_entries(model: ModelAdapter, train: TensorTrainingSet, trajectory: Traje
     def run(method: str, context: FitContext) -> Callable[[Config], Tensor]:
         return lambda config: self_influence(model, method, config, train, context).scores
 
-    entries = [Entry(method, "ours", {}, grid, run(method, with_checkpoints if method == "tracin" else shared))
+    entries = [Entry(method, "ours", {}, grid, run(method, with_checkpoints if method == "tracin" else shared),
+                     checkpoints=method == "tracin")
                for method, grid in SELF_GRIDS.items()]
     entries.insert(1, Entry("forward_inf (5 checkpoints)", "ours", {}, SELF_GRIDS["forward_inf"],
-                            run("forward_inf", with_checkpoints)))
-    return entries
+                            run("forward_inf", with_checkpoints), checkpoints=True))
+    return [auto_audit_entry("auto (5 checkpoints)", run("auto", with_checkpoints), checkpoints=True),
+            auto_audit_entry("auto (final model only)", run("auto", shared), checkpoints=False), *entries]
 
 
 def run(options: Options) -> Report:
@@ -105,7 +108,7 @@ def run(options: Options) -> Report:
         f"({watch.seconds:.0f} s): {tag} ReLU (full-batch AdamW, lr 1e-2, weight decay 1e-4, seed 0, 5 checkpoints "
         f"kept for TracIn and the peers' TracIn) — test accuracy {accuracy(module, split.x_test, split.y_test):.3f}. "
         f"Logistic regression (every method ties its training loss there, earlier report) is not re-run this "
-        f"session (CPU budget). Each entry's self-influence of every row (ours: `attribute(..., "
+        f"session (CPU budget; after training: {machine_load()}). Each entry's self-influence of every row (ours: `attribute(..., "
         f"self_influence=True)`; peers: their self-influence APIs on the same weights) ranks the rows; the statistic "
         f"is the ROC AUC of the flipped flags (`attribution.evaluation.roc_auc`). The points are training rows: "
         f"{len(points.validation)} validation rows (their flipped flags choose the tuned configuration) and "

@@ -42,7 +42,7 @@ from benchmarks.fair import (
     write_tables,
 )
 from benchmarks.peers import PeerProblem, peers
-from benchmarks.report import Report
+from benchmarks.report import Report, machine_load
 from benchmarks.runner import scores
 
 STUDY = "q6_lds_neural"
@@ -99,8 +99,8 @@ def run(options: Options) -> Report:
         f"{num_subsets} random 50% subsets (`sample_subsets`, seed 0), each retrained with the same seed and schedule "
         f"({retrain_watch.seconds:.0f} s), query losses of the first {n_queries} test points (`retrained_losses`), "
         f"Spearman per query against each entry's summed scores (`linear_datamodeling_score`), averaged over the "
-        f"queries. Sizes are below the earlier 1,000 rows × 100 subsets × 100 queries (CPU budget: 2 cores shared by "
-        f"6 jobs). " + protocol_text(points, "data split 0, training 0, subsets 0, projections 0")
+        f"queries. Sizes are below the earlier 1,000 rows × 100 subsets × 100 queries (CPU budget; after the "
+        f"retraining: {machine_load()}). " + protocol_text(points, "data split 0, training 0, subsets 0, projections 0")
     )
     entries = our_entries(model, train, trajectory, queries) + peer_entries(
         peers(), PeerProblem(module, trajectory.modules, trajectory.lrs, split.x_train, split.y_train),

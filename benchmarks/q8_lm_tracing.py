@@ -8,8 +8,10 @@ checkpoints). A query is a held-out paraphrase of a fact (a template used for ot
 never for this one: not a copy of a training sentence) whose loss counts only the object
 token. Every method scores 50 evaluated queries against every training sentence
 (`per_sample=True`); `attribution.evaluation` gives the MRR of the first proponent and
-precision@k with k = the fact's number of proponents. 10 further facts (validation) only
-choose hyperparameters; Forward-INF `auto` chooses label-free. Speed: one new query at a
+precision@k with k = the fact's number of proponents. No method is tuned here (each runs
+its library defaults or a fixed named variant; Forward-INF `auto` chooses label-free): the
+tuned comparison, the best of the same number of configurations per method on validation
+facts, is `q8_service.py`'s fair protocol. Speed: one new query at a
 time on a fitted method (median of 3), as queries per minute. Targets (the Forward-INF
 paper's Table 3, MT5 on FTRACE-TREx: MRR 0.21 vs TracIn 0.166, 4× the queries per
 minute): Forward-INF MRR above TracIn's and ≥ 4× TracIn's queries per minute.
@@ -17,7 +19,6 @@ minute): Forward-INF MRR above TracIn's and ≥ 4× TracIn's queries per minute.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,15 +51,6 @@ SPEED_TARGET = 4.0
 COSTLY_QUERIES = 3
 
 
-def forward_inf_grid(quick: bool) -> tuple[dict[str, Any], ...]:
-    """Unlearning runs from the first-order regime (K = 1, small α) to forgetting the fact (K = 10, α = 1)."""
-    steps, lrs = ((1, 5), (0.01, 0.1)) if quick else ((1, 5, 10), (0.01, 0.1, 1.0))
-    runs = [{"optimizer": o, "steps": k, "lr": a} for o, k, a in itertools.product(("sgd", "normalized_sgd"), steps, lrs)]
-    if not quick:
-        runs += [{"optimizer": "adam", "steps": k, "lr": a} for k, a in itertools.product((1, 5), (1e-3, 1e-2))]
-    return tuple({**run, "normalize": n} for run in runs for n in ("none", "relative"))
-
-
 def variants(quick: bool) -> list[Variant]:
     relative = {"normalize": "relative"}
     costly = [  # one CG solve per query over all parameters (> 1 minute each on 2 cores): full mode only
@@ -71,7 +63,6 @@ def variants(quick: bool) -> list[Variant]:
         Variant("Forward-INF, library defaults", "forward_inf"),
         Variant("Forward-INF, relative", "forward_inf", relative),
         Variant("Forward-INF, auto (self-retrieval)", "forward_inf", {"auto": True}),
-        Variant("Forward-INF, tuned on validation facts", "forward_inf", grid=forward_inf_grid(quick)),
         # library defaults on a causal LM above 20k parameters: EK-FAC over the blocks' Conv1D layers
         Variant("influence, library defaults (EK-FAC)", "influence"),
         *([] if quick else costly),
@@ -122,13 +113,6 @@ def query_scores(contexts: Contexts, corpus: FactCorpus, variant: Variant, param
     return torch.cat([r.scores for r in runs]), float(np.median([r.seconds for r in warm]))
 
 
-def validation_mrr(contexts: Contexts, corpus: FactCorpus, variant: Variant) -> list[float]:
-    """MRR on the validation facts of every point of `variant.grid`."""
-    relevant = corpus.proponents(corpus.validation)
-    return [mean_reciprocal_rank(query_scores(contexts, corpus, variant, params, corpus.validation)[0], relevant)
-            for params in progress(variant.grid, "validation grid")]
-
-
 def single_query_seconds(contexts: Contexts, corpus: FactCorpus, variant: Variant, params: dict[str, Any]) -> float:
     """Median seconds of one new query on the variant's already fitted context."""
     model, context = contexts.trained.model, contexts(variant)
@@ -138,19 +122,9 @@ def single_query_seconds(contexts: Contexts, corpus: FactCorpus, variant: Varian
     ]))
 
 
-def evaluate(contexts: Contexts, corpus: FactCorpus, variant: Variant, report: Report) -> tuple[Result, str]:
-    """The variant's MRR, precision@k and seconds per new query; and its params column. A grid
-    variant takes the grid point with the best validation MRR (ties: the earlier one) and
-    reports the whole grid as a table."""
-    params, validation = variant.params, float("nan")
-    if variant.grid:
-        grid_mrr = validation_mrr(contexts, corpus, variant)
-        best = int(np.argmax(grid_mrr))
-        params, validation = variant.grid[best], grid_mrr[best]
-        report.table(f"{variant.label}: validation MRR of every grid point",
-                     ["optimizer", "K", "α", "normalize", "validation MRR"],
-                     [[str(p["optimizer"]), str(p["steps"]), f"{p['lr']:g}", str(p["normalize"]), f"{m:.3f}"]
-                      for p, m in zip(variant.grid, grid_mrr, strict=True)])
+def evaluate(contexts: Contexts, corpus: FactCorpus, variant: Variant) -> tuple[Result, str]:
+    """The variant's MRR, precision@k and seconds per new query; and its params column."""
+    params = variant.params
     facts = corpus.evaluated[: variant.max_queries] if variant.max_queries else corpus.evaluated
     score, seconds = query_scores(contexts, corpus, variant, params, facts)
     if not variant.one_query_at_a_time:
@@ -158,7 +132,7 @@ def evaluate(contexts: Contexts, corpus: FactCorpus, variant: Variant, report: R
     relevant = corpus.proponents(facts)
     result = Result(variant, params, mean_reciprocal_rank(score, relevant), precision_at_k(score, relevant),
                     len(facts), seconds)
-    chosen = describe(variant.method, params) + (f" (validation MRR {validation:.3f})" if variant.grid else "")
+    chosen = describe(variant.method, params)
     auto = contexts(variant).extras.get("auto") if variant.params.get("auto") else None
     if auto:
         chosen += f" → chose {auto}"
@@ -166,29 +140,26 @@ def evaluate(contexts: Contexts, corpus: FactCorpus, variant: Variant, report: R
 
 
 def headline(report: Report, results: dict[str, Result]) -> None:
-    """Forward-INF (validation-tuned, auto, defaults) vs TracIn's better variant, MRR and queries/min."""
+    """Forward-INF (auto, defaults, relative) vs TracIn's better variant, MRR and queries/min."""
     tracin = max((results[k] for k in ("TracIn (5 checkpoints)", "TracIn, relative")), key=lambda r: r.mrr)
     report.figure(f"TracIn MRR ({tracin.variant.label}: the better TracIn variant on the evaluated facts)",
                   tracin.mrr, f"TracIn {PAPER_MRR['TracIn']}", PAPER)
-    for label in ("Forward-INF, tuned on validation facts", "Forward-INF, auto (self-retrieval)",
-                  "Forward-INF, library defaults", "Forward-INF, relative"):
+    for label in ("Forward-INF, auto (self-retrieval)", "Forward-INF, library defaults", "Forward-INF, relative"):
         ours = results[label]
         report.figure(f"{label}: MRR", ours.mrr, f"Forward-INF {PAPER_MRR['Forward-INF']}", PAPER,
                       f"> TracIn ({tracin.mrr:.3f})", ours.mrr > tracin.mrr)
-    for label in ("Forward-INF, tuned on validation facts", "Forward-INF, library defaults"):
-        ratio = tracin.seconds / results[label].seconds
-        report.figure(f"queries per minute, {label} ÷ {tracin.variant.label}", f"{ratio:.1f}×", "4×", PAPER,
-                      f"≥ {SPEED_TARGET:.0f}×", ratio >= SPEED_TARGET)
+    label = "Forward-INF, library defaults"
+    ratio = tracin.seconds / results[label].seconds
+    report.figure(f"queries per minute, {label} ÷ {tracin.variant.label}", f"{ratio:.1f}×", "4×", PAPER,
+                  f"≥ {SPEED_TARGET:.0f}×", ratio >= SPEED_TARGET)
 
 
 def explain(report: Report, results: dict[str, Result]) -> None:
-    """Notes: Forward-INF's validation choice, the first-order comparisons that explain the ranking, the gaps."""
+    """Notes: the first-order comparisons that explain the ranking, the gaps."""
     mrr = {label: r.mrr for label, r in results.items()}
-    report.note(f"Forward-INF's validation choice: {describe('forward_inf', results['Forward-INF, tuned on validation facts'].params)} "
-                "(the grid's table above; ties go to the earlier point).")
     report.note(
-        "Forward-INF's causal-LM defaults (`ForwardInfParams.for_task`: normalised ascent until the query's loss "
-        "reaches its shuffled-context level, at most 20 steps, relative scores; `relative` alone gets the same) "
+        "Forward-INF's causal-LM defaults (`ForwardInfParams.for_task`: K = 20 normalised ascent steps of α = 0.05, "
+        "relative scores; `relative` alone gets the same) "
         f"score MRR {mrr['Forward-INF, library defaults']:.3f}; their first-order limit (one small step) is the "
         f"gradient cosine, {mrr['gradient cosine']:.3f}. TracIn sums the dot product over 5 checkpoints taken while "
         f"the facts were being learnt: {mrr['TracIn (5 checkpoints)']:.3f} raw, {mrr['TracIn, relative']:.3f} "
@@ -199,10 +170,10 @@ def explain(report: Report, results: dict[str, Result]) -> None:
 
 
 def run(options: Options) -> Report:
-    subjects, evaluated, validation = (30, 8, 4) if options.quick else (100, 50, 10)
+    subjects, evaluated = (30, 8) if options.quick else (100, 50)
     epochs = 60 if options.quick else 40
     report = Report(STUDY, "Q8 — Language-model tracing (facts learnt by a tiny GPT-2)", options.quick)
-    corpus = fact_corpus(subjects, evaluated, validation)
+    corpus = fact_corpus(subjects, evaluated, 0)
     with Stopwatch() as watch:
         trained = train_lm(corpus, epochs=epochs)
     proponents = corpus.proponents(corpus.evaluated).sum(dim=1).double()
@@ -213,8 +184,8 @@ def run(options: Options) -> Report:
         f"{corpus.length} tokens per padded row). Languages, currencies and regions are shared by many countries, "
         "so sentences with the query's object and relation but another subject are distractors. A query is a "
         "held-out template stating the fact (used for other facts, never for this one), its loss only the object "
-        f"token. {evaluated} evaluated facts ({proponents.mean():.1f} proponents on average), {validation} "
-        "validation facts only for choosing hyperparameters. Model: Hugging Face GPT-2 from `GPT2Config` "
+        f"token. {evaluated} evaluated facts ({proponents.mean():.1f} proponents on average); "
+        "no method is tuned here (`q8_service.py` tunes every method on validation facts). Model: Hugging Face GPT-2 from `GPT2Config` "
         f"(2 layers, 64 wide, 4 heads, default (SDPA) attention, no dropout; {trained.model.num_params:,} parameters), "
         f"AdamW lr 3e-3, batches of 64, {epochs} epochs, 5 evenly spaced checkpoints for TracIn "
         f"({watch.seconds:.0f} s); final mean training loss {trained.train_loss:.3f} per token (subjects are "
@@ -233,7 +204,7 @@ def run(options: Options) -> Report:
     contexts = Contexts(trained)
     rows, points, results = [], [], {}
     for variant in progress(variants(options.quick), "methods"):
-        result, chosen = evaluate(contexts, corpus, variant, report)
+        result, chosen = evaluate(contexts, corpus, variant)
         results[variant.label] = result
         rows.append([variant.label, chosen, f"{result.mrr:.3f}", f"{result.precision:.3f}", str(result.queries),
                      f"{result.seconds:.4g}", f"{60 / result.seconds:.1f}"])

@@ -5,6 +5,7 @@ reference figure (its source named) and our target, per-query timings, notes and
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -119,6 +120,12 @@ class Report:
         for plot in self.plots:
             lines += ["", f"![{plot}]({plot})"]
         return "\n".join(lines) + "\n"
+
+
+def machine_load() -> str:
+    """The load measured now, for a report's setup: `"load average 1.9 / 2.3 / 2.0 (1, 5, 15 min) on 2 cores"`."""
+    averages = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    return f"load average {averages} (1, 5, 15 min) on {os.cpu_count()} cores"
 
 
 def format_value(value: float | str) -> str:

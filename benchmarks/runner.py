@@ -8,7 +8,8 @@ from typing import Any
 from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
-from attribution.methods.base import FitContext
+from attribution.methods.auto import AUTO, AutoParams
+from attribution.methods.base import FitContext, MethodParams
 from attribution.methods.registry import parse_params
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
@@ -44,7 +45,7 @@ class Run:
 def scores(model: ModelAdapter, method: str, params: dict[str, Any], train: TrainingSet, context: FitContext,
            queries: Batch) -> Run:
     """Per-sample scores `[Q, N]` of every query against every training row."""
-    parsed = parse_params(method, params)
+    parsed = _parsed(method, params)
     with Stopwatch() as watch:
         out = attribute(model, method, parsed, train, context, queries=queries, per_sample=True)
     return Run(out, watch.seconds, dict(context.extras))
@@ -53,10 +54,15 @@ def scores(model: ModelAdapter, method: str, params: dict[str, Any], train: Trai
 def self_influence(model: ModelAdapter, method: str, params: dict[str, Any], train: TrainingSet,
                    context: FitContext) -> Run:
     """Self-influence `[N]` of every training row."""
-    parsed = parse_params(method, params)
+    parsed = _parsed(method, params)
     with Stopwatch() as watch:
         out = attribute(model, method, parsed, train, context, queries=None, self_influence=True)
     return Run(out.reshape(-1), watch.seconds, dict(context.extras))
+
+
+def _parsed(method: str, params: dict[str, Any]) -> MethodParams:
+    """The typed params (parsed before timing starts); `auto` takes `AutoParams`."""
+    return AutoParams.from_dict(params) if method == AUTO else parse_params(method, params)
 
 
 def describe(method: str, params: dict[str, Any]) -> str:

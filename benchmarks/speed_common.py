@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.report import Report, machine_load
 from service.testing import REPO_ROOT, ServiceProcesses
 
 REPO = REPO_ROOT
@@ -41,9 +43,8 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     gpu = f"GPU {torch.cuda.get_device_name(0)} available, not used" if torch.cuda.is_available() else "no GPU"
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     return (f"{os.cpu_count()} cores ({model}), {gpu}; every figure measured on device cpu; "
-            f"load average at the end of the run {load} (other jobs shared the machine when it exceeds 2)")
+            f"at the end of the run: {machine_load()} (other jobs shared the machine when it exceeds the cores)")
 
 
 class Clock:
@@ -141,6 +142,23 @@ def latency_row(name: str, seconds: Sequence[float]) -> list[str]:
 
 
 LATENCY_HEADER = ["requests", "count", "p50 ms", "p90 ms", "p99 ms", "max ms"]
+
+Repetitions = list[tuple[float, float]]  # (wall, CPU) seconds of each timed repetition (`Clock`)
+
+
+def median_seconds(repetitions: Repetitions, *, cpu: bool = True) -> float:
+    """The median CPU (or wall) seconds of the repetitions."""
+    return statistics.median(cpu_s if cpu else wall_s for wall_s, cpu_s in repetitions)
+
+
+def add_repetition_tables(report: Report, sides: dict[str, Repetitions], timings: dict[str, float]) -> None:
+    """The two tables of the alternating-repetition studies (P1, P8): each repetition's wall / CPU
+    seconds per side (`sides`: column name → repetitions), and the phase timings of the last call."""
+    report.table("Repetitions (wall / CPU seconds)", ["repetition", *sides],
+                 [[str(i + 1)] + [f"{w:.3f} / {c:.3f}" for w, c in row]
+                  for i, row in enumerate(zip(*sides.values(), strict=True))])
+    report.table("Forward-INF timings of the last call (seconds)", ["phase", "seconds"],
+                 [[k, f"{v:.4f}"] for k, v in sorted(timings.items())])
 
 
 def peak_rss_mb(pid: int) -> float:

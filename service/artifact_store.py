@@ -12,13 +12,19 @@ need invalidation, only a TTL to bound memory.
   `<service dir>/artifacts`, written atomically (temp file + `os.replace`), entries older
   than the TTL count as misses; hit/miss counters live in process memory (the embedded
   service is one process).
+
+Beside each artifact both keep its `attribution.artifacts.fit_record` (kind, fingerprint, fit
+arguments; `attr:record:<key>` with the same TTL, or a `.json` file), so `fitted_artifacts`
+lists a model's artifacts with the arguments that made them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,18 @@ def artifact_fingerprint(model_sha256: str, dataset_sha256: str, task: str, row_
 
 HITS_KEY = "attr:stats:hits"
 MISSES_KEY = "attr:stats:misses"
+RECORD_PREFIX = "attr:record:"
+
+
+def fitted_artifacts(store: RedisArtifactStore | FileArtifactStore, model_sha256: str) -> list[dict[str, Any]]:
+    """The live artifacts of the model with content hash `model_sha256` (every dataset and row
+    range): `{"key", "kind", "fingerprint", "args"}` each, ordered by kind and key."""
+    found = []
+    for key, record in store.records():
+        entry = json.loads(record)
+        if entry["fingerprint"].startswith(f"{model_sha256}:"):
+            found.append({"key": key, **entry})
+    return sorted(found, key=lambda e: (e["kind"], e["key"]))
 
 
 class RedisArtifactStore:
@@ -53,8 +71,19 @@ class RedisArtifactStore:
         """Whether `key` is stored, without reading it or counting a hit or miss (cost estimates)."""
         return bool(self.redis.exists(key))
 
-    def put(self, key: str, value: bytes) -> None:
-        self.redis.set(key, value, ex=self.ttl if self.ttl > 0 else None)
+    def put(self, key: str, value: bytes, record: str) -> None:
+        ttl = self.ttl if self.ttl > 0 else None
+        with self.redis.pipeline() as pipe:
+            pipe.set(key, value, ex=ttl)
+            pipe.set(RECORD_PREFIX + key, record, ex=ttl)
+            pipe.execute()
+
+    def records(self) -> Iterator[tuple[str, str]]:
+        """`(key, fit record JSON)` of every stored artifact (a `SCAN` of the record keys)."""
+        for name in self.redis.scan_iter(match=RECORD_PREFIX + "*", count=1000):
+            record = self.redis.get(name)
+            if record is not None:  # not expired since the scan
+                yield name.decode()[len(RECORD_PREFIX):], record.decode()
 
     def stats(self) -> dict[str, int]:
         hits, misses = self.redis.mget(HITS_KEY, MISSES_KEY)
@@ -101,6 +130,7 @@ class FileArtifactStore:
         try:
             if self.ttl > 0 and time.time() - path.stat().st_mtime > self.ttl:
                 path.unlink(missing_ok=True)
+                path.with_suffix(".json").unlink(missing_ok=True)
             else:
                 value = path.read_bytes()
         except FileNotFoundError:
@@ -116,9 +146,20 @@ class FileArtifactStore:
             return False
         return self.ttl <= 0 or age <= self.ttl
 
-    def put(self, key: str, value: bytes) -> None:
+    def put(self, key: str, value: bytes, record: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self._path(key).with_suffix(".json"), json.dumps({"key": key, "record": record}).encode())
         write_atomic(self._path(key), value)
+
+    def records(self) -> Iterator[tuple[str, str]]:
+        """`(key, fit record JSON)` of every live artifact (its `.json` sidecar beside a live `.bin`)."""
+        for sidecar in sorted(self.root.glob("*.json")):
+            try:
+                entry = json.loads(sidecar.read_text())
+            except FileNotFoundError:
+                continue
+            if self.contains(entry["key"]):
+                yield entry["key"], entry["record"]
 
     def stats(self) -> dict[str, int]:
         with self.counters.lock:

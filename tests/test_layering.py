@@ -1,7 +1,8 @@
 """The dependency rule, enforced by reading every module's imports with `ast`.
 
 `attribution/` (the core library) imports no web, queue, database or settings code and no
-other package of this project; `loading/` (user files → models, shards, batches; shared by the
+other package of this project (pydantic, its params and fit-argument models, is allowed;
+pydantic-settings is settings code); `loading/` (user files → models, shards, batches; shared by the
 API and the workers) imports neither the API nor the workers; `service/` (API, database, queue)
 imports nothing from `workers/` (it reaches worker code only by import path, through
 `service.queue`); `workers/` never imports `service.api`.
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN_IN_CORE = {"fastapi", "rq", "sqlalchemy", "redis", "service", "workers", "loading", "pydantic",
+FORBIDDEN_IN_CORE = {"fastapi", "rq", "sqlalchemy", "redis", "service", "workers", "loading",
                      "pydantic_settings", "alembic", "starlette", "uvicorn", "psycopg"}
 
 

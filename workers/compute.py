@@ -53,7 +53,7 @@ def method_and_params(query: Query) -> tuple[type[AttributionMethod], MethodPara
     """The query's method class and its typed params, rebuilt from the stored (resolved) dict;
     raises `ValueError` (`UnknownMethodError`, `ParamsError`) naming the problem."""
     cls = method_class(query.method)
-    return cls, cls.params_type.from_dict(query.params or {})
+    return cls, cls.params_type.parse(query.params or {})
 
 
 def amp_dtype(settings: Settings, model: ModelAdapter) -> torch.dtype | None:
@@ -87,7 +87,7 @@ def compute_scores(
         second_moment=load_second_moment(inputs.optimizer_state, settings.data_root) if inputs.optimizer_state else None,
     )
     context.timings["load_s"] = time.perf_counter() - started
-    stability = StabilityParams.from_dict(query.stability) if query.stability else None
+    stability = StabilityParams.parse(query.stability) if query.stability else None
     share = 1.0 / (1 + stability.resamples) if stability is not None else 1.0  # of the progress bar
     if stability is not None:
         context.progress = lambda fraction: progress(share * fraction)

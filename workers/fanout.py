@@ -39,7 +39,7 @@ from workers.error_text import one_line
 from workers.fanout_plan import part_job_id, plan_ranges
 from workers.leases import holding, leases
 from workers.notifications import notify
-from workers.registered_rows import REGISTERED_ROWS
+from workers.registered_rows import registered_rows
 from workers.results import store_result
 from workers.retrying import is_transient, with_retries
 from workers.stopping import Canceled, ProgressWriter
@@ -81,7 +81,7 @@ def run_query_part(query_id: str, part: int) -> None:
                 return
             query = repo.get_query(session, query_id)
             part_row = repo.get_part(session, query_id, part)
-            model_row, dataset_row = REGISTERED_ROWS.get(session, query) if query else (None, None)
+        model_row, dataset_row = registered_rows(query) if query else (None, None)
         if query is None or part_row is None or model_row is None or dataset_row is None:
             return
         phases = {"part_claim_s": time.perf_counter() - started}
@@ -135,7 +135,7 @@ def merge_query(query_id: str) -> None:
     with session_scope(settings) as session:
         query = repo.get_query(session, query_id)
         parts = repo.parts_of(session, query_id)
-        model_row, dataset_row = REGISTERED_ROWS.get(session, query) if query else (None, None)
+    model_row, dataset_row = registered_rows(query) if query else (None, None)
     if query is None or model_row is None or dataset_row is None or not parts:
         return
     try:

@@ -2,43 +2,34 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
-from sqlalchemy.orm import Session
+from functools import lru_cache
 
 from service.db.models import Dataset, Model, Query
-from service.db.repositories import jobs as repo
+from service.db.session import session_scope
+from service.settings import get_settings
+
+ROWS_KEPT = 64
 
 
-class RowMemo:
-    """Per-process memo of `(model id, dataset id) → (Model, Dataset)` rows (with the shards).
+def registered_rows(query: Query) -> tuple[Model | None, Dataset | None]:
+    """The `(Model, Dataset)` rows (with the shards) `query` names; `(None, None)` if either is gone.
 
     Registered models and datasets never change (no update but the soft delete's
     `deleted_at`, which jobs ignore; no hard delete while a query refers to them), so every
     part of a query, and its merge, reads them from the database once per worker. The rows
     are detached and only read.
     """
-
-    def __init__(self, capacity: int = 64) -> None:
-        self.capacity = capacity
-        self.entries: OrderedDict[tuple[str, str], tuple[Model, Dataset]] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, session: Session, query: Query) -> tuple[Model | None, Dataset | None]:
-        key = (query.model_id, query.dataset_id)
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        model_row, dataset_row = repo.model_and_dataset(session, query)
-        if model_row is not None and dataset_row is not None:
-            with self.lock:
-                self.entries[key] = (model_row, dataset_row)
-                while len(self.entries) > self.capacity:
-                    self.entries.popitem(last=False)
-        return model_row, dataset_row
+    try:
+        return _registered(query.model_id, query.dataset_id)
+    except LookupError:
+        return None, None
 
 
-
-REGISTERED_ROWS = RowMemo()
+@lru_cache(maxsize=ROWS_KEPT)
+def _registered(model_id: str, dataset_id: str) -> tuple[Model, Dataset]:
+    """Both rows, read in a session of their own; raises `LookupError` (not memoised) if one is missing."""
+    with session_scope(get_settings()) as session:
+        model_row, dataset_row = session.get(Model, model_id), session.get(Dataset, dataset_id)
+    if model_row is None or dataset_row is None:
+        raise LookupError(f"model {model_id} or dataset {dataset_id} is not registered")
+    return model_row, dataset_row

@@ -8,7 +8,6 @@ matrix, so both paths rank identically.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -65,8 +64,8 @@ def _with_stability(row: RankedRow, stability: StabilityReport) -> RankedRow:
     figures = stability.get(row.kind, row.sample, row.index)
     if figures is None:
         raise ValueError(f"no stability figures for the {row.kind} row {row.index} of sample {row.sample}")
-    return dataclasses.replace(row, stability=figures.stability, rank_low=figures.rank_low,
-                               rank_high=figures.rank_high)
+    return row.model_copy(update={"stability": figures.stability, "rank_low": figures.rank_low,
+                                  "rank_high": figures.rank_high})
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

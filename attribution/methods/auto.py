@@ -20,7 +20,7 @@ cannot go stale beside them):
 | purpose | task | checkpoints | P | → | evidence (report, table "every entry") |
 |---|---|---|---|---|---|
 | prediction, retrieve | classification, regression | any | any | `forward_inf`, defaults | Q3 `q3_leakage.md`: every default of ours ranks the copy first alike; Forward-INF's new query is the cheapest ("Time per query") |
-| prediction, retrieve | causal LM | any | any | `forward_inf`, causal-LM defaults (20 normalised ascent steps) | Q8 `q8_service.md`: the entry "forward_inf" (defaults) against every other default and tuned entry |
+| prediction, retrieve | causal LM | any | any | `forward_inf`, causal-LM defaults (20 normalised ascent steps in the token embeddings) | Q8 `q8_service.md`: the entry "forward_inf" (defaults) against every other default and tuned entry |
 | prediction, counterfactual | classification, regression | any | ≤ `EXACT_MAX_PARAMS` | `influence`, raw (`normalize: "none"`), exact inverse, `relative_damping: COUNTERFACTUAL_EXACT_DAMPING` | Q6 `q6_lds_neural.md`: the entry "auto, goal=counterfactual" against every entry; the damping from `benchmarks/defaults_validation.py q6` (validation queries only) |
 | prediction, counterfactual | any | any | > `EXACT_MAX_PARAMS`, or causal LM | `influence`, raw, `ihvp` auto (EK-FAC; an LM's block linears), `relative_damping: COUNTERFACTUAL_KRONECKER_DAMPING` | Q6 `q6_lds_neural.md`: influence `ihvp=ekfac, normalize=none`, the best of our EK-FAC entries; the damping from `defaults_validation.py q6` |
 | self-influence | classification, regression | yes | ≤ `EXACT_MAX_PARAMS` | `forward_inf` over the checkpoints, `unlearning: "newton"` | Q4 `q4_mislabel.md`: "forward_inf (5 checkpoints)" tuned (unlearning=newton, the highest validation AUC of every configuration of every entry) is the best entry on the evaluated rows |
@@ -45,8 +45,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Self
 
+from pydantic import StrictFloat, StrictStr
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
 from attribution.ihvp.exact import DEFAULT_MAX_PARAMS as EXACT_MAX_PARAMS
-from attribution.methods.base import MethodName, MethodParams, ParamsError
+from attribution.methods.base import PARAMS_CONFIG, MethodName, MethodParams, ParamsError
 from attribution.methods.checkpoints import check_checkpoint_params
 from attribution.tasks import TaskName
 
@@ -66,7 +69,7 @@ class Goal(StrEnum):
     COUNTERFACTUAL = "counterfactual"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class AutoParams(MethodParams):
     """What `auto` accepts: the question (`goal`, for queries about predictions), what was
     registered (the training checkpoints θ_c as `checkpoint_model_ids` with optional
@@ -74,16 +77,16 @@ class AutoParams(MethodParams):
     method. Method-specific settings (and `normalize`) are refused: name a method to set them."""
 
     goal: Goal = Goal.RETRIEVE
-    checkpoint_model_ids: tuple[str, ...] = ()
-    checkpoint_lrs: tuple[float, ...] = ()
+    checkpoint_model_ids: tuple[StrictStr, ...] = ()
+    checkpoint_lrs: tuple[StrictFloat, ...] = ()
 
     @classmethod
-    def from_dict(cls, raw: Any) -> Self:
+    def parse(cls, raw: Mapping[str, Any] | None) -> Self:
         if raw and "normalize" in raw:
             raise ParamsError("normalize", "method 'auto' chooses the normalisation; name a method to set it")
-        return super().from_dict(raw)
+        return super().parse(raw)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         check_checkpoint_params(self.checkpoint_model_ids, self.checkpoint_lrs)
 
     def passed_on(self, *, checkpoints: bool) -> dict[str, Any]:
@@ -110,7 +113,7 @@ class AutoInputs:
 
 @dataclass(frozen=True)
 class AutoChoice:
-    """The resolved method, its raw params (validated by the method's `from_dict`) and why."""
+    """The resolved method, its raw params (validated by the method's `parse`) and why."""
 
     method: MethodName
     params: dict[str, Any]
@@ -119,16 +122,6 @@ class AutoChoice:
     def report(self, resolved_params: dict[str, Any]) -> dict[str, Any]:
         """`result.extras["auto"]`: the method, its params with defaults filled in, the reason."""
         return {"method": self.method.value, "params": resolved_params, "reason": self.reason}
-
-
-def with_task_defaults(params: MethodParams, task: str) -> MethodParams:
-    """The chosen params with the task's defaults made explicit (Forward-INF's `for_task`:
-    causal-LM unlearning, relative scores), so the reported and stored params are what runs."""
-    for_task = getattr(params, "for_task", None)
-    resolved = for_task(task) if callable(for_task) else params
-    if not isinstance(resolved, MethodParams):
-        raise TypeError(f"for_task returned {type(resolved).__name__}")
-    return resolved
 
 
 def auto_record(extras: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -157,7 +150,7 @@ def choose_method(inputs: AutoInputs, params: AutoParams) -> AutoChoice:
         unused = " Training checkpoints, if given, are not used for queries about predictions."
         if lm:
             why = ("causal LM, query about predictions: forward_inf with its causal-LM defaults (20 normalised ascent "
-                   "steps, relative; chosen on Q8's validation facts), benchmarks/results/q8_service.md 'every "
+                   "steps in the token embeddings, relative; chosen on Q8's validation facts), benchmarks/results/q8_service.md 'every "
                    "entry': forward_inf defaults against every other default and tuned entry")
         else:
             why = (f"{task.value} query about predictions{regression}: forward_inf with its defaults (relative "
@@ -229,5 +222,4 @@ __all__ = [
     "Goal",
     "auto_record",
     "choose_method",
-    "with_task_defaults",
 ]

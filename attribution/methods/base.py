@@ -12,8 +12,6 @@ query's current prediction — removing it would raise the query loss.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +19,9 @@ from enum import StrEnum
 from typing import Any, ClassVar, Self
 
 import torch
+from pydantic import ConfigDict, StrictInt, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic_core import to_jsonable_python
 from torch import Tensor
 
 from attribution.artifacts import ArtifactStore
@@ -35,6 +36,11 @@ Progress = Callable[[float], None]
 
 def no_progress(_: float) -> None:
     return None
+
+
+def stage_progress(progress: Progress, stage: int, num_stages: int) -> Progress:
+    """Map a stage's own `[0, 1]` progress onto its slice of the overall `[0, 1]`."""
+    return lambda fraction: progress((stage + fraction) / num_stages)
 
 
 class MethodName(StrEnum):
@@ -71,98 +77,75 @@ class ContextInputs:
     optimizer_state: str | None = None
 
 
-@dataclass(frozen=True)
-class MethodParams:
-    """Base of every method's parameters dataclass.
+# The pydantic configuration of every params dataclass: unknown keys and non-finite floats are
+# refused; fields are declared `StrictInt`/`StrictFloat`/`StrictBool`/`StrictStr`, so "3" is no
+# integer, 1.5 no integer, true no number (an integer is a number); enums take their values.
+PARAMS_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    Subclasses add fields with defaults and validate them in `validate()` (raising
-    `ParamsError`); every cost-scaling field is bounded by `limits.MAXIMUMS` first. `from_dict` rejects unknown keys and wrong types by name.
+
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
+class MethodParams:
+    """Base of every method's parameters: a frozen pydantic dataclass.
+
+    Subclasses (each decorated `@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)`) add fields with
+    defaults and check their ranges in `check()` (raising `ParamsError`); every cost-scaling
+    field is bounded by `limits.MAXIMUMS` first. `parse` validates a raw JSON object, raising
+    `ParamsError` naming the field; `to_dict` is its inverse (the stored, resolved params).
     """
 
     normalize: Normalize = Normalize.NONE
-    batch_size: int = 512
-    seed: int = 0
+    batch_size: StrictInt = 512
+    seed: StrictInt = 0
 
     def __post_init__(self) -> None:
-        self._check_common()
-        self.validate()
-
-    def _check_common(self) -> None:
         if self.batch_size < 1:
             raise ParamsError("batch_size", "must be at least 1")
         excess = first_excess(self)
         if excess is not None:
             name, value, maximum = excess
             raise ParamsError(name, f"must be at most {maximum} (got {value}); the limits are in the README")
+        self.check()
 
-    def validate(self) -> None:
+    def check(self) -> None:
         """Subclass hook: raise `ParamsError` for out-of-range values."""
 
     def context_inputs(self) -> ContextInputs:
         """The registered models and files these params name (none by default)."""
         return ContextInputs()
 
+    def for_task(self, task: str) -> Self:
+        """These params with the defaults of a model of `task` made explicit in the unset
+        fields (so the stored and reported params are what runs); by default unchanged."""
+        return self
+
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> Self:
-        raw = dict(raw or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise ParamsError(unknown[0], f"unknown parameter; valid: {', '.join(sorted(fields))}")
-        hints = typing.get_type_hints(cls)
-        values = {name: _coerce(name, value, hints[name]) for name, value in raw.items()}
-        return cls(**values)
+    def parse(cls, raw: Mapping[str, Any] | None) -> Self:
+        """The params of a raw JSON object (pydantic validation); raises `ParamsError` naming the
+        first invalid field."""
+        try:
+            return cls(**dict(raw or {}))
+        except ValidationError as exc:
+            raise params_error(exc, cls, ParamsError) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, StrEnum) else list(v) if isinstance(v, tuple) else v)
-                for k, v in dataclasses.asdict(self).items()}
+        """The JSON object `parse` reads back (enums as values, tuples as lists)."""
+        return dict(to_jsonable_python(self))
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check and convert one JSON value to the field's annotated type."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(name, value, arg)
-            except ParamsError as exc:
-                errors.append(str(exc))
-        raise ParamsError(name, f"invalid value {value!r}")
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ParamsError(name, "must be a list")
-        item = args[0] if args else Any
-        return tuple(_coerce(name, v, item) for v in value)
-    if isinstance(hint, type) and issubclass(hint, StrEnum):
-        try:
-            return hint(value)
-        except ValueError:
-            raise ParamsError(name, f"must be one of {', '.join(m.value for m in hint)}") from None
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(name, "must be true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(name, "must be an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ParamsError(name, "must be a number")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ParamsError(name, "must be finite")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ParamsError(name, "must be a string")
-        return value
-    return value
+def params_error(exc: ValidationError, params_type: type, error_type: Callable[[str, str], ValueError]) -> ValueError:
+    """The first error of a pydantic `ValidationError` raised by the dataclass `params_type` as
+    `error_type(field, message)` (`checkpoint_lrs[0]` names a list item); an error raised by its
+    `__post_init__` (a `ParamsError` naming its field) is returned as raised."""
+    error = exc.errors()[0]
+    raised = (error.get("ctx") or {}).get("error")
+    if isinstance(raised, ValueError):
+        return raised
+    name, *index = error["loc"] or ("",)
+    field = str(name) + "".join(f"[{i}]" for i in index)
+    if error["type"] == "unexpected_keyword_argument":
+        valid = ", ".join(sorted(f.name for f in dataclasses.fields(params_type)))
+        return error_type(field, f"unknown parameter; valid: {valid}")
+    return error_type(field, f"{error['msg'][0].lower()}{error['msg'][1:]} (got {error['input']!r})")
 
 
 @dataclass
@@ -226,17 +209,12 @@ class AttributionMethod(ABC):
         return False
 
     @classmethod
-    def resolved_normalize(cls, params: MethodParams, task: str) -> Normalize:
-        """The normalisation a query with `params` on a model of `task` gets."""
-        return Normalize(params.normalize)
-
-    @classmethod
     def can_fan_out(cls, params: MethodParams, task: str) -> bool:
         """Whether a query may be scored as independent row ranges whose `[Q, n_k]` matrices are
         concatenated: row-separable scores, no whole-set fit, and not relative (RelatIF's floor
         uses the median norm over all rows)."""
         return (cls.row_separable and not cls.fits_curvature(params)
-                and cls.resolved_normalize(params, task) != Normalize.RELATIVE)
+                and params.for_task(task).normalize != Normalize.RELATIVE)
 
     @classmethod
     def batch_key(cls, params: MethodParams) -> str | None:

@@ -14,7 +14,7 @@ RelatIF denominator from the subset rows' gradient norms, computed once per sear
 `normalize` is chosen too. Ties go to the cheaper candidate: fewer steps, raw before
 relative (no gradient-norm pass over the training set), then the order of the search
 space. The choice is cached per (model, dataset) fingerprint and search settings under
-`artifact_key("forward_inf_auto", ...)`, so only the first query of a model pays for it
+`SearchArgs`, so only the first query of a model pays for it
 (one search costs |space| per-sample scorings of m queries over |S| ≤ 3000 rows plus one
 per-sample gradient pass over S).
 """
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attribution.artifacts import artifact_key, cached_tensors
+from attribution.artifacts import FitArgs, cached_tensors
 from attribution.data import Batch, TensorTrainingSet, TrainingSet, concat_batches
 from attribution.methods.base import FitContext, MethodParams
 from attribution.methods.forward_inf_unlearning import relative_denominator
@@ -61,6 +61,18 @@ DEFAULT_SPACE: tuple[Candidate, ...] = (
     Candidate("normalized_sgd", 1, 0.01),
     Candidate("sgd", 10, 1.0),
 )
+
+
+class SearchArgs(FitArgs):
+    """The cached search's arguments: the candidates, the sampled query count m and subset size
+    |S|, every other param of the request (`fixed`) and the sweep's precision."""
+
+    kind = "forward_inf_auto"
+    space: list[dict[str, Any]]
+    num_queries: int
+    max_rows: int
+    fixed: dict[str, Any]
+    precision: str
 
 
 @dataclass(frozen=True)
@@ -103,10 +115,8 @@ def select_hyperparameters(
         raise ValueError("the search space is empty")
     searched = {"optimizer", "steps", "lr", "auto", "normalize"}
     fixed = {k: v for k, v in params.to_dict().items() if k not in searched}
-    key = artifact_key(
-        "forward_inf_auto", context.fingerprint, [dataclasses.asdict(c) for c in space],
-        num_queries, max_rows, fixed, precision,
-    )
+    args = SearchArgs(space=[dataclasses.asdict(c) for c in space], num_queries=num_queries, max_rows=max_rows,
+                      fixed=fixed, precision=precision)
 
     def compute() -> dict[str, Tensor]:
         choice = _search(params, train, base_losses, score_rows, norm_rows, floor, space, num_queries, max_rows)
@@ -114,7 +124,7 @@ def select_hyperparameters(
                    NORMALIZE.index(choice.normalize), choice.self_retrieval]
         return {"choice": torch.tensor(encoded, dtype=torch.float64)}
 
-    raw = cached_tensors(context.store, key, compute)["choice"].tolist()
+    raw = cached_tensors(context.store, context.fingerprint, args, compute)["choice"].tolist()
     return AutoChoice(OPTIMIZERS[int(raw[0])], int(raw[1]), float(raw[2]), NORMALIZE[int(raw[3])], float(raw[4]))
 
 

@@ -16,6 +16,9 @@ need quantities that are representable in log space:
 
 from __future__ import annotations
 
+import copy
+from weakref import WeakKeyDictionary
+
 import torch
 from torch import Tensor
 
@@ -38,17 +41,29 @@ class LogLossTask(Task):
         return log_loss
 
 
+_LOG_SPACE_TASKS: WeakKeyDictionary[Task, bool] = WeakKeyDictionary()
+
+
 def supports_log_space(model: ModelAdapter) -> bool:
-    """True when the task gives both log-space losses and gradient directions (classification)."""
-    probe_out, probe_target = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+    """True when the task gives both log-space losses and gradient directions (classification);
+    probed once per (hashable) task object."""
     task = model.task
-    return (task.per_sample_log_loss(probe_out, probe_target) is not None
-            and task.output_gradient_direction(probe_out, probe_target) is not None)
+    memo = type(task).__hash__ is not None
+    known = _LOG_SPACE_TASKS.get(task) if memo else None
+    if known is None:
+        probe_out, probe_target = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+        known = (task.per_sample_log_loss(probe_out, probe_target) is not None
+                 and task.output_gradient_direction(probe_out, probe_target) is not None)
+        if memo:
+            _LOG_SPACE_TASKS[task] = known
+    return known
 
 
 def with_task(model: ModelAdapter, task: Task) -> ModelAdapter:
-    """The same module and tracked parameters under another task."""
-    return ModelAdapter(model.module, task, device=model.device, layers=model.layers)
+    """The same module and tracked parameters (`model.param_names`) under another task."""
+    out = copy.copy(model)
+    out.task = task
+    return out
 
 
 def direction_model(model: ModelAdapter) -> ModelAdapter:

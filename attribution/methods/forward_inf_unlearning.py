@@ -96,13 +96,13 @@ class NormalizedSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             sets = group["params"][0].shape[0] if self.stacked else 1
-            pairs = [(p, p.grad) for p in group["params"] if p.grad is not None]
+            pairs = [(p, p.grad.double()) for p in group["params"] if p.grad is not None]
             if not pairs:  # no tracked parameter reaches the loss: a zero gradient
                 self.log.zero_gradient_steps += sets
                 continue
             squared = torch.zeros(sets, dtype=torch.float64, device=pairs[0][0].device)
             for _, g in pairs:
-                squared += g.double().reshape(sets, -1).pow(2).sum(1)
+                squared += g.reshape(sets, -1).pow(2).sum(1)
             norm = squared.sqrt()
             moving = norm > 0
             self.log.zero_gradient_steps += int((~moving).sum())
@@ -110,7 +110,7 @@ class NormalizedSGD(torch.optim.Optimizer):
             scale = torch.where(moving, sign * group["lr"] / norm.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
             for p, g in pairs:
                 shape = (sets, *([1] * (g.dim() - 1))) if self.stacked else ()
-                p.add_((g.double() * scale.reshape(shape)).to(p.dtype))
+                p.add_((g * scale.reshape(shape)).to(p.dtype))
         return loss
 
 
@@ -178,10 +178,14 @@ class StackedModel:
         return vmap(one, in_dims=(0, 0, 0))(stacked, inputs, rows.targets)
 
     def batch_losses(self, stacked: Params) -> BatchLosses:
-        """Batch → `[Q, B]` losses of every parameter set on every row of the batch."""
+        """Batch → `[Q, B]` losses of every parameter set on every row of the batch (one set:
+        a plain forward, no `vmap`)."""
+        single = _first(stacked) if {t.shape[0] for t in stacked.values()} == {1} else None
 
         def evaluate(batch: Batch) -> Tensor:
             batch = batch.to(self.model.device)
+            if single is not None:
+                return self.losses(single, batch.inputs, batch.targets).unsqueeze(0)
             return vmap(lambda params: self.losses(params, batch.inputs, batch.targets))(stacked)
 
         return evaluate
@@ -201,14 +205,23 @@ class StackedModel:
             for n, t in self.model.params().items()
         }
         opt = how.make(list(stacked.values()), stacked=True)
-        level = forgotten_level(self.model.loss, queries.to(self.model.device)) if how.until_forgotten else None
+        queries = queries.to(self.model.device)
+        if not how.until_forgotten:  # K fixed steps, every set moving
+            for _ in range(how.steps):
+                check_interrupt()
+                opt.zero_grad(set_to_none=True)
+                self.own_losses(stacked, queries).sum().backward()
+                opt.step()
+            how.log.steps_taken.extend([how.steps] * count)
+            return {n: t.detach() for n, t in stacked.items()}
+        level = forgotten_level(self.model.loss, queries)
         taken = torch.zeros(count, dtype=torch.long)
         for _ in range(how.steps):
             check_interrupt()
             opt.zero_grad(set_to_none=True)
             losses = self.own_losses(stacked, queries)
             first = bool((taken == 0).all())  # every set takes the first step
-            moving = torch.ones(count, dtype=torch.bool) if level is None or first else still_known(losses, level).cpu()
+            moving = torch.ones(count, dtype=torch.bool) if first else still_known(losses, level).cpu()
             if not bool(moving.any()):
                 break
             losses.sum().backward()
@@ -220,6 +233,11 @@ class StackedModel:
             taken += moving.long()
         how.log.steps_taken.extend(int(k) for k in taken)
         return {n: t.detach() for n, t in stacked.items()}
+
+
+def _first(stacked: Params) -> Params:
+    """`{name: [*shape]}`: parameter set 0 of `{name: [Q, *shape]}` (views)."""
+    return {n: t[0] for n, t in stacked.items()}
 
 
 def _unsqueeze(inputs: Inputs) -> Inputs:

@@ -5,21 +5,33 @@ optionally randomly projected (`attribution.projection`): `φ(z) = g(z) R ∈ �
 methods differ only in how they combine query and training features, so this module
 owns the common parts: the params every one of them takes (layers, last layer,
 projection; checkpoint ids and learning rates for TracIn and TRAK), resolving those
-params against a model, the checkpoint schedule `[(θ_c, η_c)]`, and streaming features
+params against a model, and streaming features
 over a training set with progress reports.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
+from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
-from attribution.methods.base import ContextInputs, FitContext, MethodParams, ParamsError, Progress
-from attribution.methods.checkpoints import check_checkpoint_context, check_checkpoint_params
+from attribution.methods.base import (
+    PARAMS_CONFIG,
+    ContextInputs,
+    FitContext,
+    MethodParams,
+    ParamsError,
+    Progress,
+)
+from attribution.methods.checkpoints import (
+    check_checkpoint_context,
+    check_checkpoint_params,
+    checkpoint_schedule,
+)
 from attribution.model import ModelAdapter
 from attribution.projection import ProjectionType, RandomProjector
 
@@ -29,7 +41,7 @@ MAX_PROJECTION_DIM = 1 << 16
 BatchGradients = Callable[[ModelAdapter, Batch], Tensor]
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class GradientFeatureParams(MethodParams):
     """Which gradients form the features, and how they are compressed.
 
@@ -40,12 +52,12 @@ class GradientFeatureParams(MethodParams):
     k ≥ P, means no projection (a projection to ≥ P dims saves nothing and only adds noise).
     """
 
-    layers: tuple[str, ...] = ()
-    last_layer: bool = False
-    projection_dim: int | None = None
+    layers: tuple[StrictStr, ...] = ()
+    last_layer: StrictBool = False
+    projection_dim: StrictInt | None = None
     projection_type: ProjectionType = ProjectionType.RADEMACHER
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.last_layer and self.layers:
             raise ParamsError("layers", "give either layers or last_layer, not both")
         if any(not name for name in self.layers):
@@ -54,7 +66,7 @@ class GradientFeatureParams(MethodParams):
             raise ParamsError("projection_dim", f"must be between 1 and {MAX_PROJECTION_DIM}")
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class CheckpointFeatureParams(GradientFeatureParams):
     """Gradient-feature params of the methods that sum or average over checkpoints θ_c
     (TracIn, TRAK).
@@ -64,11 +76,11 @@ class CheckpointFeatureParams(GradientFeatureParams):
     learning rates η_c (finite, > 0; one per id; empty: η_c = 1). No ids: the final model only.
     """
 
-    checkpoint_model_ids: tuple[str, ...] = ()
-    checkpoint_lrs: tuple[float, ...] = ()
+    checkpoint_model_ids: tuple[StrictStr, ...] = ()
+    checkpoint_lrs: tuple[StrictFloat, ...] = ()
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         check_checkpoint_params(self.checkpoint_model_ids, self.checkpoint_lrs)
 
     def context_inputs(self) -> ContextInputs:
@@ -118,19 +130,6 @@ def restricted(model: ModelAdapter, layers: list[str] | None) -> ModelAdapter:
     if layers == model.layers:
         return model
     return ModelAdapter(model.module, model.task, device=model.device, layers=layers)
-
-
-def checkpoint_schedule(model: ModelAdapter, context: FitContext) -> list[tuple[ModelAdapter, float]]:
-    """`[(θ_c, η_c)]`: the context's checkpoints with their learning rates, or `[(θ̂, 1)]`.
-
-    An empty `checkpoint_lrs` with checkpoints means η_c = 1 for every checkpoint.
-    """
-    if not context.checkpoints:
-        return [(model, 1.0)]
-    lrs = context.checkpoint_lrs or [1.0] * len(context.checkpoints)
-    if len(lrs) != len(context.checkpoints):
-        raise ValueError(f"{len(context.checkpoints)} checkpoints but {len(lrs)} checkpoint learning rates")
-    return list(zip(context.checkpoints, lrs, strict=True))
 
 
 def loss_gradients(model: ModelAdapter, batch: Batch) -> Tensor:
@@ -277,8 +276,3 @@ def unit(rows: Tensor) -> Tensor:
     scaled = torch.where(peak > 0, rows / peak.clamp_min(torch.finfo(rows.dtype).tiny), rows)
     norms = scaled.norm(dim=1, keepdim=True)
     return torch.where(norms > 0, scaled / norms.clamp_min(torch.finfo(rows.dtype).tiny), rows)
-
-
-def stage_progress(progress: Progress, stage: int, num_stages: int) -> Progress:
-    """Map a stage's own `[0, 1]` progress onto its slice of the overall `[0, 1]`."""
-    return lambda fraction: progress((stage + fraction) / num_stages)

@@ -29,9 +29,9 @@ the cosine is already normalised.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from enum import StrEnum
 
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
@@ -40,7 +40,13 @@ from attribution.gradient_directions import (
     loss_gradient_directions,
     weighted_direction,
 )
-from attribution.methods.base import AttributionMethod, MethodName, Normalize, ParamsError
+from attribution.methods.base import (
+    PARAMS_CONFIG,
+    AttributionMethod,
+    MethodName,
+    Normalize,
+    ParamsError,
+)
 from attribution.methods.gradient_features import (
     GradientFeatureParams,
     GradientFeaturizer,
@@ -57,14 +63,14 @@ class Similarity(StrEnum):
     COSINE = "cosine"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class GradientSimilarityParams(GradientFeatureParams):
     """`similarity`: `cosine` (default) or `dot`; plus the gradient-feature params."""
 
     similarity: Similarity = Similarity.COSINE
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         if self.similarity is Similarity.COSINE and self.normalize is Normalize.RELATIVE:
             raise ParamsError("normalize", "the cosine similarity is already normalised; "
                                            "use normalize='none' or similarity='dot'")

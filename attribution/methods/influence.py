@@ -11,7 +11,7 @@ training rows are then streamed once (`ModelAdapter.iter_per_sample_grads`) for 
 products. Self-influence is `g_iᵀ (G + λI)⁻¹ g_i`, solved block by block.
 
 The estimator's fitted state (eigendecomposition, Kronecker factors, low-rank basis, step
-size) is cached under `artifact_key("ihvp", fingerprint, <fit arguments>)`; damping is
+size) is cached under its fit arguments (`IHVPFit`); damping is
 applied at solve time, so neither a second query nor another damping refits. `damping=None`
 uses `λ = 0.01 · tr(G)/P` (1% of the mean curvature eigenvalue; the trace is cached too;
 EK-FAC reads it off its fitted eigenvalues, `Σ_l Σ Λ*_l = Σ_l tr(G_ll) = tr(G)`, saving a pass).
@@ -55,14 +55,16 @@ damping uses `tr(H)`, exact up to 2,048 parameters, else a seeded Hutchinson est
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
 import torch
+from pydantic import StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
-from attribution.artifacts import artifact_key, cached_tensors
+from attribution.artifacts import FitArgs, cached_tensors
 from attribution.curvature import CurvatureName, CurvatureOperator
 from attribution.data import Batch, TrainingSet
 from attribution.ihvp import EKFACIHVP, IHVPEstimator, IHVPName, build_estimator
@@ -71,6 +73,7 @@ from attribution.ihvp.kfac import kronecker_layers
 from attribution.ihvp.kfac_scripted import KroneckerStructureError
 from attribution.ihvp.kronecker_scope import KroneckerScope, language_model_scope
 from attribution.methods.base import (
+    PARAMS_CONFIG,
     AttributionMethod,
     FitContext,
     MethodName,
@@ -96,7 +99,7 @@ class IHVPChoice(StrEnum):
     EKFAC = "ekfac"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class IHVPParams(MethodParams):
     """The iHVP estimator's arguments, shared by every method that solves with `(G + λI)⁻¹`
     (influence functions, Integrated Influence, Forward-INF's Newton-step unlearning).
@@ -105,22 +108,20 @@ class IHVPParams(MethodParams):
 
     ihvp: IHVPChoice = IHVPChoice.AUTO
     curvature: CurvatureName = CurvatureName.GAUSS_NEWTON
-    damping: float | None = None
-    relative_damping: float = DEFAULT_RELATIVE_DAMPING
-    cg_max_iter: int = 100
-    cg_tol: float = 1e-5
-    lissa_depth: int = 1000
-    lissa_scale: float | None = None
-    lissa_repeats: int = 1
-    arnoldi_rank: int | None = None  # None: Krylov dimension adapted to the damping (ihvp/arnoldi.py)
-    arnoldi_iterations: int | None = None
-    exact_max_params: int = DEFAULT_MAX_PARAMS
-    fit_batch_size: int = 512
-    fit_rows: int | None = None
+    damping: StrictFloat | None = None
+    relative_damping: StrictFloat = DEFAULT_RELATIVE_DAMPING
+    cg_max_iter: StrictInt = 100
+    cg_tol: StrictFloat = 1e-5
+    lissa_depth: StrictInt = 1000
+    lissa_scale: StrictFloat | None = None
+    lissa_repeats: StrictInt = 1
+    arnoldi_rank: StrictInt | None = None  # None: Krylov dimension adapted to the damping (ihvp/arnoldi.py)
+    arnoldi_iterations: StrictInt | None = None
+    exact_max_params: StrictInt = DEFAULT_MAX_PARAMS
+    fit_batch_size: StrictInt = 512
+    fit_rows: StrictInt | None = None
 
-    def validate(self) -> None:
-        _enum("ihvp", IHVPChoice, self.ihvp)
-        _enum("curvature", CurvatureName, self.curvature)
+    def check(self) -> None:
         _positive("damping", self.damping)
         _positive("relative_damping", self.relative_damping)
         _positive("cg_tol", self.cg_tol)
@@ -145,26 +146,19 @@ class IHVPParams(MethodParams):
                                                "cg, arnoldi or auto")
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class InfluenceParams(IHVPParams):
     """Influence-function arguments; `layers` restricts the tracked parameters (prefixes).
     `normalize` defaults to "relative" (RelatIF; benchmarks/results/q3_leakage.md, fair protocol)."""
 
     normalize: Normalize = Normalize.RELATIVE
 
-    layers: tuple[str, ...] = ()
+    layers: tuple[StrictStr, ...] = ()
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         if any(not isinstance(layer, str) or not layer for layer in self.layers):
             raise ParamsError("layers", "must be non-empty parameter-name prefixes")
-
-
-def _enum(name: str, enum: type[StrEnum], value: Any) -> None:
-    try:
-        enum(value)
-    except ValueError:
-        raise ParamsError(name, f"must be one of {', '.join(m.value for m in enum)}") from None
 
 
 def _positive(name: str, value: float | None) -> None:
@@ -224,18 +218,46 @@ def resolve_ihvp(model: ModelAdapter, params: IHVPParams, *, scoped: bool = Fals
     return IHVPName.EKFAC
 
 
-def fit_key_parts(model: ModelAdapter, params: IHVPParams, ihvp: IHVPName) -> dict[str, Any]:
-    """Everything an estimator's fitted state depends on besides model and data."""
-    parts: dict[str, Any] = {
-        "ihvp": ihvp.value, "curvature": CurvatureName(params.curvature).value,
-        "params": model.param_names, "fit_rows": params.fit_rows, "fit_batch_size": params.fit_batch_size,
-        "seed": params.seed,  # sampled curvature factors (more than MAX_FACTOR_OUTPUTS outputs per row)
-    }
-    if ihvp is IHVPName.ARNOLDI:
-        parts.update(rank=params.arnoldi_rank, iterations=params.arnoldi_iterations)
-    if ihvp is IHVPName.LISSA:
-        parts.update(auto_scale=params.lissa_scale is None)
-    return parts
+class IHVPFit(FitArgs):
+    """Everything an estimator's fitted state depends on besides model and data: the estimator,
+    the curvature, the tracked parameter names, the fit rows and batch, the seed (sampled
+    curvature factors beyond MAX_FACTOR_OUTPUTS outputs per row); Arnoldi's rank and Krylov
+    dimension, LiSSA's automatic scale (None for the other estimators)."""
+
+    kind = "ihvp"
+    ihvp: str
+    curvature: str
+    params: list[str]
+    fit_rows: int | None
+    fit_batch_size: int
+    seed: int
+    rank: int | None = None
+    iterations: int | None = None
+    auto_scale: bool | None = None
+
+    @classmethod
+    def of(cls, params: IHVPParams, ihvp: IHVPName, names: Sequence[str]) -> IHVPFit:
+        """The fit arguments of `params` with the resolved estimator `ihvp` over the parameters `names`."""
+        arnoldi, lissa = ihvp is IHVPName.ARNOLDI, ihvp is IHVPName.LISSA
+        return cls(ihvp=ihvp.value, curvature=CurvatureName(params.curvature).value, params=list(names),
+                   fit_rows=params.fit_rows, fit_batch_size=params.fit_batch_size, seed=params.seed,
+                   rank=params.arnoldi_rank if arnoldi else None, iterations=params.arnoldi_iterations if arnoldi else None,
+                   auto_scale=params.lissa_scale is None if lissa else None)
+
+
+class CurvatureTrace(FitArgs):
+    """The fit of tr(C) (the default damping's scale): curvature, tracked parameters, fit rows, seed."""
+
+    kind = "curvature-trace"
+    curvature: str
+    params: list[str]
+    fit_rows: int | None
+    seed: int
+
+    @classmethod
+    def of(cls, params: IHVPParams, names: Sequence[str]) -> CurvatureTrace:
+        return cls(curvature=CurvatureName(params.curvature).value, params=list(names), fit_rows=params.fit_rows,
+                   seed=params.seed)
 
 
 def fitted_estimator(model: ModelAdapter, params: IHVPParams, context: FitContext,
@@ -293,17 +315,15 @@ def _loaded_estimator(ihvp: IHVPName, curvature: CurvatureOperator, damping: flo
         return estimator.compute_state()
 
     store = context.store if cache else None
-    key = artifact_key("ihvp", context.fingerprint, fit_key_parts(model, params, ihvp))
-    estimator.load_state(cached_tensors(store, key, compute))
+    estimator.load_state(cached_tensors(store, context.fingerprint, IHVPFit.of(params, ihvp, model.param_names), compute))
     return estimator, computed
 
 
 def _relative_damping(curvature: CurvatureOperator, params: IHVPParams, context: FitContext,
                       train: TrainingSet, *, cache: bool) -> float:
-    key = artifact_key("curvature-trace", context.fingerprint, CurvatureName(params.curvature).value,
-                       curvature.model.param_names, params.fit_rows, params.seed)
     store = context.store if cache else None
-    trace = cached_tensors(store, key, lambda: {"trace": torch.tensor([curvature.trace(train)],
+    args = CurvatureTrace.of(params, curvature.model.param_names)
+    trace = cached_tensors(store, context.fingerprint, args, lambda: {"trace": torch.tensor([curvature.trace(train)],
                                                                       dtype=torch.float64)})["trace"]
     return _damping_from_trace(float(trace[0]), curvature, params.relative_damping)
 

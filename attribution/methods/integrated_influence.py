@@ -55,18 +55,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from pydantic import StrictFloat, StrictInt
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
 from attribution.curvature import curvature_batches, flat_outputs, per_sample_output_vjp
 from attribution.data import Batch, TrainingSet
 from attribution.ihvp import IHVPEstimator
 from attribution.methods.base import (
+    PARAMS_CONFIG,
     AttributionMethod,
     FitContext,
     MethodName,
@@ -74,8 +76,8 @@ from attribution.methods.base import (
     Normalize,
     ParamsError,
     Progress,
+    stage_progress,
 )
-from attribution.methods.gradient_features import stage_progress
 from attribution.methods.influence import (
     IHVPChoice,
     InfluenceParams,
@@ -96,22 +98,22 @@ class Baseline(StrEnum):
     UNIFORM = "uniform"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class IntegratedInfluenceParams(InfluenceParams):
     """Influence arguments plus the path: `steps` K, `baseline`, unlearning and compression.
     `normalize` stays "none" by default (not measured under the fair protocol: too costly per query)."""
 
     normalize: Normalize = Normalize.NONE
 
-    steps: int = 5
+    steps: StrictInt = 5
     baseline: Baseline = Baseline.UNLEARNED
-    unlearn_steps: int = 5
-    unlearn_lr: float = 0.01
-    reg: float = 1.0
-    rank: int = 0
+    unlearn_steps: StrictInt = 5
+    unlearn_lr: StrictFloat = 0.01
+    reg: StrictFloat = 1.0
+    rank: StrictInt = 0
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         try:
             Baseline(self.baseline)
         except ValueError:

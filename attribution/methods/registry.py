@@ -43,7 +43,7 @@ def requestable_methods() -> list[str]:
 
 def parse_params(name: str, raw: Mapping[str, Any] | None) -> MethodParams:
     """Validated params dataclass for method `name`; raises `UnknownMethodError` / `ParamsError`."""
-    return method_class(name).params_type.from_dict(raw)
+    return method_class(name).params_type.parse(raw)
 
 
 _BUILTIN_MODULES = (

@@ -17,32 +17,36 @@ Joint mode scores the mean query loss gradient, `(1/Q) Σ_q ∇L(θ_c, z_q)`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Self
 
 import torch
+from pydantic import StrictBool
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
 from attribution.data import Batch, TrainingSet
 from attribution.methods.base import (
+    PARAMS_CONFIG,
     AttributionMethod,
     FitContext,
     MethodName,
     MethodParams,
     Normalize,
+    stage_progress,
 )
 from attribution.methods.gradient_features import (
     CheckpointFeatureParams,
     checkpoint_featurizers,
     dot_scores,
     squared_norms,
-    stage_progress,
 )
 from attribution.methods.registry import register
 from attribution.model import ModelAdapter
 from attribution.tasks import TaskName
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class TracInParams(CheckpointFeatureParams):
     """TracInCP params: the gradient features' `layers` / `last_layer` / `projection_dim` /
     `projection_type` (see `GradientFeatureParams`), the checkpoints θ_c and their η_c
@@ -61,9 +65,9 @@ class TracInParams(CheckpointFeatureParams):
     """
 
     normalize: Normalize = Normalize.RELATIVE
-    last_layer: bool | None = None  # type: ignore[assignment]  # None: the task's default
+    last_layer: StrictBool | None = None  # type: ignore[assignment]  # None: the task's default
 
-    def for_task(self, task: str) -> TracInParams:
+    def for_task(self, task: str) -> Self:
         """These params with `last_layer` resolved for the task (class docstring)."""
         if self.last_layer is not None:
             return self

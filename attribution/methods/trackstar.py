@@ -40,20 +40,24 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
+from attribution.artifacts import FitArgs
 from attribution.curvature import curvature_batches
 from attribution.data import Batch, TrainingSet
 from attribution.feature_files import EntryWriter, FeatureFiles, read_array, streamed_product
 from attribution.interrupts import check_interrupt
 from attribution.methods.base import (
+    PARAMS_CONFIG,
     AttributionMethod,
     ContextInputs,
     FitContext,
@@ -81,7 +85,51 @@ FEATURES_KIND = "trackstar"
 SECOND_MOMENT_KIND = "trackstar_second_moment"
 
 
-@dataclass(frozen=True)
+class SecondMomentFit(FitArgs):
+    """The `FeatureFiles` entry of the estimated second moment `[P]`: data, tracked parameters and
+    the n = min(fit_rows, N) rows averaged."""
+
+    kind = SECOND_MOMENT_KIND
+    fingerprint: str
+    num_rows: int
+    layers: list[str]
+    fit_rows: int
+
+    @classmethod
+    def of(cls, params: TrackStarParams, *, fingerprint: str, num_rows: int, layers: Sequence[str]) -> SecondMomentFit:
+        return cls(fingerprint=fingerprint, num_rows=num_rows, layers=list(layers),
+                   fit_rows=min(params.fit_rows, num_rows))
+
+
+class FeaturesFit(FitArgs):
+    """The `FeatureFiles` entry of the corrected features Φ `[N, k]`: data, tracked parameters, the
+    feature dimension k and projection, seed, the second moment's source (the registered
+    optimizer state's sha256, or the estimate's rows) and ε."""
+
+    kind = FEATURES_KIND
+    method: str
+    fingerprint: str
+    num_rows: int
+    layers: list[str]
+    dim: int
+    projected: bool
+    projection_type: str
+    seed: int
+    second_moment: dict[str, Any]
+    eps: float | None
+
+    @classmethod
+    def of(cls, params: TrackStarParams, *, fingerprint: str, num_rows: int, layers: Sequence[str], dim: int,
+           projected: bool, optimizer_state_sha256: str | None) -> FeaturesFit:
+        source: dict[str, Any] = ({"optimizer_state_sha256": optimizer_state_sha256}
+                                  if optimizer_state_sha256 is not None
+                                  else {"estimate_fit_rows": min(params.fit_rows, num_rows)})
+        return cls(method=MethodName.TRACKSTAR.value, fingerprint=fingerprint, num_rows=num_rows, layers=list(layers),
+                   dim=dim, projected=projected, projection_type=params.projection_type.value, seed=params.seed,
+                   second_moment=source, eps=params.eps)
+
+
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class TrackStarParams(GradientFeatureParams):
     """`projection_dim` k (default 1024; `None` or ≥ P: no projection), `projection_type`,
     `seed`, `layers` / `last_layer` (see `GradientFeatureParams`); `optimizer_state`: a
@@ -89,13 +137,13 @@ class TrackStarParams(GradientFeatureParams):
     keyed by parameter name; `fit_rows`: rows of the second-moment estimate used without it;
     `eps` ε (`None`: see the module docstring); `batch_size`: rows per gradient batch."""
 
-    projection_dim: int | None = 1024
-    optimizer_state: str | None = None
-    fit_rows: int = 1000
-    eps: float | None = None
+    projection_dim: StrictInt | None = 1024
+    optimizer_state: StrictStr | None = None
+    fit_rows: StrictInt = 1000
+    eps: StrictFloat | None = None
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         if self.normalize is Normalize.RELATIVE:
             raise ParamsError("normalize", "trackstar scores are cosines, already normalised; use normalize='none'")
         if self.fit_rows < 1:  # the maximum is in attribution.methods.limits
@@ -142,9 +190,9 @@ class TrackStar(AttributionMethod):
             denominator = self._denominator(tracked, train)
             featurizer = GradientFeaturizer(tracked, shared_projector(tracked.num_params, self.params, tracked.device),
                                             corrected_gradients(denominator))
-            directory, reused = self.files.get_or_build(
-                FEATURES_KIND, self._feature_arguments(featurizer, len(train)),
-                partial(self._build_features, featurizer, train))
+            args = self._feature_arguments(featurizer, len(train))
+            directory, reused = self.files.get_or_build(args.kind, args.model_dump(mode="json"),
+                                                        partial(self._build_features, featurizer, train))
             self.context.extras["trackstar_features"] = "reused" if reused else "built"
             self.context.timings["trackstar_fit_s"] = time.perf_counter() - started
             self._fitted = (featurizer, directory)
@@ -165,9 +213,9 @@ class TrackStar(AttributionMethod):
 
     def _estimated_second_moment(self, tracked: ModelAdapter, train: TrainingSet) -> Tensor:
         """`[P]` `(1/n) Σ_i g_i²` over the first n = min(fit_rows, N) rows, stored as a file."""
-        arguments = {"fingerprint": self.context.fingerprint, "num_rows": len(train),
-                     "layers": tracked.param_names, "fit_rows": min(self.params.fit_rows, len(train))}
-        directory, _ = self.files.get_or_build(SECOND_MOMENT_KIND, arguments,
+        args = SecondMomentFit.of(self.params, fingerprint=self.context.fingerprint, num_rows=len(train),
+                                  layers=tracked.param_names)
+        directory, _ = self.files.get_or_build(args.kind, args.model_dump(mode="json"),
                                                partial(self._build_second_moment, tracked, train))
         return torch.from_numpy(np.array(read_array(directory, "second_moment"))).to(tracked.device)
 
@@ -181,14 +229,12 @@ class TrackStar(AttributionMethod):
             rows += len(batch)
         writer.array("second_moment", (tracked.num_params,))[:] = (total / max(rows, 1)).float().cpu().numpy()
 
-    def _feature_arguments(self, featurizer: GradientFeaturizer, num_rows: int) -> dict[str, object]:
+    def _feature_arguments(self, featurizer: GradientFeaturizer, num_rows: int) -> FeaturesFit:
         moment = self.context.second_moment
-        source = ({"optimizer_state_sha256": moment.digest} if moment is not None
-                  else {"estimate_fit_rows": min(self.params.fit_rows, num_rows)})
-        return {"method": str(self.name), "fingerprint": self.context.fingerprint, "num_rows": num_rows,
-                "layers": featurizer.model.param_names, "dim": featurizer.dim,
-                "projected": featurizer.projector is not None, "projection_type": self.params.projection_type.value,
-                "seed": self.params.seed, "second_moment": source, "eps": self.params.eps}
+        return FeaturesFit.of(self.params, fingerprint=self.context.fingerprint, num_rows=num_rows,
+                              layers=featurizer.model.param_names, dim=featurizer.dim,
+                              projected=featurizer.projector is not None,
+                              optimizer_state_sha256=moment.digest if moment is not None else None)
 
     def _build_features(self, featurizer: GradientFeaturizer, train: TrainingSet, writer: EntryWriter) -> None:
         """Φ `[N, k]`: unit-normalised corrected features, streamed batch by batch into the file."""

@@ -33,21 +33,25 @@ unprojected kernel is the exact Gauss–Newton one TRAK approximates.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 
 import torch
+from pydantic import StrictBool, StrictFloat, StrictInt
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor
 
-from attribution.artifacts import artifact_key, cached_tensors
+from attribution.artifacts import FitArgs, artifact_key, cached_tensors
 from attribution.data import Batch, TrainingSet
 from attribution.methods.base import (
+    PARAMS_CONFIG,
     AttributionMethod,
     FitContext,
     MethodName,
     Normalize,
     ParamsError,
     Progress,
+    stage_progress,
 )
 from attribution.methods.gradient_features import (
     MAX_PROJECTION_DIM,
@@ -55,7 +59,6 @@ from attribution.methods.gradient_features import (
     GradientFeaturizer,
     checkpoint_featurizers,
     loss_gradients,
-    stage_progress,
 )
 from attribution.methods.registry import register
 from attribution.model import ModelAdapter
@@ -64,7 +67,7 @@ from attribution.tasks import ClassificationTask
 MARGIN_CHUNK = 64
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=PARAMS_CONFIG)
 class TrakParams(CheckpointFeatureParams):
     """`projection_dim` k (default 2048; `None` or ≥ P: raw gradients), `projection_type`,
     `damping` λ added to ΦᵀΦ, `use_margin` (classification: margin features with the
@@ -74,12 +77,12 @@ class TrakParams(CheckpointFeatureParams):
 
     normalize: Normalize = Normalize.RELATIVE
 
-    projection_dim: int | None = 2048
-    damping: float = 1e-2
-    use_margin: bool = True
+    projection_dim: StrictInt | None = 2048
+    damping: StrictFloat = 1e-2
+    use_margin: StrictBool = True
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         if not self.damping > 0:
             raise ParamsError("damping", "must be positive (ΦᵀΦ is singular when k > N)")
 
@@ -111,6 +114,30 @@ def margin_gradients(model: ModelAdapter, batch: Batch) -> Tensor:
             for g, p in zip(grads, params, strict=True)
         ], dim=1).detach())
     return torch.cat(parts) if parts else torch.empty(0, model.num_params, device=model.device)
+
+
+class TrakFit(FitArgs):
+    """What one checkpoint's TRAK artifacts depend on besides model and data: the feature
+    dimension k, projection type, whether projected, seed, damping λ, margin output, tracked
+    parameter names, the checkpoint ("final" or its digest) and the row count."""
+
+    kind = "trak"
+    projection_dim: int
+    projection_type: str
+    projected: bool
+    seed: int
+    damping: float
+    margin: bool
+    layers: list[str]
+    checkpoint: str
+    num_rows: int
+
+    @classmethod
+    def of(cls, params: TrakParams, *, dim: int, projected: bool, margin: bool, layers: Sequence[str],
+           checkpoint: str, num_rows: int) -> TrakFit:
+        return cls(projection_dim=dim, projection_type=params.projection_type.value, projected=projected,
+                   seed=params.seed, damping=params.damping, margin=margin, layers=list(layers),
+                   checkpoint=checkpoint, num_rows=num_rows)
 
 
 @register
@@ -145,25 +172,22 @@ class Trak(AttributionMethod):
         started = time.perf_counter()
         artifacts = []
         for stage, featurizer in enumerate(featurizers):
-            key = self._artifact_key(featurizer, len(train))
+            args = self._fit_args(featurizer, len(train))
+            key = artifact_key(self.context.fingerprint, args)
             if key not in self._loaded:
                 progress = stage_progress(self.context.progress, stage, len(featurizers))
                 compute = partial(self._featurize, featurizer, train, progress)
-                tensors = cached_tensors(self.context.store, key, compute)
+                tensors = cached_tensors(self.context.store, self.context.fingerprint, args, compute)
                 self._loaded[key] = {k: v.to(featurizer.model.device) for k, v in tensors.items()}
                 self.context.timings["trak_fit_s"] = time.perf_counter() - started
             artifacts.append(self._loaded[key])
         return artifacts
 
-    def _artifact_key(self, featurizer: GradientFeaturizer, num_rows: int) -> str:
+    def _fit_args(self, featurizer: GradientFeaturizer, num_rows: int) -> TrakFit:
         checkpoint = "final" if featurizer.model.module is self.model.module else featurizer.model.digest()
-        fit_params = {
-            "projection_dim": featurizer.dim, "projection_type": self.params.projection_type.value,
-            "projected": featurizer.projector is not None, "seed": self.params.seed,
-            "damping": self.params.damping, "margin": self._uses_margin,
-            "layers": featurizer.model.param_names,
-        }
-        return artifact_key("trak", self.context.fingerprint, fit_params, checkpoint, num_rows)
+        return TrakFit.of(self.params, dim=featurizer.dim, projected=featurizer.projector is not None,
+                          margin=self._uses_margin, layers=featurizer.model.param_names, checkpoint=checkpoint,
+                          num_rows=num_rows)
 
     def _featurize(self, featurizer: GradientFeaturizer, train: TrainingSet, progress: Progress) -> dict[str, Tensor]:
         """`{"weighted_features": X [N, k], "self_influence": [N], "relative_norm_sq": [N]}` for one checkpoint.

@@ -1,6 +1,6 @@
 """`POST /v1/queries?dry_run=true`: what a query would cost, without storing or enqueuing it.
 
-The body is validated exactly as a real POST (`submission.validate_query`: the same 4xx
+The body is validated exactly as a real POST (`query_validation.validate_query`: the same 4xx
 errors, the samples checked against the model). Then the job's phases are planned
 (`service.costs.plan`), each cacheable artifact is looked up where the workers store it
 (Redis or the embedded file store, and the feature files) without reading it or counting a
@@ -23,8 +23,8 @@ from attribution.feature_files import ARGUMENTS_FILE, FeatureFiles
 from attribution.methods.base import MethodParams
 from attribution.structure import ModelStructure
 from service.api.estimate_schemas import PhaseOut, QueryEstimate
+from service.api.query_validation import validate_query
 from service.api.schemas import QueryCreate
-from service.api.submission import validate_query
 from service.artifact_store import (
     FileArtifactStore,
     RedisArtifactStore,

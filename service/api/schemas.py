@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from attribution.methods.auto import auto_record
 from service.db.models import Query, QueryStatus
+from service.db.repositories.queries import RankedRow, ranked_rows
 
 
 def storable_text(value: str) -> str:
@@ -147,22 +148,6 @@ class QueryCreate(RequestBody):
     )
 
 
-class RankedRow(BaseModel):
-    rank: int
-    index: int = Field(description="global row index across the dataset's shards; grouped queries: the group's index")
-    sample_id: str | None = Field(description="the row's id from the shard's `ids`; grouped queries: the group id "
-                                              "(the shard position for `shard`, the `group` value for `group`)")
-    shard: int = Field(description="the row's shard; grouped queries: the shard holding the group's first row")
-    score: float
-    preview: str | None = Field(default=None, description="the first 200 characters of a text row's training text "
-                                                          "(prompt + completion for instruction rows); null otherwise")
-    stability: float | None = Field(default=None, description="share of the stability resamples in which the row is "
-                                                              "in the top k (bottom k for bottom rows); null unless "
-                                                              "the query asked for `stability`")
-    rank_low: int | None = Field(default=None, description="5th percentile of the row's rank over the resamples")
-    rank_high: int | None = Field(default=None, description="95th percentile of the row's rank over the resamples")
-
-
 class SampleResult(BaseModel):
     sample: int = Field(description="position of the query sample in the request")
     top: list[RankedRow]
@@ -266,41 +251,15 @@ def page_of(rows: list[ItemT], *, limit: int, offset: int) -> Page[ItemT]:
 
 
 # ------------------------------------------------------------------ ORM -> response
-class RankedRowLike(Protocol):
-    """A stored ranked row: a `QueryResult` (ORM), or a `query_repo.RankedRow` of its columns."""
-
-    @property
-    def kind(self) -> str: ...
-    @property
-    def sample(self) -> int: ...
-    @property
-    def rank(self) -> int: ...
-    @property
-    def index(self) -> int: ...
-    @property
-    def sample_id(self) -> str | None: ...
-    @property
-    def shard(self) -> int: ...
-    @property
-    def score(self) -> float: ...
-    @property
-    def preview(self) -> str | None: ...
-    @property
-    def stability(self) -> float | None: ...
-    @property
-    def rank_low(self) -> int | None: ...
-    @property
-    def rank_high(self) -> int | None: ...
-
-
-def query_out(query: Query, *, with_result: bool = True, results: Sequence[RankedRowLike] | None = None) -> QueryOut:
+def query_out(query: Query, *, with_result: bool = True, results: Sequence[RankedRow] | None = None) -> QueryOut:
     """The GET body of a query; `result` only once it succeeded (and `with_result`).
 
     `results`: its ranked rows ordered by kind, sample and rank, when the caller has them
     already (default: `query.results`, loaded from the database).
     """
-    ranked = query.results if results is None else results
-    result = _result_out(query, ranked) if with_result and query.status == QueryStatus.SUCCEEDED.value else None
+    result = None
+    if with_result and query.status == QueryStatus.SUCCEEDED.value:
+        result = _result_out(query, ranked_rows(query) if results is None else results)
     return QueryOut(
         id=query.id, status=QueryStatus(query.status), progress=query.progress, method=query.method,
         cached=query.cached, created_at=query.created_at, started_at=query.started_at,
@@ -313,13 +272,11 @@ def query_out(query: Query, *, with_result: bool = True, results: Sequence[Ranke
     )
 
 
-def _result_out(query: Query, ranked: Sequence[RankedRowLike]) -> QueryResultOut:
+def _result_out(query: Query, ranked: Sequence[RankedRow]) -> QueryResultOut:
     rankings: dict[int, dict[str, list[RankedRow]]] = {}
     for row in ranked:  # ordered by (kind, rank)
         ranking = rankings.setdefault(row.sample, {"top": [], "bottom": []})
-        ranking.setdefault(row.kind, []).append(RankedRow(
-            rank=row.rank, index=row.index, sample_id=row.sample_id, shard=row.shard, score=row.score,
-            preview=row.preview, stability=row.stability, rank_low=row.rank_low, rank_high=row.rank_high))
+        ranking.setdefault(row.kind, []).append(row)
     samples = sorted(rankings)
     first = rankings[samples[0]] if samples else {"top": [], "bottom": []}
     per_sample = None

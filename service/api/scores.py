@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from service.api.errors import Conflict, NotFound
-from service.api.schemas import RankedRowLike
 from service.db.models import Query, QueryStatus
+from service.db.repositories.queries import RankedRow
 from service.settings import Settings
 
 _CSV_ROWS_PER_CHUNK = 4096
@@ -119,7 +119,7 @@ def _stability_cells(stability: StabilityCells | None, sample: int, index: int) 
     return ",,," if figures is None else f",{figures[0]:.6g},{figures[1]},{figures[2]}"
 
 
-def stability_cells(rows: Iterable[RankedRowLike]) -> StabilityCells:
+def stability_cells(rows: Iterable[RankedRow]) -> StabilityCells:
     """The CSV's stability figures of a query's ranked rows; a row in both the top and the
     bottom list (k ≥ N/2) shows its top-list figures."""
     cells: StabilityCells = {}

@@ -3,9 +3,9 @@
 `artifact_probes` rebuilds, without loading the model, the keys the methods store their
 artifacts under — `artifact_key(...)` in the artifact store, or `FeatureFiles` entries — from
 the job's fingerprint, the model's trainable parameter names (recorded at registration) and the
-params, exactly as the methods build them (`forward_inf.fit` / `_base_log_losses`,
-`pipeline.cached_self_influence`, `influence.fit_key_parts` / `_relative_damping`,
-`trak._artifact_key`, `trackstar._feature_arguments` / `_estimated_second_moment`). A part
+params, with the methods' own fit-argument models (`forward_inf.BaseLosses` / `BaseLogLosses`,
+`pipeline.SelfInfluenceFit` / `RelativeNormFit`, `influence.IHVPFit` / `CurvatureTrace`,
+`trak.TrakFit`, `trackstar.FeaturesFit` / `SecondMomentFit`). A part
 whose key cannot be known before the run (checkpoint models, `last_layer`, `auto`, float64
 copies, Newton unlearning) gets no probe and counts as cold. `tests/service/test_dry_run.py`
 runs real queries and checks that these probes then find what the methods stored.
@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from attribution.artifacts import artifact_key
-from attribution.curvature import CurvatureName
-from attribution.methods.auto import with_task_defaults
+from attribution.ihvp import IHVPName
 from attribution.methods.base import MethodName, MethodParams
+from attribution.methods.forward_inf import BaseLogLosses, BaseLosses
 from attribution.methods.forward_inf_params import ForwardInfParams, Precision
 from attribution.methods.gradient_features import CheckpointFeatureParams, GradientFeatureParams
-from attribution.methods.influence import IHVPChoice, IHVPParams
-from attribution.methods.trackstar import FEATURES_KIND, SECOND_MOMENT_KIND, TrackStarParams
-from attribution.methods.trak import TrakParams
+from attribution.methods.influence import CurvatureTrace, IHVPChoice, IHVPFit, IHVPParams
+from attribution.methods.trackstar import FeaturesFit, SecondMomentFit, TrackStarParams
+from attribution.methods.trak import TrakFit, TrakParams
+from attribution.pipeline import RelativeNormFit, SelfInfluenceFit
 from service.costs.model import JobShape
 from service.costs.plan import resolve_ihvp
 
@@ -49,14 +50,14 @@ def artifact_probes(method: str, params: MethodParams, shape: JobShape, *, finge
         name = MethodName(method)
     except ValueError:
         return out
-    params = with_task_defaults(params, shape.task)  # e.g. TracIn's last layer on classifiers: what runs
+    params = params.for_task(shape.task)  # e.g. TracIn's last layer on classifiers: what runs
     names = _tracked_names(params, parameter_names)
     if isinstance(params, ForwardInfParams):
         p = params.for_task(shape.task).resolved()
         if p.precision != Precision.FP32:
             return out
-        out["base_losses"] = [ArtifactProbe(artifact_key("train_losses", fingerprint, tag)) for tag in precisions]
-        out["base_log_losses"] = [ArtifactProbe(artifact_key("train_log_losses", fingerprint, tag))
+        out["base_losses"] = [ArtifactProbe(artifact_key(fingerprint, BaseLosses(precision=tag))) for tag in precisions]
+        out["base_log_losses"] = [ArtifactProbe(artifact_key(fingerprint, BaseLogLosses(precision=tag)))
                                   for tag in precisions]
         if not p.auto and not p.newton:
             out.update(_self_influence_probes(name, p, fingerprint))
@@ -86,9 +87,8 @@ def _tracked_names(params: MethodParams, names: Sequence[str] | None) -> list[st
 
 def _self_influence_probes(name: MethodName, params: MethodParams, fingerprint: str) -> dict[str, list[ArtifactProbe]]:
     """`pipeline.cached_self_influence` keys (no checkpoints: empty digests and rates)."""
-    stripped = {k: v for k, v in params.to_dict().items() if k != "normalize"}
-    return {kind: [ArtifactProbe(artifact_key(kind, fingerprint, str(name), stripped, [], []))]
-            for kind in ("relative_norm", "self_influence")}
+    return {args.kind: [ArtifactProbe(artifact_key(fingerprint, args))]
+            for args in (RelativeNormFit.of(name, params, [], []), SelfInfluenceFit.of(name, params, [], []))}
 
 
 def _ihvp_probes(params: IHVPParams, shape: JobShape, fingerprint: str,
@@ -96,18 +96,9 @@ def _ihvp_probes(params: IHVPParams, shape: JobShape, fingerprint: str,
     ihvp = resolve_ihvp(params, shape)
     if ihvp is IHVPChoice.AUTO:
         return {}
-    curvature = CurvatureName(params.curvature).value
-    parts: dict[str, Any] = {"ihvp": ihvp.value, "curvature": curvature, "params": names,
-                             "fit_rows": params.fit_rows, "fit_batch_size": params.fit_batch_size,
-                             "seed": params.seed}
-    if ihvp is IHVPChoice.ARNOLDI:
-        parts.update(rank=params.arnoldi_rank, iterations=params.arnoldi_iterations)
-    if ihvp is IHVPChoice.LISSA:
-        parts.update(auto_scale=params.lissa_scale is None)
     return {
-        "ihvp_fit": [ArtifactProbe(artifact_key("ihvp", fingerprint, parts))],
-        "curvature_trace": [ArtifactProbe(artifact_key("curvature-trace", fingerprint, curvature, names,
-                                                       params.fit_rows, params.seed))],
+        "ihvp_fit": [ArtifactProbe(artifact_key(fingerprint, IHVPFit.of(params, IHVPName(ihvp.value), names)))],
+        "curvature_trace": [ArtifactProbe(artifact_key(fingerprint, CurvatureTrace.of(params, names)))],
     }
 
 
@@ -119,23 +110,17 @@ def _feature_dim(params: GradientFeatureParams, size: int) -> tuple[int, bool]:
 
 def _trak_key(params: TrakParams, shape: JobShape, fingerprint: str, names: list[str]) -> str:
     dim, projected = _feature_dim(params, shape.differentiated)
-    fit_params = {
-        "projection_dim": dim, "projection_type": params.projection_type.value, "projected": projected,
-        "seed": params.seed, "damping": params.damping, "margin": params.use_margin and shape.task == "classification",
-        "layers": names,
-    }
-    return artifact_key("trak", fingerprint, fit_params, "final", shape.num_rows)
+    margin = params.use_margin and shape.task == "classification"
+    return artifact_key(fingerprint, TrakFit.of(params, dim=dim, projected=projected, margin=margin, layers=names,
+                                                checkpoint="final", num_rows=shape.num_rows))
 
 
 def _trackstar_probes(params: TrackStarParams, shape: JobShape, fingerprint: str,
                       names: list[str]) -> dict[str, list[ArtifactProbe]]:
     dim, projected = _feature_dim(params, shape.differentiated)
-    fit_rows = min(params.fit_rows, shape.num_rows)
-    features = {"method": MethodName.TRACKSTAR.value, "fingerprint": fingerprint, "num_rows": shape.num_rows,
-                "layers": names, "dim": dim, "projected": projected,
-                "projection_type": params.projection_type.value, "seed": params.seed,
-                "second_moment": {"estimate_fit_rows": fit_rows}, "eps": params.eps}
-    moment = {"fingerprint": fingerprint, "num_rows": shape.num_rows, "layers": names, "fit_rows": fit_rows}
-    return {"trackstar_features": [ArtifactProbe(files_kind=FEATURES_KIND, files_arguments=features)],
-            "trackstar_second_moment": [ArtifactProbe(files_kind=SECOND_MOMENT_KIND, files_arguments=moment)]}
+    features = FeaturesFit.of(params, fingerprint=fingerprint, num_rows=shape.num_rows, layers=names, dim=dim,
+                              projected=projected, optimizer_state_sha256=None)
+    moment = SecondMomentFit.of(params, fingerprint=fingerprint, num_rows=shape.num_rows, layers=names)
+    return {"trackstar_features": [ArtifactProbe(files_kind=features.kind, files_arguments=features.model_dump(mode="json"))],
+            "trackstar_second_moment": [ArtifactProbe(files_kind=moment.kind, files_arguments=moment.model_dump(mode="json"))]}
 

@@ -4,13 +4,12 @@ A method restricted to some layers (`layers` prefixes; the gradient-feature meth
 `last_layer`, which TracIn turns on by default for classifiers) differentiates only those
 parameters, while its forward passes still run the whole model. The count comes from the
 registered model's `ModelStructure` (names and sizes recorded at registration) after the
-task's defaults are resolved as the worker resolves them (`with_task_defaults`, the methods'
-`for_task`) and the layers are chosen as the method chooses them (`requested_layers`).
+task's defaults are resolved as the worker resolves them (the params' `for_task`) and the
+layers are chosen as the method chooses them (`requested_layers`).
 """
 
 from __future__ import annotations
 
-from attribution.methods.auto import with_task_defaults
 from attribution.methods.base import MethodParams
 from attribution.methods.gradient_features import GradientFeatureParams, requested_layers
 from attribution.structure import ModelStructure
@@ -18,7 +17,7 @@ from attribution.structure import ModelStructure
 
 def tracked_layers(params: MethodParams, task: str, structure: ModelStructure) -> list[str]:
     """The layer prefixes a job of these params tracks on this model (empty: every parameter)."""
-    resolved = with_task_defaults(params, task)
+    resolved = params.for_task(task)
     if isinstance(resolved, GradientFeatureParams):
         return requested_layers(resolved, structure.parameters) or []
     return list(getattr(resolved, "layers", ()))

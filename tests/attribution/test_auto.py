@@ -49,7 +49,7 @@ def test_each_rule_picks_the_documented_method(task: str, self_influence: bool, 
     assert choice.params.items() >= set_params.items() and choice.params["seed"] == 3
     uses_checkpoints = self_influence and checkpoints > 0
     assert choice.params.get("checkpoint_model_ids", []) == (list(ids) if uses_checkpoints else [])
-    method_class(choice.method).params_type.from_dict(choice.params)  # valid params of that method
+    method_class(choice.method).params_type.parse(choice.params)  # valid params of that method
     if method == "tracin" and task == "causal_lm":
         assert "last_layer" not in choice.params
 
@@ -65,11 +65,11 @@ def test_audits_of_models_above_the_exact_inverse_size_run_last_layer_tracin(tas
 
 
 def test_auto_params_accept_only_what_was_registered() -> None:
-    assert AutoParams.from_dict({"checkpoint_model_ids": ["a"], "checkpoint_lrs": [0.1]}).checkpoint_lrs == (0.1,)
+    assert AutoParams.parse({"checkpoint_model_ids": ["a"], "checkpoint_lrs": [0.1]}).checkpoint_lrs == (0.1,)
     for raw, field in (({"steps": 1}, "steps"), ({"normalize": "none"}, "normalize"),
                        ({"checkpoint_lrs": [0.1]}, "checkpoint_lrs")):
         with pytest.raises(ParamsError, match=field):
-            AutoParams.from_dict(raw)
+            AutoParams.parse(raw)
     with pytest.raises(UnknownMethodError, match="valid methods: auto, forward_inf"):
         method_class("nope")
     assert requestable_methods()[0] == "auto"
@@ -114,7 +114,7 @@ def test_counterfactual_goal_picks_raw_influence(task: str, size: int, ihvp_exac
     assert "q6_lds_neural.md" in choice.reason
     assert choice.params["relative_damping"] == (COUNTERFACTUAL_EXACT_DAMPING if ihvp_exact
                                                  else COUNTERFACTUAL_KRONECKER_DAMPING)
-    method_class(choice.method).params_type.from_dict(choice.params)
+    method_class(choice.method).params_type.parse(choice.params)
     retrieve = choose_method(AutoInputs(task, False, 0, size), AutoParams())
     assert retrieve.method == "forward_inf"  # the default question is retrieval
 
@@ -123,7 +123,7 @@ def test_goal_is_for_prediction_queries_only() -> None:
     with pytest.raises(ParamsError, match=r"params\.goal: applies to queries about predictions"):
         choose_method(AutoInputs("classification", True, 0, 100), AutoParams(goal=Goal.COUNTERFACTUAL))
     with pytest.raises(ParamsError, match="goal"):
-        AutoParams.from_dict({"goal": "why"})
+        AutoParams.parse({"goal": "why"})
 
 
 def test_counterfactual_goal_scores_equal_raw_influence_at_its_damping(wine_mlp: fixtures.Trained) -> None:

@@ -13,12 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vmap
 
 from attribution.artifacts import InMemoryArtifacts
 from attribution.data import Batch, TensorTrainingSet
 from attribution.evaluation import leakage_detection, pearson
 from attribution.methods.base import FitContext, ParamsError
 from attribution.methods.forward_inf import ForwardInf, ForwardInfParams
+from attribution.methods.forward_inf_unlearning import StackedModel
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute, relative_scores
 from attribution.tasks import ClassificationTask
@@ -56,7 +58,7 @@ def normalized_ascent(module: nn.Module, queries: Batch, x: Tensor, y: Tensor, s
 def run(module: nn.Module, trained: fixtures.Trained, queries: Batch, per_sample: bool = False,
         store: InMemoryArtifacts | None = None, **params: Any) -> Tensor:
     # raw scores (normalize "none": unset, the optimizer would default to normalized_sgd, not Algorithm 1)
-    method = ForwardInf(ModelAdapter(module, ClassificationTask()), ForwardInfParams.from_dict({"normalize": "none",
+    method = ForwardInf(ModelAdapter(module, ClassificationTask()), ForwardInfParams.parse({"normalize": "none",
                                                                                                 **params}),
                         FitContext("fp", store=store))
     return method.score(queries, trained.train, per_sample=per_sample)
@@ -105,7 +107,7 @@ def test_normalized_sgd_skips_and_reports_a_zero_gradient(scripted: bool) -> Non
     target = torch.jit.script(copy.deepcopy(module)) if scripted else module
     context = FitContext("zero-gradient")
     method = ForwardInf(ModelAdapter(target, ClassificationTask()),
-                        ForwardInfParams.from_dict({"steps": 2, "lr": 0.1, "optimizer": "normalized_sgd",
+                        ForwardInfParams.parse({"steps": 2, "lr": 0.1, "optimizer": "normalized_sgd",
                                                                  "normalize": "none"}), context)
     scores = method.score(queries, TensorTrainingSet(x, y), per_sample=True)
     torch.testing.assert_close(scores[0], torch.zeros(30), atol=1e-6, rtol=0)  # θ unmoved (kernel rounding only)
@@ -124,6 +126,17 @@ def test_per_sample_equals_separate_joint_runs(wine_mlp: fixtures.Trained, optim
         single = run(wine_mlp.module, wine_mlp, queries.slice(q, q + 1), **params)[0]
         torch.testing.assert_close(batched[q], single, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(scripted[q], single, atol=1e-5, rtol=1e-4)
+
+
+def test_one_stacked_set_sweeps_like_the_vmapped_sets(wine_mlp: fixtures.Trained) -> None:
+    """One parameter set is evaluated without `vmap`: bitwise the losses of the vmapped path."""
+    stacked = StackedModel(wine_mlp.adapter)
+    moved = stacked.unlearn(wine_mlp.test_batch([0]), ForwardInfParams(steps=2, lr=0.1).resolved().gradient_unlearning)
+    rows = wine_mlp.train.all
+    one = stacked.batch_losses(moved)(rows)  # [1, N]
+    vmapped = vmap(lambda params: stacked.losses(params, rows.inputs, rows.targets))(moved)
+    assert one.shape == (1, len(wine_mlp.y_train))
+    torch.testing.assert_close(one, vmapped, rtol=0, atol=0)
 
 
 def test_layers_restrict_the_update_and_descent_flips_the_sign(wine_mlp: fixtures.Trained) -> None:
@@ -205,7 +218,7 @@ def test_second_query_reuses_cached_base_losses(wine_mlp: fixtures.Trained) -> N
 def test_self_influence_modes(wine_mlp: fixtures.Trained) -> None:
     adapter = ModelAdapter(wine_mlp.module, ClassificationTask())
     train = TensorTrainingSet(wine_mlp.x_train[:40], wine_mlp.y_train[:40])
-    params = ForwardInfParams.from_dict({"steps": 3, "lr": 0.05, "chunk_size": 16, "normalize": "none"})
+    params = ForwardInfParams.parse({"steps": 3, "lr": 0.05, "chunk_size": 16, "normalize": "none"})
     unlearn = ForwardInf(adapter, params, FitContext("si")).self_influence(train)
     for i in (0, 17, 39):
         x, y = wine_mlp.x_train[i: i + 1], wine_mlp.y_train[i: i + 1]
@@ -217,7 +230,7 @@ def test_self_influence_modes(wine_mlp: fixtures.Trained) -> None:
     grads = adapter.per_sample_grads(train.all).double()
     first_order = {"sgd": (grads**2).sum(1), "normalized_sgd": grads.norm(dim=1), "adam": grads.abs().sum(1)}
     for optimizer, norms in first_order.items():
-        params = ForwardInfParams.from_dict({"lr": 0.05, "optimizer": optimizer, "self_influence_mode": "gradient_norm"})
+        params = ForwardInfParams.parse({"lr": 0.05, "optimizer": optimizer, "self_influence_mode": "gradient_norm"})
         norm = ForwardInf(adapter, params, FitContext("si")).self_influence(train)
         torch.testing.assert_close(norm, (0.05 * norms).float(), atol=1e-6, rtol=1e-4)
 
@@ -247,21 +260,21 @@ def test_relative_scores_divide_by_the_gradient_norm_of_the_step(wine_mlp: fixtu
 
 def test_params_validation() -> None:
     with pytest.raises(ParamsError, match="steps"):
-        ForwardInfParams.from_dict({"steps": 0})
+        ForwardInfParams.parse({"steps": 0})
     with pytest.raises(ParamsError, match="optimizer"):
-        ForwardInfParams.from_dict({"optimizer": "rmsprop"})
+        ForwardInfParams.parse({"optimizer": "rmsprop"})
     with pytest.raises(ParamsError, match="unknown"):
-        ForwardInfParams.from_dict({"alpha": 1.0})
+        ForwardInfParams.parse({"alpha": 1.0})
     defaults = ForwardInfParams().for_task("classification")  # relative (benchmarks/results/q3_leakage.md)
     assert (defaults.k, defaults.alpha, defaults.chosen_optimizer, defaults.normalize) == (
         1, 0.001, "normalized_sgd", "relative")
-    raw = ForwardInfParams.from_dict({"normalize": "none"})
+    raw = ForwardInfParams.parse({"normalize": "none"})
     assert (raw.k, raw.alpha, raw.chosen_optimizer) == (1, 0.01, "sgd")
-    relative = ForwardInfParams.from_dict({"normalize": "relative"})
+    relative = ForwardInfParams.parse({"normalize": "relative"})
     assert (relative.k, relative.alpha, relative.chosen_optimizer) == (1, 0.001, "normalized_sgd")
-    relative_sgd = ForwardInfParams.from_dict({"normalize": "relative", "optimizer": "sgd"}).resolved()
+    relative_sgd = ForwardInfParams.parse({"normalize": "relative", "optimizer": "sgd"}).resolved()
     assert (relative_sgd.steps, relative_sgd.lr, relative_sgd.optimizer) == (1, 0.01, "sgd")
-    algorithm1 = ForwardInfParams.from_dict({"steps": 5, "lr": 0.01, "normalize": "none"}).gradient_unlearning
+    algorithm1 = ForwardInfParams.parse({"steps": 5, "lr": 0.01, "normalize": "none"}).gradient_unlearning
     assert (algorithm1.optimizer, algorithm1.steps, algorithm1.lr, algorithm1.ascent) == ("sgd", 5, 0.01, True)
 
 

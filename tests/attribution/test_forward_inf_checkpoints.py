@@ -50,6 +50,6 @@ def test_checkpoints_leave_query_scores_alone_and_must_match_the_params(wine_mlp
         attribute(wine_mlp.adapter, "forward_inf", {"checkpoint_model_ids": ["a", "b"]}, wine_mlp.train,
                   FitContext("wine-x", checkpoints=[_earlier(wine_mlp, 0.5)]), queries=None, self_influence=True)
     with pytest.raises(ParamsError, match="checkpoint_lrs"):
-        ForwardInfParams.from_dict({"checkpoint_model_ids": ["a"], "checkpoint_lrs": [0.1, 0.2]})
+        ForwardInfParams.parse({"checkpoint_model_ids": ["a"], "checkpoint_lrs": [0.1, 0.2]})
     with pytest.raises(ParamsError, match=r"checkpoint_lrs\[0\]"):
-        ForwardInfParams.from_dict({"checkpoint_model_ids": ["a"], "checkpoint_lrs": [-1.0]})
+        ForwardInfParams.parse({"checkpoint_model_ids": ["a"], "checkpoint_lrs": [-1.0]})

@@ -230,7 +230,7 @@ def test_relative_scores_and_self_influence(digits_lr: fixtures.Trained) -> None
     torch.testing.assert_close(relative.double(), raw.double() / own.sqrt(), atol=1e-6, rtol=1e-4)
     adapter = ModelAdapter(t.module, ClassificationTask())
     for mode, tolerance in (("gradient_norm", 1e-4), ("unlearn", 2e-2)):
-        method = ForwardInf(adapter, ForwardInfParams.from_dict({**NEWTON, **params, "self_influence_mode": mode}),
+        method = ForwardInf(adapter, ForwardInfParams.parse({**NEWTON, **params, "self_influence_mode": mode}),
                             FitContext("self", store=store))
         torch.testing.assert_close(method.self_influence(train).double(), own,
                                    atol=tolerance * float(own.max()), rtol=tolerance)
@@ -246,18 +246,18 @@ def test_relative_newton_ranks_every_copy_first(digits_leakage: fixtures.Leakage
 
 
 def test_params_validation() -> None:
-    newton = ForwardInfParams.from_dict({"unlearning": "newton", "ihvp": "cg", "damping": 0.1, "lr": 0.5})
+    newton = ForwardInfParams.parse({"unlearning": "newton", "ihvp": "cg", "damping": 0.1, "lr": 0.5})
     assert newton.newton and newton.resolved() == newton
-    assert ForwardInfParams.from_dict(newton.to_dict()) == newton
+    assert ForwardInfParams.parse(newton.to_dict()) == newton
     assert not ForwardInfParams().newton
     for bad, field in (({"optimizer": "sgd"}, "optimizer"), ({"steps": 5}, "steps"), ({"auto": True}, "auto"),
                        ({"damping": 0.0}, "damping"), ({"ihvp": "magic"}, "ihvp"),
                        ({"arnoldi_rank": 10, "arnoldi_iterations": 5}, "arnoldi_iterations")):
         with pytest.raises(ParamsError, match=field):
-            ForwardInfParams.from_dict({"unlearning": "newton", **bad})
-    ForwardInfParams.from_dict({"unlearning": "newton", "steps": 1})
+            ForwardInfParams.parse({"unlearning": "newton", **bad})
+    ForwardInfParams.parse({"unlearning": "newton", "steps": 1})
     for only_newton in ({"ihvp": "cg"}, {"damping": 0.1}, {"cg_max_iter": 5}, {"fit_rows": 10}):
         with pytest.raises(ParamsError, match="newton"):
-            ForwardInfParams.from_dict(only_newton)
+            ForwardInfParams.parse(only_newton)
     with pytest.raises(ParamsError, match="unlearning"):
-        ForwardInfParams.from_dict({"unlearning": "exact"})
+        ForwardInfParams.parse({"unlearning": "exact"})

@@ -107,9 +107,9 @@ def test_causal_lm_defaults_fill_only_unset_fields() -> None:
     # classifiers: fixed K, relative scores (the fair protocol's leakage validation) and so normalized SGD
     assert classifier.stop is StopRule.FIXED and classifier.optimizer is Optimizer.NORMALIZED_SGD
     assert classifier.normalize is Normalize.RELATIVE
-    explicit = ForwardInfParams.from_dict({"steps": 3, "normalize": "none"}).for_task("causal_lm")
+    explicit = ForwardInfParams.parse({"steps": 3, "normalize": "none"}).for_task("causal_lm")
     assert explicit.stop is StopRule.FIXED and explicit.steps == 3 and explicit.normalize is Normalize.NONE
-    newton = ForwardInfParams.from_dict({"unlearning": "newton"}).for_task("causal_lm")
+    newton = ForwardInfParams.parse({"unlearning": "newton"}).for_task("causal_lm")
     assert newton.stop is StopRule.FIXED and newton.optimizer is None and newton.normalize is Normalize.RELATIVE
 
 
@@ -122,6 +122,6 @@ def test_the_method_resolves_its_task_defaults(lm) -> None:
 
 def test_stop_is_validated() -> None:
     with pytest.raises(ParamsError, match=r"params\.stop"):
-        ForwardInfParams.from_dict({"stop": "never"})
+        ForwardInfParams.parse({"stop": "never"})
     with pytest.raises(ParamsError, match=r"params\.stop"):
-        ForwardInfParams.from_dict({"unlearning": "newton", "stop": "forgotten"})
+        ForwardInfParams.parse({"unlearning": "newton", "stop": "forgotten"})

@@ -36,7 +36,7 @@ def exact_loss_grads(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 def similarity(model: ModelAdapter, **params: object) -> GradientSimilarity:
-    return GradientSimilarity(model, GradientSimilarityParams.from_dict(params), FitContext("test", InMemoryArtifacts()))
+    return GradientSimilarity(model, GradientSimilarityParams.parse(params), FitContext("test", InMemoryArtifacts()))
 
 
 def test_cosine_is_the_default() -> None:
@@ -101,9 +101,9 @@ def test_last_layer_cosine_uses_that_layer_only(wine_mlp: Trained) -> None:
 
 def test_bad_params_are_rejected() -> None:
     with pytest.raises(ParamsError, match="similarity"):
-        GradientSimilarityParams.from_dict({"similarity": "euclidean"})
+        GradientSimilarityParams.parse({"similarity": "euclidean"})
     with pytest.raises(ParamsError, match="normalize"):
-        GradientSimilarityParams.from_dict({"normalize": "relative"})
-    assert GradientSimilarityParams.from_dict({"normalize": "relative", "similarity": "dot"}).similarity is Similarity.DOT
+        GradientSimilarityParams.parse({"normalize": "relative"})
+    assert GradientSimilarityParams.parse({"normalize": "relative", "similarity": "dot"}).similarity is Similarity.DOT
     with pytest.raises(ParamsError, match="projection_dim"):
-        GradientSimilarityParams.from_dict({"projection_dim": -3})
+        GradientSimilarityParams.parse({"projection_dim": -3})

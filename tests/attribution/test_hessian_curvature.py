@@ -254,14 +254,14 @@ def test_estimators_that_need_a_positive_semidefinite_curvature_refuse_the_hessi
 def test_params_reject_hessian_with_factor_and_neumann_estimators(params_type: type, ihvp: str) -> None:
     extra = {"unlearning": "newton"} if params_type is ForwardInfParams else {}
     with pytest.raises(ParamsError, match=f"params.curvature: hessian does not work with ihvp {ihvp}") as error:
-        params_type.from_dict({"curvature": "hessian", "ihvp": ihvp, **extra})
+        params_type.parse({"curvature": "hessian", "ihvp": ihvp, **extra})
     assert error.value.field == "curvature"
     for ok in ("auto", "exact", "cg", "arnoldi"):
-        params_type.from_dict({"curvature": "hessian", "ihvp": ok, **extra})
+        params_type.parse({"curvature": "hessian", "ihvp": ok, **extra})
 
 
 def test_auto_never_picks_a_kronecker_estimator_for_the_hessian(untrained: Problem) -> None:
     small = {"exact_max_params": 10}
-    assert resolve_ihvp(untrained.model, InfluenceParams.from_dict(small)).value == "ekfac"
-    assert resolve_ihvp(untrained.model, InfluenceParams.from_dict({**small, "curvature": "hessian"})).value == "cg"
-    assert resolve_ihvp(untrained.model, InfluenceParams.from_dict({"curvature": "hessian"})).value == "exact"
+    assert resolve_ihvp(untrained.model, InfluenceParams.parse(small)).value == "ekfac"
+    assert resolve_ihvp(untrained.model, InfluenceParams.parse({**small, "curvature": "hessian"})).value == "cg"
+    assert resolve_ihvp(untrained.model, InfluenceParams.parse({"curvature": "hessian"})).value == "exact"

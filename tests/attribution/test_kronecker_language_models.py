@@ -208,18 +208,18 @@ def test_influence_on_an_lm_above_the_exact_limit_uses_ekfac_over_its_linear_lay
     assert any("embedding" in reason for reason in context.extras["ihvp_untracked"])
     assert int(scores[0].argmax()) == copied  # relative (the default normalisation)
     small = FitContext(f"{architecture}-tiny")
-    InfluenceFunction(model, InfluenceParams.from_dict({}), small).fit(train)
+    InfluenceFunction(model, InfluenceParams.parse({}), small).fit(train)
     assert small.extras["ihvp"] == "exact" and "ihvp_layers" not in small.extras
 
 
 def test_explicit_layers_and_the_hessian_keep_their_meaning_on_an_lm() -> None:
     model, train = _lm("gpt2"), _rows(CORPUS[:4])
     context = FitContext("gpt2-tiny")
-    InfluenceFunction(model, InfluenceParams.from_dict({"exact_max_params": 200, "layers": ["transformer.h.0.mlp"]}),
+    InfluenceFunction(model, InfluenceParams.parse({"exact_max_params": 200, "layers": ["transformer.h.0.mlp"]}),
                       context).fit(train)
     assert context.extras["ihvp"] == "ekfac" and "ihvp_layers" not in context.extras
     hessian = FitContext("gpt2-tiny")
-    InfluenceFunction(model, InfluenceParams.from_dict({"exact_max_params": 200, "curvature": "hessian",
+    InfluenceFunction(model, InfluenceParams.parse({"exact_max_params": 200, "curvature": "hessian",
                                                         "cg_max_iter": 2, "damping": 1.0}), hessian).fit(train)
     assert hessian.extras["ihvp"] == "cg" and "ihvp_layers" not in hessian.extras
 
@@ -253,5 +253,5 @@ def test_ekfac_default_damping_reads_the_trace_off_its_eigenvalues() -> None:
     assert isinstance(ekfac, EKFACIHVP)
     assert ekfac.trace() == pytest.approx(CurvatureOperator(model).trace(train), rel=1e-6)
     context = FitContext("ekfac-damping")
-    InfluenceFunction(model, InfluenceParams.from_dict({"ihvp": "ekfac"}), context).fit(train)
+    InfluenceFunction(model, InfluenceParams.parse({"ihvp": "ekfac"}), context).fit(train)
     assert context.extras["damping"] == pytest.approx(0.01 * ekfac.trace() / model.num_params, rel=1e-6)

@@ -58,7 +58,7 @@ def test_relative_normalisation_is_cached(wine_mlp: fixtures.Trained, monkeypatc
     raw = attribute(wine_mlp.adapter, ForwardInf, {"steps": 1, "lr": 0.05, "normalize": "none"}, wine_mlp.train,
                     FitContext("wine", store=store), queries=wine_mlp.test_batch([1]))
     assert len(calls) == 1  # raw scores need no norms
-    method = ForwardInf(wine_mlp.adapter, ForwardInfParams.from_dict(params), FitContext("x"))
+    method = ForwardInf(wine_mlp.adapter, ForwardInfParams.parse(params), FitContext("x"))
     norms = original(method, wine_mlp.train)
     torch.testing.assert_close(second, raw / norms.clamp(min=method.relative_norm_floor()).sqrt().float())
     assert not torch.allclose(first, second)

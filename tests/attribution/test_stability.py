@@ -70,12 +70,12 @@ def test_spread_is_log_even_around_the_center() -> None:
 
 
 def test_resamples_are_bounded_by_the_limits() -> None:
-    assert StabilityParams.from_dict({"resamples": MAXIMUMS["resamples"]}).resamples == MAXIMUMS["resamples"]
+    assert StabilityParams.parse({"resamples": MAXIMUMS["resamples"]}).resamples == MAXIMUMS["resamples"]
     with pytest.raises(StabilityError, match=r"stability.resamples: must be at most 32"):
-        StabilityParams.from_dict({"resamples": MAXIMUMS["resamples"] + 1})
+        StabilityParams.parse({"resamples": MAXIMUMS["resamples"] + 1})
     for bad in ({"resamples": 1}, {"resamples": 2.5}, {"seeds": 3}, [3]):
         with pytest.raises(StabilityError):
-            StabilityParams.from_dict(bad)
+            StabilityParams.parse(bad)
 
 
 def test_resampling_by_method_and_params() -> None:

@@ -33,7 +33,7 @@ def exact_loss_grads(module: nn.Module, x: Tensor, y: Tensor, prefix: str | None
 def tracin(model: ModelAdapter, checkpoints: list[ModelAdapter] | None = None,
            lrs: list[float] | None = None, **params: object) -> TracIn:
     context = FitContext("test", InMemoryArtifacts(), checkpoints=checkpoints or [], checkpoint_lrs=lrs or [])
-    return TracIn(model, TracInParams.from_dict(params), context)
+    return TracIn(model, TracInParams.parse(params), context)
 
 
 def perturbed(module: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
@@ -168,13 +168,13 @@ def test_planted_copy_scores_positive_and_raw_top1_is_recorded(digits_leakage: L
 
 def test_bad_params_and_checkpoint_lists_are_rejected(wine_mlp: Trained) -> None:
     with pytest.raises(ParamsError, match="layers"):
-        TracInParams.from_dict({"layers": ["4"], "last_layer": True})
+        TracInParams.parse({"layers": ["4"], "last_layer": True})
     with pytest.raises(ParamsError, match="projection_dim"):
-        TracInParams.from_dict({"projection_dim": 0})
+        TracInParams.parse({"projection_dim": 0})
     with pytest.raises(ParamsError, match="projection_type"):
-        TracInParams.from_dict({"projection_type": "sparse"})
+        TracInParams.parse({"projection_type": "sparse"})
     with pytest.raises(ParamsError, match="step"):
-        TracInParams.from_dict({"step": 1})
+        TracInParams.parse({"step": 1})
     with pytest.raises(ValueError, match="learning rates"):
         tracin(wine_mlp.adapter, [wine_mlp.adapter], [0.1, 0.2]).score(wine_mlp.test_batch([0]), wine_mlp.train)
     with pytest.raises(ValueError, match="match no trainable"):

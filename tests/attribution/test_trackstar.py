@@ -52,7 +52,7 @@ def direct_trackstar(query_grads: Tensor, train_grads: Tensor, denominator: Tens
 def trackstar(model: ModelAdapter, files: FeatureFiles | None = None, second_moment: SecondMoment | None = None,
               **params: object) -> TrackStar:
     context = FitContext("digits", feature_files=files, second_moment=second_moment)
-    return TrackStar(model, TrackStarParams.from_dict(params), context)
+    return TrackStar(model, TrackStarParams.parse(params), context)
 
 
 def test_projected_scores_equal_the_direct_computation_with_the_estimated_second_moment(digits_mlp: Trained) -> None:
@@ -182,7 +182,7 @@ def test_bad_params_and_self_influence_are_refused(digits_mlp: Trained) -> None:
                        ({"eps": -1.0}, "eps"), ({"optimizer_state": "/etc/passwd"}, "optimizer_state"),
                        ({"projection_dim": 0}, "projection_dim")]:
         with pytest.raises(ParamsError) as caught:
-            TrackStarParams.from_dict(raw)
+            TrackStarParams.parse(raw)
         assert caught.value.field == field
     with pytest.raises(ValueError, match="does not define self-influence"):
         attribute(digits_mlp.adapter, "trackstar", {}, digits_mlp.train, FitContext("x"), queries=None,

@@ -42,7 +42,7 @@ def trak(model: ModelAdapter, store: InMemoryArtifacts | None = None, fingerprin
          checkpoints: list[ModelAdapter] | None = None, **params: object) -> Trak:
     context = FitContext(fingerprint, store if store is not None else InMemoryArtifacts(),
                          checkpoints=checkpoints or [])
-    return Trak(model, TrakParams.from_dict(params), context)
+    return Trak(model, TrakParams.parse(params), context)
 
 
 def test_margin_is_log_odds_of_the_correct_class() -> None:
@@ -173,12 +173,12 @@ def test_planted_copy_scores_positive_and_raw_top1_is_recorded(digits_leakage: L
 
 def test_bad_params_are_rejected() -> None:
     with pytest.raises(ParamsError, match="damping"):
-        TrakParams.from_dict({"damping": 0.0})
+        TrakParams.parse({"damping": 0.0})
     with pytest.raises(ParamsError, match="damping"):
-        TrakParams.from_dict({"damping": -1})
+        TrakParams.parse({"damping": -1})
     with pytest.raises(ParamsError, match="projection_dim"):
-        TrakParams.from_dict({"projection_dim": 1 << 20})
+        TrakParams.parse({"projection_dim": 1 << 20})
     with pytest.raises(ParamsError, match="use_margin"):
-        TrakParams.from_dict({"use_margin": "yes"})
-    assert TrakParams.from_dict({"projection_dim": None}).projection_dim is None
+        TrakParams.parse({"use_margin": "yes"})
+    assert TrakParams.parse({"projection_dim": None}).projection_dim is None
     assert TrakParams().projection_dim == 2048

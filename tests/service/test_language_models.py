@@ -87,7 +87,7 @@ def test_a_copied_training_text_ranks_first(http: TestClient, registered: dict[s
 @pytest.mark.parametrize("architecture", CAUSAL_ARCHITECTURES)
 def test_forward_inf_defaults_on_a_causal_lm_and_the_forgotten_stop(
         http: TestClient, registered: dict[str, dict[str, str]], architecture: str) -> None:
-    """No params: the causal-LM defaults (20 normalised ascent steps, relative) rank a copied
+    """No params: the causal-LM defaults (20 normalised ascent steps in the token embeddings, relative) rank a copied
     text first; `stop: forgotten` does too and reports the steps each query took (at most 20)."""
     copied = 3
     done = run(http, {**registered[architecture], "method": "forward_inf", "top_k": 3,

@@ -18,7 +18,7 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from service.api import submission
+from service.api import query_validation
 from service.db.models import QueryStatus
 from service.db.repositories import jobs as job_repo
 from service.db.repositories import queries as query_repo
@@ -261,13 +261,13 @@ def test_cached_answer_loads_no_model(
     finish(settings, original, np.ones(NUM_ROWS))
 
     evaluated: list[int] = []
-    real_parse_samples = submission.check_samples_against_model
+    real_parse_samples = query_validation.check_samples_against_model
 
     def counting(*args: Any, **kwargs: Any) -> int:
         evaluated.append(1)
         return real_parse_samples(*args, **kwargs)
 
-    monkeypatch.setattr(submission, "check_samples_against_model", counting)
+    monkeypatch.setattr(query_validation, "check_samples_against_model", counting)
     assert submit(client, query_body(*registered))["source_query_id"] == original
     assert evaluated == []  # the cached path never touched the model
     assert submit(client, query_body(*registered, top_k=9))["cached"] is False

@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, text
 
-from service.api import submission
+from service.api import query_validation
 from service.db.session import get_engine, session_scope
 from service.settings import Settings
 from tests.service.conftest import assert_error, query_body, register_dataset, register_model
@@ -105,25 +105,24 @@ def test_missing_model_or_dataset_is_named(
     assert submit(other_client, query_body(own_model, own_dataset))["cached"] is False
 
 
-def test_params_are_parsed_once_per_distinct_params_object(
+def test_params_are_parsed_once_per_request(
     client: TestClient, registered: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parsed: list[Any] = []
-    real = submission.parse_params
+    real = query_validation.parse_params
 
     def counting(method: str, raw: Any) -> Any:
         parsed.append(raw)
         return real(method, raw)
 
-    monkeypatch.setattr(submission, "parse_params", counting)
-    submission._parsed_params.cache_clear()
+    monkeypatch.setattr(query_validation, "parse_params", counting)
     first = submit(client, query_body(*registered, params={"steps": 3, "lr": 0.05}))
     again = submit(client, query_body(*registered, params={"lr": 0.05, "steps": 3}))  # same object, keys reordered
-    assert len(parsed) == 1 and again["params"] == first["params"]
-    for _ in range(2):  # a refused object is refused every time, never remembered
+    assert len(parsed) == 2 and again["params"] == first["params"]
+    for _ in range(2):  # a refused object is refused every time
         assert_error(client.post("/v1/queries", json=query_body(*registered, params={"steps": "many"})),
                      422, "invalid_params")
-    assert len(parsed) == 3
+    assert len(parsed) == 4
 
 
 def test_latest_succeeded_lookup_reads_the_index_in_order(settings: Settings) -> None:

@@ -11,12 +11,13 @@ import pytest
 import torch
 from redis import Redis
 
-from attribution.artifacts import artifact_key, cached_tensors
+from attribution.artifacts import FitArgs, artifact_key, cached_tensors, fit_record
 from service.artifact_store import (
     FileArtifactStore,
     RedisArtifactStore,
     artifact_store,
     cache_stats,
+    fitted_artifacts,
 )
 from service.atomic_files import atomic_file
 from service.settings import Settings
@@ -24,14 +25,23 @@ from workers.leases import FileLeases, RedisLeases, holding
 from workers.results import save_npy
 
 
+class Losses(FitArgs):
+    kind = "losses"
+    batch_size: int
+
+
+FINGERPRINT = "model-sha:data-sha:classification:0-5"
+
+
 def test_redis_store_round_trip_ttl_and_counters(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
     store = RedisArtifactStore(redis, ttl=60)
-    key = artifact_key("losses", "model-sha:data-sha:classification", {"batch_size": 4})
+    args = Losses(batch_size=4)
+    key = artifact_key(FINGERPRINT, args)
     assert store.get(key) is None
-    store.put(key, b"\x00payload")
+    store.put(key, b"\x00payload", fit_record(FINGERPRINT, args))
     assert store.get(key) == b"\x00payload"
-    assert 0 < redis.ttl(key) <= 60
+    assert 0 < redis.ttl(key) <= 60 and 0 < redis.ttl(f"attr:record:{key}") <= 60
     assert store.stats() == {"hits": 1, "misses": 1}
     settings = Settings(redis_url=redis_url)
     assert isinstance(artifact_store(settings), RedisArtifactStore)
@@ -47,7 +57,7 @@ def test_cached_tensors_computes_once_across_store_instances(redis_url: str) -> 
 
     for _ in range(3):
         store = RedisArtifactStore(Redis.from_url(redis_url), ttl=60)  # a fresh "worker" each time
-        values = cached_tensors(store, "attr:losses:abc", compute)
+        values = cached_tensors(store, FINGERPRINT, Losses(batch_size=4), compute)
         torch.testing.assert_close(values["losses"], torch.arange(5, dtype=torch.float32))
     assert len(calls) == 1
     assert cache_stats(Settings(redis_url=redis_url)) == {"hits": 2, "misses": 1}
@@ -59,8 +69,8 @@ def test_file_store_is_atomic_counts_and_expires(tmp_path: Path) -> None:
     assert isinstance(store, FileArtifactStore)
     before = cache_stats(settings)
     assert store.get("attr:x:1") is None
-    store.put("attr:x:1", b"abc")
-    store.put("attr:x:1", b"abcd")
+    store.put("attr:x:1", b"abc", "{}")
+    store.put("attr:x:1", b"abcd", "{}")
     assert store.get("attr:x:1") == b"abcd"
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []  # no temp files left
     after = cache_stats(settings)
@@ -69,7 +79,18 @@ def test_file_store_is_atomic_counts_and_expires(tmp_path: Path) -> None:
     path = expiring._path("attr:x:1")
     old = time.time() - 60
     os.utime(path, (old, old))
-    assert expiring.get("attr:x:1") is None and not path.exists()
+    assert expiring.get("attr:x:1") is None and not path.exists() and not path.with_suffix(".json").exists()
+
+
+def test_artifacts_are_listed_per_model_with_their_fit_args(redis_url: str, tmp_path: Path) -> None:
+    for store in (RedisArtifactStore(Redis.from_url(redis_url), ttl=60), FileArtifactStore(tmp_path / "a", ttl=60)):
+        for fingerprint, batch_size in [(FINGERPRINT, 4), (FINGERPRINT, 8), ("other-sha:data-sha:classification:0-5", 4)]:
+            cached_tensors(store, fingerprint, Losses(batch_size=batch_size), lambda: {"losses": torch.zeros(2)})
+        listed = fitted_artifacts(store, "model-sha")
+        assert [(e["kind"], e["fingerprint"], e["args"]) for e in sorted(listed, key=lambda e: e["args"]["batch_size"])] \
+            == [("losses", FINGERPRINT, {"batch_size": 4}), ("losses", FINGERPRINT, {"batch_size": 8})]
+        assert {e["key"] for e in listed} == {artifact_key(FINGERPRINT, Losses(batch_size=b)) for b in (4, 8)}
+        assert fitted_artifacts(store, "model") == []  # a model sha is matched whole
 
 
 def test_leases_are_exclusive_and_expire(redis_url: str, tmp_path: Path) -> None:

@@ -132,7 +132,7 @@ def get_scores(
     groups = score_files.group_labels(path, scores)
     if format == "csv":
         previews = {row.index: row.preview for row in query.results if row.preview is not None}
-        stability = score_files.stability_cells(query.results)
+        stability = score_files.stability_cells(query_repo.ranked_rows(query))
         return StreamingResponse(score_files.scores_csv(scores, groups, previews, stability), media_type="text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="{query_id}.csv"'})
     return JSONResponse(score_files.scores_json(query_id, scores, groups))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, cast
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import (
     ColumnElement,
     String,
@@ -95,26 +96,45 @@ def add_query(session: Session, **fields: Any) -> Query:
     return query
 
 
-@dataclass(frozen=True, slots=True)
-class RankedRow:
-    """One ranked row of a query, the columns of `QueryResult` a response shows (`kind` `top`/`bottom`,
-    `sample` the query sample in per_sample mode)."""
-
-    kind: str
-    sample: int
-    rank: int
-    index: int
-    sample_id: str | None
-    shard: int
-    score: float
-    preview: str | None = None  # the first `PREVIEW_CHARS` characters of a text row
-    stability: float | None = None  # rank stability (`attribution.stability`), when requested
-    rank_low: int | None = None
-    rank_high: int | None = None
-
-
 PREVIEW_CHARS = 200
-RANKED_COLUMNS = tuple(f.name for f in fields(RankedRow))
+
+
+class RankedRow(BaseModel):
+    """One ranked row of a query, from the worker's ranking to the stored `QueryResult` columns
+    to the API response (which nests it under its `kind` and `sample`, so those two are not
+    serialised)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str = Field(exclude=True, description="`top` or `bottom`")
+    sample: int = Field(exclude=True, description="the query sample (per_sample mode; 0 otherwise)")
+    rank: int
+    index: int = Field(description="global row index across the dataset's shards; grouped queries: the group's index")
+    sample_id: str | None = Field(description="the row's id from the shard's `ids`; grouped queries: the group id "
+                                              "(the shard position for `shard`, the `group` value for `group`)")
+    shard: int = Field(description="the row's shard; grouped queries: the shard holding the group's first row")
+    score: float
+    preview: str | None = Field(default=None, description=f"the first {PREVIEW_CHARS} characters of a text row's "
+                                                          "training text (prompt + completion for instruction "
+                                                          "rows); null otherwise")
+    stability: float | None = Field(default=None, description="share of the stability resamples in which the row is "
+                                                              "in the top k (bottom k for bottom rows); null unless "
+                                                              "the query asked for `stability`")
+    rank_low: int | None = Field(default=None, description="5th percentile of the row's rank over the resamples")
+    rank_high: int | None = Field(default=None, description="95th percentile of the row's rank over the resamples")
+
+    @classmethod
+    def of_columns(cls, values: Sequence[Any]) -> RankedRow:
+        """The row of its `RANKED_COLUMNS` values, in that order."""
+        return cls(**dict(zip(RANKED_COLUMNS, values, strict=True)))
+
+
+RANKED_COLUMNS = tuple(RankedRow.model_fields)
+
+
+def ranked_rows(query: Query) -> list[RankedRow]:
+    """A query's stored ranked rows, ordered by kind, sample and rank (`Query.results`' order)."""
+    return [RankedRow.of_columns([getattr(r, name) for name in RANKED_COLUMNS]) for r in query.results]
 _RESULTS = cast(Table, QueryResult.__table__)
 _RANKED = [_RESULTS.c[name] for name in RANKED_COLUMNS]
 _COPY_RANKED = insert(_RESULTS).from_select(  # a Core INSERT: the ORM would read the bound ids as rows
@@ -160,7 +180,7 @@ def add_cached_copy(
     else:  # SQLite older than 3.35
         session.execute(_COPY_RANKED, ids)
         returned = session.execute(select(*_RANKED).where(_RESULTS.c.query_id == copy.id))
-    rows = sorted((RankedRow(*row) for row in returned), key=lambda r: (r.kind, r.sample, r.rank))
+    rows = sorted((RankedRow.of_columns(row) for row in returned), key=lambda r: (r.kind, r.sample, r.rank))
     return copy, rows
 
 
