@@ -1,11 +1,12 @@
 """What a registered model's structure allows, known without running it.
 
 `ModelStructure` records, once per model (the service stores it at registration), the
-trainable parameter names and the parameters K-FAC/EK-FAC cannot factor with the reason
+trainable parameter names and sizes and the parameters K-FAC/EK-FAC cannot factor with the reason
 (`attribution.ihvp.kfac.unsupported_parameters`: static, from the module's layers or its
 TorchScript graph). `layers_problem` and `kfac_problem` then say — without loading the model —
 whether a query's `layers` select any parameter and whether `ihvp: kfac|ekfac` can factor
-every tracked one, so such a query is refused when it is submitted instead of failing later.
+every tracked one, so such a query is refused when it is submitted instead of failing later;
+`num_tracked` gives the parameter count a restricted query differentiates (its cost estimate).
 """
 
 from __future__ import annotations
@@ -24,30 +25,41 @@ _LISTED = 8  # names quoted in a message
 
 @dataclass(frozen=True)
 class ModelStructure:
-    """`parameters`: trainable parameter names in order; `kfac_unsupported`: `{name: reason}`
+    """`parameters`: trainable parameter names in order; `sizes`: their element counts (same
+    order; empty for structures recorded before sizes were); `kfac_unsupported`: `{name: reason}`
     for those K-FAC cannot factor; `kfac_layers`: the layer prefixes it can."""
 
     parameters: tuple[str, ...]
     kfac_unsupported: dict[str, str] = field(default_factory=dict)
     kfac_layers: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()
 
     @classmethod
     def of_module(cls, module: nn.Module) -> ModelStructure:
-        names = tuple(n for n, p in module.named_parameters() if p.requires_grad)
-        return cls(names, unsupported_parameters(module), tuple(kronecker_prefixes(module)))
+        trainable = [(n, p.numel()) for n, p in module.named_parameters() if p.requires_grad]
+        return cls(tuple(n for n, _ in trainable), unsupported_parameters(module), tuple(kronecker_prefixes(module)),
+                   tuple(size for _, size in trainable))
 
     def to_dict(self) -> dict[str, Any]:
         return {"parameters": list(self.parameters), "kfac_unsupported": dict(self.kfac_unsupported),
-                "kfac_layers": list(self.kfac_layers)}
+                "kfac_layers": list(self.kfac_layers), "sizes": list(self.sizes)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelStructure:
         return cls(tuple(data.get("parameters", ())), dict(data.get("kfac_unsupported", {})),
-                   tuple(data.get("kfac_layers", ())))
+                   tuple(data.get("kfac_layers", ())), tuple(int(n) for n in data.get("sizes", ())))
 
     def tracked(self, layers: Sequence[str]) -> list[str]:
         """The parameters a `layers` prefix list tracks (all trainable ones when empty)."""
         return select_parameters(self.parameters, layers)
+
+    def num_tracked(self, layers: Sequence[str]) -> int | None:
+        """Elements of the parameters `layers` tracks (all trainable ones when empty); None when
+        the sizes were not recorded."""
+        if len(self.sizes) != len(self.parameters):
+            return None
+        size = dict(zip(self.parameters, self.sizes, strict=True))
+        return sum(size[name] for name in self.tracked(layers))
 
     def layers_problem(self, layers: Sequence[str]) -> str | None:
         """Why `layers` cannot be used (they select no trainable parameter), or None."""

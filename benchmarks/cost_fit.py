@@ -4,11 +4,14 @@
     python -m benchmarks.cost_fit --out /tmp/coef.json  # elsewhere (e.g. to compare machines)
     python -m benchmarks.cost_fit --quick --out ...      # a small grid (smoke test)
 
+The first command is the whole refit (≈ 15 minutes on 2 shared cores): rerun it after any change
+that makes a method faster or slower, then check with `python -m benchmarks.p9_cost_estimates`.
+
 Runs every setting of `cost_runs.CONFIGS` at the fit sizes (N × hidden widths), cold and warm
 (`benchmarks.cost_runs`), then solves two non-negative least-squares problems on relative
-error: CPU seconds ≈ Σ_kind c_kind · units_kind + c_batch · batches + c_0 over the phases each
-run executed (cold: all; warm: those without a cached artifact), and peak bytes ≈ Σ_term
-m_term · bytes_term + m_0 over the cold runs (`service.costs.model`). Minimising
+error: CPU seconds ≈ Σ_kind c_kind · units_kind + c_batch · batches + c_sample · sample_rows
++ c_0 over the phases each run executed (cold: all; warm: those without a cached artifact),
+and peak bytes ≈ Σ_term m_term · bytes_term + m_0 over the cold runs (`service.costs.model`). Minimising
 Σ ((prediction − measured) / measured)² weights a 0.05 s run like a 50 s one, which is what
 a "within 2×" target asks for. The file records the machine, the torch version, the grid and
 the fit's own share of runs within 2×. On another machine or a GPU worker, run it there
@@ -44,7 +47,7 @@ FIT_SIZES = [(800, (32,)), (6000, (32,)), (600, (256, 256)), (3000, (128,)), (10
 QUICK_SIZES = [(400, (32,)), (2000, (64,))]
 MAX_SECONDS = 40.0  # predicted cold CPU seconds of a run (skips runs of minutes)
 QUICK_MAX_SECONDS = 1.0
-TIME_COLUMNS = [kind.value for kind in PassKind] + ["batches", "overhead"]
+TIME_COLUMNS = [kind.value for kind in PassKind] + ["batches", "sample_rows", "overhead"]
 MEMORY_COLUMNS = [*MEMORY_TERMS, "overhead"]
 
 
@@ -99,13 +102,11 @@ def fit(runs: Sequence[Measured], source: dict[str, object]) -> Coefficients:
                       MEMORY_COLUMNS)
     coefficients = Coefficients(
         seconds_per_unit={kind.value: timing[kind.value] for kind in PassKind},
-        seconds_per_batch=timing["batches"], overhead_seconds=timing["overhead"],
-        memory_per_byte={t: memory[t] for t in MEMORY_TERMS}, memory_overhead_bytes=memory["overhead"],
-        source=source,
+        seconds_per_batch=timing["batches"], seconds_per_sample_row=timing["sample_rows"],
+        overhead_seconds=timing["overhead"], memory_per_byte={t: memory[t] for t in MEMORY_TERMS},
+        memory_overhead_bytes=memory["overhead"], source=source,
     )
-    predicted = [coefficients.overhead_seconds + sum(
-        coefficients.seconds_per_unit[c] * row[c] for c in coefficients.seconds_per_unit)
-        + coefficients.seconds_per_batch * row["batches"] for row in rows]
+    predicted = [sum(timing[c] * row[c] for c in TIME_COLUMNS) for row in rows]
     within = [max(p / s, s / p) <= 2.0 for p, s in zip(predicted, seconds, strict=True) if p > 0]
     coefficients.source["fit_within_2x"] = round(sum(within) / max(len(seconds), 1), 3)
     coefficients.source["fit_points"] = len(seconds)

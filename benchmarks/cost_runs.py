@@ -28,17 +28,20 @@ import torch
 from attribution.artifacts import InMemoryArtifacts
 from attribution.data import Batch, TensorTrainingSet
 from attribution.feature_files import FeatureFiles
-from attribution.methods.base import FitContext
+from attribution.methods.base import FitContext, MethodParams
 from attribution.methods.registry import parse_params
 from attribution.model import ModelAdapter
 from attribution.pipeline import attribute
+from attribution.structure import ModelStructure
 from attribution.tasks import ClassificationTask
-from benchmarks.speed_common import blobs, trained_mlp
+from benchmarks.speed_common import blobs, mlp, trained_mlp
 from service.costs.model import Coefficients, CostEstimate, JobShape, MemorySizes, Phase, estimate
 from service.costs.plan import memory_sizes, plan
+from service.costs.tracked import tracked_parameters
 
 FEATURES = 64
 CLASSES = 10
+TASK = "classification"
 MAX_PEAK_BYTES = 4 << 30  # the machine is shared: no run may plan to hold more
 
 
@@ -66,16 +69,20 @@ class RunSpec:
             else f" Q={self.num_queries}"
         return f"{self.method}({shown}){mode}"
 
-    def shape(self) -> JobShape:
-        return JobShape(task="classification", num_rows=self.num_rows,
+    def shape(self, params: MethodParams) -> JobShape:
+        """The shape the service would plan: P_d from the MLP's structure as registration records it."""
+        structure = ModelStructure.of_module(mlp(FEATURES, self.hidden, CLASSES))
+        return JobShape(task=TASK, num_rows=self.num_rows,
                         num_queries=0 if self.self_influence else self.num_queries,
                         num_parameters=self.num_parameters, per_sample=self.per_sample,
-                        self_influence=self.self_influence)
+                        self_influence=self.self_influence,
+                        tracked_parameters=tracked_parameters(params, TASK, structure))
 
     def planned(self) -> tuple[list[Phase], MemorySizes]:
         parsed = parse_params(self.method, self.params)
-        phases, _ = plan(self.method, parsed, self.shape())
-        return phases, memory_sizes(self.method, parsed, self.shape(), phases)
+        shape = self.shape(parsed)
+        phases, _ = plan(self.method, parsed, shape)
+        return phases, memory_sizes(self.method, parsed, shape, phases)
 
     def predict(self, coefficients: Coefficients, *, warm: bool) -> CostEstimate:
         phases, memory = self.planned()

@@ -11,7 +11,7 @@ over a training set with progress reports.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
@@ -97,21 +97,32 @@ def last_layer_prefix(model: ModelAdapter) -> str | None:
     `None` when that parameter belongs to the root module (e.g. a bare `nn.Linear`), in
     which case the last layer is the whole model.
     """
-    names = [n for n, p in model.module.named_parameters() if p.requires_grad]
+    return _last_owner([n for n, p in model.module.named_parameters() if p.requires_grad])
+
+
+def _last_owner(names: Sequence[str]) -> str | None:
     if not names:
         raise ValueError("the model has no trainable parameter")
     owner, _, _ = names[-1].rpartition(".")
     return owner or None
 
 
-def selected_layers(model: ModelAdapter, params: GradientFeatureParams) -> list[str] | None:
-    """Layer prefixes the params ask for on this model (`None`: every tracked parameter)."""
+def requested_layers(params: GradientFeatureParams, names: Sequence[str]) -> list[str] | None:
+    """Layer prefixes the params ask for on a model whose trainable parameters are `names`, in
+    order (`None`: no restriction). Needs only the names, so a registered model's recorded
+    structure answers it before loading (the cost estimate's differentiated parameters)."""
     if params.layers:
         return list(params.layers)
     if params.last_layer:
-        prefix = last_layer_prefix(model)
-        return [prefix] if prefix is not None else model.layers
-    return model.layers
+        prefix = _last_owner(names)
+        return [prefix] if prefix is not None else None
+    return None
+
+
+def selected_layers(model: ModelAdapter, params: GradientFeatureParams) -> list[str] | None:
+    """Layer prefixes the params ask for on this model (`None`: every tracked parameter)."""
+    requested = requested_layers(params, [n for n, p in model.module.named_parameters() if p.requires_grad])
+    return requested if requested is not None else model.layers
 
 
 def restricted(model: ModelAdapter, layers: list[str] | None) -> ModelAdapter:

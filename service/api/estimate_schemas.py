@@ -30,6 +30,9 @@ class QueryEstimate(BaseModel):
     num_rows: int = Field(description="N, training rows scored")
     num_query_samples: int = Field(description="Q, query samples (0 for self_influence)")
     num_parameters: int = Field(description="P, the model's trainable parameters")
+    num_parameters_differentiated: int = Field(
+        description="P_d, the parameters the job's gradients, curvature and projections cover: those of the "
+                    "layers it tracks (`layers`; TracIn's `last_layer`, its default on classifiers), else P")
     predicted_seconds: float = Field(description="predicted compute seconds with the cache as it stands now "
                                                  "(0 when an identical query's result is stored, or the "
                                                  "Idempotency-Key already names this request's query)")

@@ -34,6 +34,7 @@ from service.artifact_store import (
 from service.costs.artifacts import ArtifactProbe, artifact_probes
 from service.costs.model import COEFFICIENTS_FILE, Coefficients, CostEstimate, JobShape, estimate
 from service.costs.plan import memory_sizes, plan
+from service.costs.tracked import tracked_parameters
 from service.db.repositories import queries as query_repo
 from service.settings import Settings
 
@@ -58,6 +59,7 @@ def estimate_query(session: Session, settings: Settings, tenant: str, body: Quer
         num_parameters=int(model.num_parameters), per_sample=body.mode == "per_sample",
         self_influence=body.self_influence,
         kfac_supported=structure is None or structure.kfac_problem(layers) is None,
+        tracked_parameters=tracked_parameters(checked.params, model.task, structure),
     )
     phases, notes = plan(checked.method, checked.params, shape)
     warm = _warm_artifacts(settings, checked.method, checked.params, shape, model.sha256, dataset.sha256,
@@ -124,6 +126,7 @@ def _out(body: QueryCreate, method: str, params: dict[str, object], shape: JobSh
     return QueryEstimate(
         method=method, params=params, mode=body.mode, self_influence=body.self_influence,
         num_rows=shape.num_rows, num_query_samples=shape.num_queries, num_parameters=shape.num_parameters,
+        num_parameters_differentiated=shape.differentiated,
         predicted_seconds=0.0 if nothing_to_run else predicted.seconds,
         predicted_seconds_cold=predicted.cold_seconds, peak_memory_bytes=predicted.peak_memory_bytes,
         rows_x_passes=0 if nothing_to_run else predicted.rows_x_passes,

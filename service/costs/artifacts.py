@@ -109,7 +109,7 @@ def _feature_dim(params: GradientFeatureParams, size: int) -> tuple[int, bool]:
 
 
 def _trak_key(params: TrakParams, shape: JobShape, fingerprint: str, names: list[str]) -> str:
-    dim, projected = _feature_dim(params, _size(names, shape))
+    dim, projected = _feature_dim(params, shape.differentiated)
     margin = params.use_margin and shape.task == "classification"
     return artifact_key(fingerprint, TrakFit.of(params, dim=dim, projected=projected, margin=margin, layers=names,
                                                 checkpoint="final", num_rows=shape.num_rows))
@@ -117,15 +117,10 @@ def _trak_key(params: TrakParams, shape: JobShape, fingerprint: str, names: list
 
 def _trackstar_probes(params: TrackStarParams, shape: JobShape, fingerprint: str,
                       names: list[str]) -> dict[str, list[ArtifactProbe]]:
-    dim, projected = _feature_dim(params, _size(names, shape))
+    dim, projected = _feature_dim(params, shape.differentiated)
     features = FeaturesFit.of(params, fingerprint=fingerprint, num_rows=shape.num_rows, layers=names, dim=dim,
                               projected=projected, optimizer_state_sha256=None)
     moment = SecondMomentFit.of(params, fingerprint=fingerprint, num_rows=shape.num_rows, layers=names)
     return {"trackstar_features": [ArtifactProbe(files_kind=features.kind, files_arguments=features.model_dump(mode="json"))],
             "trackstar_second_moment": [ArtifactProbe(files_kind=moment.kind, files_arguments=moment.model_dump(mode="json"))]}
 
-
-def _size(names: list[str], shape: JobShape) -> int:
-    """The tracked parameter count: the whole model's when every parameter is tracked. (A
-    `layers` subset's size is unknown before loading; the model's count then stands in.)"""
-    return shape.num_parameters

@@ -6,11 +6,18 @@ with one kind of work whose per-row size is `width`,
     units(phase) = rows · passes · width,
 
 e.g. a forward sweep of N rows through a P-parameter model is `FORWARD` with width P, a
-per-sample gradient pass `GRADIENT` with width P, a random projection `PROJECTION` with width
-P·k, a dense curvature accumulation `DENSE` with width P², an eigendecomposition `EIGEN` with
-rows = 1 and width P³, reading a cached artifact `READ` with width its bytes. The predicted CPU seconds are linear in the units,
+per-sample gradient pass `GRADIENT` with width P_d (the parameters differentiated: P, or fewer
+when the method tracks some layers, `JobShape.differentiated`), a random projection
+`PROJECTION` with width P_d·k, a dense curvature accumulation `DENSE` with width P_d², an
+eigendecomposition `EIGEN` with rows = 1 and width P_d³, reading a cached artifact `READ` with
+width its bytes. The predicted CPU seconds are linear in the units,
 
-    seconds = overhead + Σ_phases c[kind] · units + c_batch · batches,
+    seconds = overhead + Σ_phases c[kind] · units + c_batch · batches + c_sample · sample_rows,
+
+where `sample_rows` counts the rows × passes of per-sample gradient phases (`GRADIENT`,
+`DIRECTION`): a per-sample gradient pays a fixed cost per row (the vmapped forward through the
+whole model and the per-chunk call) besides its P_d-proportional part, which dominates when
+only the last layer is differentiated.
 
 with coefficients `c` fitted from measured runs (`benchmarks/cost_fit.py`, stored as
 `coefficients.json` beside this module; refit per machine/GPU). A phase that produces a
@@ -45,6 +52,7 @@ class PassKind(StrEnum):
     DIRECTION = "direction"  # per-sample gradient as direction × log-scale (`gradient_directions`): width P
     PSEUDO_GRADIENT = "pseudo_gradient"  # a row's curvature factors Σ r rᵀ (one gradient per output): width P
     CURVATURE = "curvature"  # one curvature-vector product of a row (CG, LiSSA, Arnoldi iterations): width P
+    KRONECKER = "kronecker"  # a row's K-FAC / EK-FAC layer statistics (batched, every output's backward): width P
     STEP = "step"  # one unlearning step (backward of the query loss + optimizer update): rows = copies, width P
     RANDOM = "random"  # entries of a random projection matrix drawn: rows = 1, width P·k
     PROJECTION = "projection"  # a row's P-vector times a P×k matrix (random projection, factored solves): width P·k
@@ -52,6 +60,9 @@ class PassKind(StrEnum):
     EIGEN = "eigen"  # eigendecomposition / Cholesky of a d×d matrix: rows = 1, width d³
     PRODUCT = "product"  # feature dot products: width k per (row, query)
     READ = "read"  # bytes of a cached artifact (de)serialised or read: rows = 1, width = bytes
+
+
+PER_SAMPLE_KINDS = frozenset({PassKind.GRADIENT, PassKind.DIRECTION})
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,11 @@ class Phase:
     @property
     def rows_x_passes(self) -> int:
         return self.rows * self.passes
+
+    @property
+    def sample_rows(self) -> int:
+        """Rows × passes of per-sample gradients (`PER_SAMPLE_KINDS`), else 0."""
+        return self.rows_x_passes if self.kind in PER_SAMPLE_KINDS else 0
 
     @property
     def batches(self) -> int:
@@ -109,11 +125,13 @@ MEMORY_TERMS = ("parameters", "score_rows", "gradient_batch", "curvature_batch",
 
 @dataclass(frozen=True)
 class Coefficients:
-    """Fitted coefficients: seconds per unit of each `PassKind`, per batch, per job; bytes per
-    byte of each memory term plus a constant. `source` says where and how they were measured."""
+    """Fitted coefficients: seconds per unit of each `PassKind`, per batch, per per-sample
+    gradient row, per job; bytes per byte of each memory term plus a constant. `source` says
+    where and how they were measured."""
 
     seconds_per_unit: dict[str, float]
     seconds_per_batch: float
+    seconds_per_sample_row: float
     overhead_seconds: float
     memory_per_byte: dict[str, float]
     memory_overhead_bytes: float
@@ -127,17 +145,21 @@ class Coefficients:
     def from_dict(cls, data: Mapping[str, Any]) -> Coefficients:
         per_unit = {str(k): float(v) for k, v in dict(data["seconds_per_unit"]).items()}
         missing = [kind.value for kind in PassKind if kind.value not in per_unit]
+        if "seconds_per_sample_row" not in data:
+            missing.append("seconds_per_sample_row")
         if missing:
-            raise ValueError(f"cost coefficients lack seconds_per_unit for {missing}")
+            raise ValueError(f"cost coefficients lack {missing} (fitted by an older cost model): refit them "
+                             "with python -m benchmarks.cost_fit")
         memory = {str(k): float(v) for k, v in dict(data["memory_per_byte"]).items()}
         if set(memory) != set(MEMORY_TERMS):
             raise ValueError(f"cost coefficients need memory_per_byte for exactly {list(MEMORY_TERMS)}")
-        return cls(per_unit, float(data["seconds_per_batch"]), float(data["overhead_seconds"]), memory,
-                   float(data["memory_overhead_bytes"]), dict(data.get("source", {})))
+        return cls(per_unit, float(data["seconds_per_batch"]), float(data["seconds_per_sample_row"]),
+                   float(data["overhead_seconds"]), memory, float(data["memory_overhead_bytes"]),
+                   dict(data.get("source", {})))
 
     def to_dict(self) -> dict[str, Any]:
         return {"seconds_per_unit": self.seconds_per_unit, "seconds_per_batch": self.seconds_per_batch,
-                "overhead_seconds": self.overhead_seconds, "memory_per_byte": self.memory_per_byte,
+                "seconds_per_sample_row": self.seconds_per_sample_row, "overhead_seconds": self.overhead_seconds, "memory_per_byte": self.memory_per_byte,
                 "memory_overhead_bytes": self.memory_overhead_bytes, "source": self.source}
 
     def save(self, path: Path) -> None:
@@ -185,6 +207,12 @@ class JobShape:
     per_sample: bool = False
     self_influence: bool = False
     kfac_supported: bool = True  # every tracked parameter is in a layer K-FAC factors
+    tracked_parameters: int | None = None  # P_d the method differentiates (`service.costs.tracked`); None: P
+
+    @property
+    def differentiated(self) -> int:
+        """P_d: the parameters gradients, curvature and projections cover (P when not restricted)."""
+        return self.tracked_parameters if self.tracked_parameters is not None else self.num_parameters
 
 
 def read_phase(name: str, size: int) -> Phase:
@@ -193,7 +221,8 @@ def read_phase(name: str, size: int) -> Phase:
 
 
 def phase_seconds(phase: Phase, coefficients: Coefficients) -> float:
-    return coefficients.seconds_per_unit[phase.kind.value] * phase.units + coefficients.seconds_per_batch * phase.batches
+    return (coefficients.seconds_per_unit[phase.kind.value] * phase.units
+            + coefficients.seconds_per_batch * phase.batches + coefficients.seconds_per_sample_row * phase.sample_rows)
 
 
 def estimate(phases: Iterable[Phase], memory: MemorySizes, coefficients: Coefficients,
@@ -210,15 +239,18 @@ def estimate(phases: Iterable[Phase], memory: MemorySizes, coefficients: Coeffic
 
 
 def design_row(phases: Iterable[Phase]) -> dict[str, float]:
-    """The regressors of a run for fitting: units per kind, batches, and 1 (the overhead)."""
+    """The regressors of a run for fitting: units per kind, batches, per-sample gradient rows,
+    and 1 (the overhead)."""
     row = {kind.value: 0.0 for kind in PassKind}
     row["batches"] = 0.0
+    row["sample_rows"] = 0.0
     row["overhead"] = 1.0
     for phase in phases:
         if phase.warm:
             continue
         row[phase.kind.value] += phase.units
         row["batches"] += phase.batches
+        row["sample_rows"] += phase.sample_rows
     return row
 
 

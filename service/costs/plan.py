@@ -12,8 +12,9 @@ from the same code paths the methods take (module docstrings of each method):
   `auto`: a cached search over ≤ 3,000 rows. Newton unlearning as influence below; `stop:
   forgotten` at its cap K (an upper bound).
 - influence / integrated_influence / Newton: the curvature trace for the default damping
-  (per-output pseudo-gradients over F rows, cached), the estimator's fit (exact: pseudo-gradients,
-  dense F × P², eigh P³; kfac/ekfac: 1/2 factor passes over F; arnoldi: F × iterations curvature
+  (per-output pseudo-gradients over F rows, cached; none for EK-FAC, whose default damping reads
+  the trace off its fitted eigenvalues), the estimator's fit (exact: pseudo-gradients,
+  dense F × P², eigh P³; kfac/ekfac: 1/2 layer-statistics passes over F; arnoldi: F × iterations curvature
   products; lissa: power iterations; cg: none; cached `ihvp_fit`), per-query solves (cg:
   `cg_max_iter` curvature passes over F rows — an upper bound, CG stops at its tolerance; lissa:
   depth × repeats batches; factored estimators: products with the fit), the gradient sweep over
@@ -27,8 +28,10 @@ from the same code paths the methods take (module docstrings of each method):
   P·k is too large to keep; cached artifacts are (de)serialised every query (`READ`).
 - any other method: one per-sample gradient pass (with a note saying so).
 
-F = min(N, fit_rows) rows fit the curvature. `layers` / `last_layer` restrictions are not
-known before the model loads, so P is the model's full parameter count (an over-estimate).
+F = min(N, fit_rows) rows fit the curvature. Forward passes cost the whole model's P; gradients,
+curvature, projections and solves cost P_d, the parameters the method differentiates
+(`JobShape.differentiated`: `layers` / `last_layer` resolved on the registered model's
+structure, `service.costs.tracked`; P when unknown, an over-estimate).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def plan(method: str, params: MethodParams, shape: JobShape) -> tuple[list[Phase
 
 def _generic(method: str, params: MethodParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
     """One per-sample gradient pass over the N rows and the Q queries (most methods' floor)."""
-    size = shape.num_parameters
+    size = shape.differentiated
     phases = [Phase("query_gradients", PassKind.GRADIENT, shape.num_queries, 1, size),
               Phase("score_sweep", PassKind.GRADIENT, shape.num_rows, 1, size, None, params.batch_size)]
     return phases, [f"no cost model for method {method}: estimated as one per-sample gradient pass over the rows"]
@@ -86,7 +89,7 @@ def _generic(method: str, params: MethodParams, shape: JobShape) -> tuple[list[P
 
 def memory_sizes(method: str, params: MethodParams, shape: JobShape, phases: list[Phase]) -> MemorySizes:
     """The byte sizes peak memory grows with (see `service.costs.model.MemorySizes`)."""
-    n, p = shape.num_rows, shape.num_parameters
+    n, p = shape.num_rows, shape.differentiated
     scored = shape.num_queries if shape.per_sample and not shape.self_influence else 1
     kinds = {phase.kind for phase in phases}
     gradient_rows = min(n, params.batch_size) if kinds & {PassKind.GRADIENT, PassKind.DIRECTION} else 0
@@ -103,16 +106,17 @@ def memory_sizes(method: str, params: MethodParams, shape: JobShape, phases: lis
             dense = p * p * 8 * 2
         elif ihvp is IHVPChoice.ARNOLDI:
             dense = _arnoldi_iterations(params, p) * p * 8
-    return MemorySizes(parameters=p * 4, score_rows=n * 4 * (scored + 2), gradient_batch=gradient_rows * p * 4,
+    return MemorySizes(parameters=shape.num_parameters * 4, score_rows=n * 4 * (scored + 2), gradient_batch=gradient_rows * p * 4,
                        curvature_batch=curvature_rows * p * 4, features=features, dense=dense)
 
 
 # ------------------------------------------------------------------------- forward_inf
 def _forward_inf(params: ForwardInfParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
     p = params.for_task(shape.task).resolved()
-    n, q, size, batch = shape.num_rows, shape.num_queries, shape.num_parameters, p.batch_size
+    n, q, size, batch = shape.num_rows, shape.num_queries, shape.differentiated, p.batch_size
+    full = shape.num_parameters  # forward passes run the whole model
     notes: list[str] = []
-    phases = [Phase("base_losses", PassKind.FORWARD, n, 1, size, "base_losses", batch),
+    phases = [Phase("base_losses", PassKind.FORWARD, n, 1, full, "base_losses", batch),
               read_phase("read_base_losses", n * 4)]
     if p.newton:
         phases += _ihvp_phases(p, shape)
@@ -121,7 +125,7 @@ def _forward_inf(params: ForwardInfParams, shape: JobShape) -> tuple[list[Phase]
             phases += _row_solves("relative_norm" if relative else "self_influence", p, shape)
         if not shape.self_influence:
             phases += _query_solves(p, shape)
-            phases.append(Phase("sweep", PassKind.FORWARD, n, q if shape.per_sample else 1, size, None, batch))
+            phases.append(Phase("sweep", PassKind.FORWARD, n, q if shape.per_sample else 1, full, None, batch))
         return phases, notes
     if p.auto:
         rows = min(n, AUTO_ROWS)
@@ -130,7 +134,7 @@ def _forward_inf(params: ForwardInfParams, shape: JobShape) -> tuple[list[Phase]
         phases += [
             Phase("auto_norms", PassKind.DIRECTION, rows, 1, size, "auto_choice", batch),
             Phase("auto_unlearning", PassKind.GRADIENT, queries, steps, size, "auto_choice"),
-            Phase("auto_sweeps", PassKind.FORWARD, rows, queries * len(DEFAULT_SPACE), size, "auto_choice", batch),
+            Phase("auto_sweeps", PassKind.FORWARD, rows, queries * len(DEFAULT_SPACE), full, "auto_choice", batch),
         ]
         notes.append("auto: the main phases assume the relative default (normalized_sgd, K = 1); the search "
                      "result is cached per model and dataset")
@@ -142,18 +146,18 @@ def _forward_inf(params: ForwardInfParams, shape: JobShape) -> tuple[list[Phase]
             phases.append(Phase("self_influence", PassKind.DIRECTION, n, 1, size, "self_influence", batch))
         else:
             phases += [Phase("self_influence_unlearning", PassKind.GRADIENT, n, steps, size, "self_influence"),
-                       Phase("self_influence_losses", PassKind.FORWARD, n, 1, size, "self_influence")]
+                       Phase("self_influence_losses", PassKind.FORWARD, n, 1, full, "self_influence")]
         return phases, notes
     relative = p.normalize == Normalize.RELATIVE or p.auto
     if relative and shape.task == "classification":
-        phases.append(Phase("base_log_losses", PassKind.FORWARD, n, 1, size, "base_log_losses", batch))
+        phases.append(Phase("base_log_losses", PassKind.FORWARD, n, 1, full, "base_log_losses", batch))
     if relative:
         phases.append(Phase("relative_norm", PassKind.DIRECTION, n, 1, size, "relative_norm", batch))
         phases.append(read_phase("read_relative_norm", n * 16))
     copies = q if shape.per_sample else 1
     phases += [
         Phase("unlearning", PassKind.STEP, copies, steps, size, None, copies),  # a batch per step: its overhead
-        Phase("sweep", PassKind.FORWARD, n, copies, size, None, batch),
+        Phase("sweep", PassKind.FORWARD, n, copies, full, None, batch),
     ]
     return phases, notes
 
@@ -171,7 +175,7 @@ def resolve_ihvp(params: IHVPParams, shape: JobShape) -> IHVPChoice:
     choice = IHVPChoice(params.ihvp)
     if choice is not IHVPChoice.AUTO:
         return choice
-    if shape.num_parameters <= params.exact_max_params:
+    if shape.differentiated <= params.exact_max_params:
         return IHVPChoice.EXACT
     if CurvatureName(params.curvature) is CurvatureName.HESSIAN or not shape.kfac_supported:
         return IHVPChoice.CG
@@ -190,19 +194,20 @@ def _arnoldi_iterations(params: IHVPParams, size: int) -> int:
 
 
 def _ihvp_phases(params: IHVPParams, shape: JobShape, *, artifact: str = "ihvp_fit") -> list[Phase]:
-    """Curvature trace (default damping) and the estimator's fit, both cached."""
-    size, fit, batch = shape.num_parameters, _fit_rows(params, shape), params.fit_batch_size
+    """Curvature trace (default damping; EK-FAC reads tr(G) off its fitted eigenvalues instead,
+    `influence.fitted_estimator`) and the estimator's fit, both cached."""
+    size, fit, batch = shape.differentiated, _fit_rows(params, shape), params.fit_batch_size
     phases = []
-    if params.damping is None:
-        phases.append(Phase("curvature_trace", PassKind.PSEUDO_GRADIENT, fit, 1, size, "curvature_trace", batch))
     ihvp = resolve_ihvp(params, shape)
+    if params.damping is None and ihvp is not IHVPChoice.EKFAC:
+        phases.append(Phase("curvature_trace", PassKind.PSEUDO_GRADIENT, fit, 1, size, "curvature_trace", batch))
     if ihvp is IHVPChoice.EXACT:
         phases += [Phase("curvature_pseudo_gradients", PassKind.PSEUDO_GRADIENT, fit, 1, size, artifact, batch),
                    Phase("curvature_dense", PassKind.DENSE, fit, 1, size * size, artifact),
                    Phase("curvature_eigh", PassKind.EIGEN, 1, 1, size ** 3, artifact)]
     elif ihvp in (IHVPChoice.KFAC, IHVPChoice.EKFAC):
         passes = 2 if ihvp is IHVPChoice.EKFAC else 1
-        phases.append(Phase("kronecker_factors", PassKind.GRADIENT, fit, passes, size, artifact, batch))
+        phases.append(Phase("kronecker_factors", PassKind.KRONECKER, fit, passes, size, artifact, batch))
     elif ihvp is IHVPChoice.ARNOLDI:
         phases.append(Phase("arnoldi", PassKind.CURVATURE, fit, _arnoldi_iterations(params, size), size, artifact,
                             batch))
@@ -215,7 +220,7 @@ def _ihvp_phases(params: IHVPParams, shape: JobShape, *, artifact: str = "ihvp_f
 def _state_bytes(params: IHVPParams, shape: JobShape) -> int:
     """Bytes of the estimator's fitted state: exact `P²` float64 eigenvectors, Arnoldi an `[r, P]`
     basis, K-FAC / EK-FAC Kronecker factors and eigenvalues (≈ a few P), CG / LiSSA almost none."""
-    size = shape.num_parameters
+    size = shape.differentiated
     ihvp = resolve_ihvp(params, shape)
     if ihvp is IHVPChoice.EXACT:
         return size * size * 8
@@ -238,7 +243,7 @@ def _solve_passes(params: IHVPParams, shape: JobShape) -> tuple[int, int] | None
 
 def _query_solves(params: IHVPParams, shape: JobShape) -> list[Phase]:
     """The query gradients and their solves (one block: joint, or all Q per_sample together)."""
-    size = shape.num_parameters
+    size = shape.differentiated
     phases = [Phase("query_gradients", PassKind.GRADIENT, shape.num_queries, 1, size)]
     solve = _solve_passes(params, shape)
     vectors = shape.num_queries if shape.per_sample else 1
@@ -252,7 +257,7 @@ def _query_solves(params: IHVPParams, shape: JobShape) -> list[Phase]:
 
 def _row_solves(artifact: str, params: IHVPParams, shape: JobShape) -> list[Phase]:
     """Per-row gradients and `g_iᵀ(G + λI)⁻¹g_i` for every training row (blocks of rows)."""
-    n, size = shape.num_rows, shape.num_parameters
+    n, size = shape.num_rows, shape.differentiated
     phases = [Phase(f"{artifact}_gradients", PassKind.GRADIENT, n, 1, size, artifact, params.batch_size),
               read_phase(f"read_{artifact}", n * 4)]
     solve = _solve_passes(params, shape)
@@ -270,7 +275,7 @@ def _row_solves(artifact: str, params: IHVPParams, shape: JobShape) -> list[Phas
 def _dense_solves(name: str, params: IHVPParams, shape: JobShape, vectors: int, artifact: str | None) -> Phase:
     """Solves with a fitted factorisation, per vector: exact `P²` (eigenbasis products), K-FAC /
     EK-FAC `2P√P` (Kronecker-factor products, layer widths ≈ √P), Arnoldi `P·r` (the basis)."""
-    size = shape.num_parameters
+    size = shape.differentiated
     ihvp = resolve_ihvp(params, shape)
     if ihvp is IHVPChoice.EXACT:
         return Phase(name, PassKind.DENSE, vectors, 1, size * size, artifact)
@@ -290,23 +295,28 @@ def _influence(params: IHVPParams, shape: JobShape) -> tuple[list[Phase], list[s
     if relative:
         phases += _row_solves("relative_norm", params, shape)
     phases += _query_solves(params, shape)
-    phases.append(Phase("score_sweep", PassKind.GRADIENT, shape.num_rows, 1, shape.num_parameters, None,
+    phases.append(Phase("score_sweep", PassKind.GRADIENT, shape.num_rows, 1, shape.differentiated, None,
                         params.batch_size))
     return phases, notes
 
 
 def _integrated_influence(params: IntegratedInfluenceParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
-    """K path steps: the θ̂ fit is cached, the K − 1 others refit per query (unlearned baseline)."""
-    n, q, size = shape.num_rows, shape.num_queries, shape.num_parameters
+    """K path steps: the θ̂ fit is cached, the K − 1 others refit per query (unlearned baseline,
+    reached by `unlearn_steps` SGD steps on a `fit_batch_size` training batch and the queries:
+    batched backward passes, no per-sample gradients)."""
+    n, q, size = shape.num_rows, shape.num_queries, shape.differentiated
     moving = Baseline(params.baseline) is Baseline.UNLEARNED
     steps = params.steps if moving else 1
     phases = _ihvp_phases(params, shape)
     if moving:
         unlearned = q if shape.per_sample else 1
+        steps_taken = params.unlearn_steps * unlearned
+        batch = min(_fit_rows(params, shape), params.fit_batch_size) + q  # a training batch and the queries
         phases += [
-            Phase("baseline_unlearning", PassKind.GRADIENT, params.batch_size + q, params.unlearn_steps * unlearned,
-                  size),
-            Phase("baseline_predictions", PassKind.FORWARD, n, unlearned, size, None, params.batch_size),
+            Phase("baseline_unlearning", PassKind.STEP, 1, steps_taken, size),
+            Phase("baseline_unlearning_batches", PassKind.FORWARD, batch, steps_taken, shape.num_parameters),
+            Phase("baseline_predictions", PassKind.FORWARD, n, unlearned, shape.num_parameters, None,
+                  params.batch_size),
         ]
         for phase in _ihvp_phases(params, shape, artifact="path_fit"):
             if phase.name != "curvature_trace" and phase.kind is not PassKind.READ:

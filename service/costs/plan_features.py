@@ -21,7 +21,7 @@ def _featurize(name: str, params: GradientFeatureParams, shape: JobShape, rows: 
                artifact: str | None, kind: PassKind = PassKind.GRADIENT) -> list[Phase]:
     """Gradients of `rows` rows (`passes` times) and their projection; a projection matrix too large
     to keep (P·k above `RandomProjector`'s cache) is redrawn block by block at every batch."""
-    size = shape.num_parameters
+    size = shape.differentiated
     k = feature_dim(params, size)
     phases = [Phase(name, kind, rows, passes, size, artifact, params.batch_size)]
     if k < size:
@@ -34,7 +34,7 @@ def _featurize(name: str, params: GradientFeatureParams, shape: JobShape, rows: 
 
 def _matrix_draws(params: GradientFeatureParams, shape: JobShape, count: int, artifact: str | None = None) -> list[Phase]:
     """A projection matrix small enough to keep is drawn once per projector the method builds."""
-    size = shape.num_parameters
+    size = shape.differentiated
     k = feature_dim(params, size)
     if k >= size or size * k > DEFAULT_CACHE_ELEMENTS:
         return []
@@ -50,7 +50,7 @@ def _checkpoints(params: MethodParams, shape: JobShape) -> int:
 def gradient_dots(name: MethodName, params: GradientFeatureParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
     """TracIn (per checkpoint) and gradient similarity: gradient sweeps, nothing fitted."""
     c, n, q = _checkpoints(params, shape), shape.num_rows, shape.num_queries
-    k = feature_dim(params, shape.num_parameters)
+    k = feature_dim(params, shape.differentiated)
     if shape.self_influence:
         return _featurize("self_influence", params, shape, n, c, "self_influence"), []
     cosine = isinstance(params, GradientSimilarityParams) and params.similarity is Similarity.COSINE
@@ -68,7 +68,7 @@ def gradient_dots(name: MethodName, params: GradientFeatureParams, shape: JobSha
 
 def trak(params: TrakParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
     c, n, q = _checkpoints(params, shape), shape.num_rows, shape.num_queries
-    k = feature_dim(params, shape.num_parameters)
+    k = feature_dim(params, shape.differentiated)
     phases = _matrix_draws(params, shape, 2)  # `fit` and `score` each build the featurizers
     phases += _featurize("trak_features", params, shape, n, c, "trak_features")
     phases += [
@@ -86,10 +86,10 @@ def trak(params: TrakParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
 
 def trackstar(params: TrackStarParams, shape: JobShape) -> tuple[list[Phase], list[str]]:
     n, q = shape.num_rows, shape.num_queries
-    k = feature_dim(params, shape.num_parameters)
+    k = feature_dim(params, shape.differentiated)
     phases: list[Phase] = []
     if params.optimizer_state is None:
-        phases.append(Phase("second_moment", PassKind.GRADIENT, min(n, params.fit_rows), 1, shape.num_parameters,
+        phases.append(Phase("second_moment", PassKind.GRADIENT, min(n, params.fit_rows), 1, shape.differentiated,
                             "trackstar_second_moment", params.batch_size))
     phases += _matrix_draws(params, shape, 1, "trackstar_features")  # kept by the worker process
     phases += _featurize("trackstar_features", params, shape, n, 1, "trackstar_features")

@@ -1,16 +1,20 @@
-"""The cost model: phases per method grow with what they should, warm artifacts cost nothing,
-the committed coefficients load, and the fit recovers known coefficients."""
+"""The cost model: phases per method grow with what they should, gradients cost the parameters
+differentiated, warm artifacts cost nothing, the committed coefficients load, and the fit
+recovers known coefficients."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from attribution.methods.registry import available_methods, parse_params
+from attribution.structure import ModelStructure
 from benchmarks.cost_fit import TIME_COLUMNS, fit_nnls
+from benchmarks.speed_common import mlp
 from service.costs.model import (
     COEFFICIENTS_FILE,
     MEMORY_TERMS,
@@ -21,13 +25,14 @@ from service.costs.model import (
     estimate,
 )
 from service.costs.plan import memory_sizes, plan
+from service.costs.tracked import tracked_parameters
 
 SHAPE = JobShape(task="classification", num_rows=10_000, num_queries=2, num_parameters=5_000)
 
 
 def coefficients(seconds: float = 1e-9) -> Coefficients:
     """Every kind at the same price, so a prediction is proportional to the work."""
-    return Coefficients({k.value: seconds for k in PassKind}, 0.0, 0.0, {t: 1.0 for t in MEMORY_TERMS}, 0.0)
+    return Coefficients({k.value: seconds for k in PassKind}, 0.0, 0.0, 0.0, {t: 1.0 for t in MEMORY_TERMS}, 0.0)
 
 
 def predicted(method: str, params: dict[str, object], shape: JobShape = SHAPE, warm: bool = False) -> float:
@@ -50,6 +55,11 @@ def test_incomplete_coefficients_are_refused(tmp_path: Path) -> None:
     del data["seconds_per_unit"]["forward"]
     (tmp_path / "c.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="forward"):
+        Coefficients.load(tmp_path / "c.json")
+    older = coefficients().to_dict()
+    del older["seconds_per_sample_row"]  # fitted before the per-sample row term: refit, not a silent 0
+    (tmp_path / "c.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="seconds_per_sample_row"):
         Coefficients.load(tmp_path / "c.json")
 
 
@@ -152,3 +162,65 @@ def test_a_method_without_a_plan_is_estimated_as_a_gradient_sweep_and_says_so() 
     assert "no cost model for method some_new_method" in notes[0]
     sizes = memory_sizes("some_new_method", params, SHAPE, phases)
     assert sizes.gradient_batch == params.batch_size * SHAPE.num_parameters * 4
+
+
+def _mlp_structure() -> ModelStructure:
+    """A 64 → 32 → 10 MLP as registration records it: `0.*` (2,080 parameters) and `2.*` (330)."""
+    return ModelStructure.of_module(mlp(64, (32,), 10))
+
+
+def test_a_last_layer_tracin_job_differentiates_the_output_layer_only() -> None:
+    structure = _mlp_structure()
+    assert structure.num_tracked([]) == 2_410
+    # TracIn's `last_layer` unset resolves to true on classifiers (the worker's `for_task`), false otherwise
+    assert tracked_parameters(parse_params("tracin", {}), "classification", structure) == 32 * 10 + 10
+    assert tracked_parameters(parse_params("tracin", {}), "regression", structure) == 2_410
+    assert tracked_parameters(parse_params("tracin", {"last_layer": False}), "classification", structure) == 2_410
+    assert tracked_parameters(parse_params("gradient_similarity", {"last_layer": True}), "classification",
+                              structure) == 330
+    assert tracked_parameters(parse_params("influence", {"layers": ["0"]}), "classification", structure) == 2_080
+    unrecorded = ModelStructure.from_dict({"parameters": list(structure.parameters)})  # registered before sizes
+    assert tracked_parameters(parse_params("tracin", {}), "classification", unrecorded) is None
+    assert ModelStructure.from_dict(structure.to_dict()) == structure
+
+
+def test_gradients_cost_the_differentiated_parameters_and_forward_passes_the_whole_model() -> None:
+    last = JobShape(task="classification", num_rows=1_000, num_queries=1, num_parameters=2_410,
+                    tracked_parameters=330)
+    phases, _ = plan("tracin", parse_params("tracin", {}), last)
+    assert {p.width for p in phases if p.kind is PassKind.GRADIENT} == {330}
+    full = JobShape(task="classification", num_rows=1_000, num_queries=1, num_parameters=2_410)
+    assert predicted("tracin", {}, last) < predicted("tracin", {}, full)
+    restricted = replace(full, tracked_parameters=2_080)
+    phases, _ = plan("forward_inf", parse_params("forward_inf", {"layers": ["0"]}), restricted)
+    widths = {p.kind: p.width for p in phases if p.kind in (PassKind.FORWARD, PassKind.DIRECTION)}
+    assert widths == {PassKind.FORWARD: 2_410, PassKind.DIRECTION: 2_080}
+
+
+def test_ekfac_default_damping_needs_no_trace_pass() -> None:
+    names = {ihvp: {p.name for p in plan("influence", parse_params("influence", {"ihvp": ihvp}), SHAPE)[0]}
+             for ihvp in ("ekfac", "kfac", "cg")}
+    assert "curvature_trace" not in names["ekfac"]
+    assert "curvature_trace" in names["kfac"] and "curvature_trace" in names["cg"]
+    explicit = plan("influence", parse_params("influence", {"ihvp": "cg", "damping": 0.1}), SHAPE)[0]
+    assert "curvature_trace" not in {p.name for p in explicit}
+
+
+def test_per_sample_gradient_rows_pay_the_row_coefficient() -> None:
+    phases, _ = plan("tracin", parse_params("tracin", {"normalize": "none"}), SHAPE)
+    rows = sum(p.rows_x_passes for p in phases if p.kind is PassKind.GRADIENT)
+    assert design_row(phases)["sample_rows"] == rows == SHAPE.num_rows + SHAPE.num_queries
+    base = coefficients()
+    with_rows = replace(base, seconds_per_sample_row=1e-3)
+    memory = memory_sizes("tracin", parse_params("tracin", {}), SHAPE, phases)
+    assert estimate(phases, memory, with_rows).seconds == pytest.approx(
+        estimate(phases, memory, base).seconds + 1e-3 * rows)
+
+
+def test_integrated_influence_unlearns_with_batched_steps_not_per_sample_gradients() -> None:
+    parsed = parse_params("integrated_influence", {"ihvp": "ekfac", "unlearn_steps": 7})
+    phases = {p.name: p for p in plan("integrated_influence", parsed, SHAPE)[0]}
+    assert (phases["baseline_unlearning"].kind, phases["baseline_unlearning"].passes) == (PassKind.STEP, 7)
+    batches = phases["baseline_unlearning_batches"]
+    assert (batches.kind, batches.rows) == (PassKind.FORWARD, parsed.fit_batch_size + SHAPE.num_queries)
+    assert phases["path_kronecker_factors"].kind is PassKind.KRONECKER

@@ -160,7 +160,7 @@ def test_coefficients_from_settings_scale_the_prediction(
     linear in the coefficients, so doubling every one doubles the prediction."""
     committed = Coefficients.load()
     doubled = Coefficients({k: 2 * v for k, v in committed.seconds_per_unit.items()}, 2 * committed.seconds_per_batch,
-                           2 * committed.overhead_seconds, committed.memory_per_byte, committed.memory_overhead_bytes,
+                           2 * committed.seconds_per_sample_row, 2 * committed.overhead_seconds, committed.memory_per_byte, committed.memory_overhead_bytes,
                            {"machine": "twice as slow"})
     doubled.save(tmp_path / "slow.json")
     answers = []
@@ -188,3 +188,25 @@ def test_a_dry_run_checks_the_idempotency_key_like_a_real_post(
     assert retry.json()["predicted_seconds"] == 0.0 and retry.json()["rows_x_passes"] == 0
     assert any(first.json()["id"] in note for note in retry.json()["notes"])
     assert stored_queries(settings, tenants.tenant_a) == 1
+
+
+def test_a_last_layer_tracin_estimate_counts_the_output_layers_parameters(
+    client: TestClient, registered: tuple[str, str],
+) -> None:
+    """The registered 4 → 8 → 3 MLP: TracIn's default on a classifier differentiates the output
+    layer only (8·3 + 3 parameters), with `last_layer: false` every one; the estimate says so."""
+    model_id, dataset_id = registered
+
+    def estimate(**params: Any) -> dict[str, Any]:
+        response = client.post(DRY, json=query_body(model_id, dataset_id, method="tracin", params=params))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    last, full = estimate(), estimate(last_layer=False)
+    assert last["num_parameters"] == full["num_parameters"] == 4 * 8 + 8 + 8 * 3 + 3
+    assert last["num_parameters_differentiated"] == 8 * 3 + 3
+    assert full["num_parameters_differentiated"] == full["num_parameters"]
+    assert last["predicted_seconds_cold"] < full["predicted_seconds_cold"]
+    layers = client.post(DRY, json=query_body(model_id, dataset_id, method="influence",
+                                              params={"layers": ["0"], "ihvp": "cg"})).json()
+    assert layers["num_parameters_differentiated"] == 4 * 8 + 8
