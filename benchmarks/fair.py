@@ -231,6 +231,10 @@ def bootstrap_figures(report: Report, tag: str, outcomes: list[Outcome], points:
             uses_checkpoints(other, kind) for other in outcomes for kind in other.scores)
         result = versus_best(o, outcomes, points, statistic, per_point, final_model_only=final_only)
         if result is None:
+            if o.entry.service_default:  # the answer users get failed: a missed target, not a gap
+                error = next(iter(o.errors.values()), "no scores")
+                report.figure(f"{tag}: {o.entry.label} default {metric}", f"did not run ({error})", "—", "this run",
+                              "best or tied", False)
             continue
         best, diff = result
         out[o.entry.label] = result

@@ -62,7 +62,7 @@ def self_influence(model: ModelAdapter, method: str, params: dict[str, Any], tra
 
 def _parsed(method: str, params: dict[str, Any]) -> MethodParams:
     """The typed params (parsed before timing starts); `auto` takes `AutoParams`."""
-    return AutoParams.from_dict(params) if method == AUTO else parse_params(method, params)
+    return AutoParams.parse(params) if method == AUTO else parse_params(method, params)
 
 
 def describe(method: str, params: dict[str, Any]) -> str:

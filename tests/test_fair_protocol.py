@@ -46,3 +46,16 @@ def test_a_study_without_auto_entries_targets_every_method_default() -> None:
     report = Report("t", "t", quick=True)
     bootstrap_figures(report, "m", outcomes, points, _mean, "stat")
     assert [f.met for f in report.figures] == [False, True]
+
+
+def test_a_service_default_that_fails_is_a_missed_target() -> None:
+    def broken(_: object) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    points = Points.split(20, 5)
+    outcomes = [evaluate(e, points, _mean) for e in (auto_audit_entry("auto", broken, checkpoints=False),
+                                                      _constant(0.5))]
+    report = Report("t", "t", quick=True)
+    bootstrap_figures(report, "m", outcomes, points, _mean, "stat")
+    failed = report.figures[0]
+    assert failed.met is False and "boom" in str(failed.ours)
