@@ -68,6 +68,7 @@ class Entry:
     whole_space: bool = False  # the grid is every configuration the entry has (fewer than BUDGET)
     service_default: bool = False  # the answer the service gives with no method and no params (`auto`)
     checkpoints: bool = False  # given the training checkpoints (ours; peers say so per config)
+    final_model_only: bool = False  # the answer for users who registered no checkpoints (audits)
 
     def __post_init__(self) -> None:
         if self.cannot:
@@ -226,8 +227,8 @@ def bootstrap_figures(report: Report, tag: str, outcomes: list[Outcome], points:
     for o in outcomes:
         if o.entry.owner != "ours":
             continue
-        # the service's answer without checkpoints competes with what runs without them
-        final_only = o.entry.service_default and not o.entry.checkpoints and any(
+        # the audit answer without checkpoints competes with what runs without them
+        final_only = o.entry.final_model_only and any(
             uses_checkpoints(other, kind) for other in outcomes for kind in other.scores)
         result = versus_best(o, outcomes, points, statistic, per_point, final_model_only=final_only)
         if result is None:
@@ -288,7 +289,8 @@ def auto_entry(default: Config, run: Callable[[Config], Tensor]) -> Entry:
 def auto_audit_entry(label: str, run: Callable[[Config], Tensor], *, checkpoints: bool) -> Entry:
     """The `auto` entry of a self-influence study: no setting to tune (what was registered —
     the checkpoints in `run`'s context, if `checkpoints` — decides)."""
-    return Entry(label, "ours", {}, ({},), run, whole_space=True, service_default=True, checkpoints=checkpoints)
+    return Entry(label, "ours", {}, ({},), run, whole_space=True, service_default=True, checkpoints=checkpoints,
+                 final_model_only=not checkpoints)
 
 
 # Not run in the query studies: its default path refits the exact curvature K − 1 = 4 times per query.

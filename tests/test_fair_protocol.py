@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.fair import Entry, Points, auto_audit_entry, bootstrap_figures, evaluate
+from benchmarks.fair import Entry, Points, auto_audit_entry, auto_entry, bootstrap_figures, evaluate
 from benchmarks.report import Report
 
 
@@ -38,6 +38,16 @@ def test_only_the_service_default_carries_the_target_and_final_model_auto_ignore
     final = by_entry["auto (final model only)"]
     assert final.met is True and "best final-model entry (auto (final model only) (default))" in final.name
     assert by_entry["tracin"].met is None and by_entry["ours 0.5"].met is None  # informational
+
+
+def test_a_query_studys_auto_entry_competes_with_every_column() -> None:
+    points = Points.split(20, 5)
+    entries = [auto_entry({}, lambda _: torch.full((20,), 0.7)),
+               Entry("tracin", "ours", {}, ({},) * 4, lambda _: torch.full((20,), 0.8), checkpoints=True)]
+    outcomes = [evaluate(e, points, _mean) for e in entries]
+    report = Report("t", "t", quick=True)
+    bootstrap_figures(report, "m", outcomes, points, _mean, "stat")
+    assert report.figures[0].met is False and "best (tracin (default))" in report.figures[0].name
 
 
 def test_a_study_without_auto_entries_targets_every_method_default() -> None:
