@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import struct
+import threading
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -174,6 +175,14 @@ def _load_safetensors(path: Path, architecture: str | None, allowlist: list[str]
 
 
 # --------------------------------------------------------------------- hugging face
+# transformers resolves its classes and modeling modules lazily on first access, which is not
+# thread-safe: in embedded mode the API thread registering a folder and the in-process worker
+# loading one at the same moment saw `module 'transformers' has no attribute
+# 'AutoModelForCausalLM'` (a 500 at POST /v1/models). One lock per process serialises the
+# imports and loads of models and tokenizers.
+_TRANSFORMERS_LOADING = threading.RLock()
+
+
 def _load_hf(path: Path, task: str) -> torch.nn.Module:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelLoadError("uri", "format hf needs a save_pretrained folder with config.json")
@@ -187,19 +196,21 @@ def _load_hf(path: Path, task: str) -> torch.nn.Module:
     has_bin = any(path.glob("*.bin"))
     if not has_safetensors and not has_bin:
         raise ModelLoadError("uri", "the folder has no model weights (model.safetensors)")
-    try:
-        import transformers
-    except ImportError:
-        raise ModelLoadError("format", "format hf needs the transformers package on the worker") from None
-    auto = (transformers.AutoModelForCausalLM if task == TaskName.CAUSAL_LM
-            else transformers.AutoModelForSequenceClassification)
+    with _TRANSFORMERS_LOADING:
+        try:
+            import transformers
+        except ImportError:
+            raise ModelLoadError("format", "format hf needs the transformers package on the worker") from None
+        auto = (transformers.AutoModelForCausalLM if task == TaskName.CAUSAL_LM
+                else transformers.AutoModelForSequenceClassification)
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False,
                               "use_safetensors": has_safetensors, "dtype": torch.float32,
                               "attn_implementation": attention_implementation(config)}
     if not has_safetensors:
         kwargs["weights_only"] = True  # pytorch_model.bin: tensors only, never Python objects
     try:
-        module = auto.from_pretrained(str(path), **kwargs)
+        with _TRANSFORMERS_LOADING:
+            module = auto.from_pretrained(str(path), **kwargs)
     except Exception as exc:
         if type(exc).__name__ == "UnpicklingError":
             raise ModelLoadError("uri", "the .bin weights hold Python objects besides tensors and were refused "
@@ -236,13 +247,15 @@ def load_tokenizer_from(path: Path) -> Any:
     if not path.is_dir() or not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return None
     try:
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+        with _TRANSFORMERS_LOADING:
+            from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         # A folder whose tokenizer was saved as a plain `tokenizers` tokenizer (a custom
         # vocabulary) is read as saved; AutoTokenizer would pick the architecture's own
         # tokenizer class from config.json (e.g. Qwen2's) and re-interpret tokenizer.json.
         loader = PreTrainedTokenizerFast if _saved_tokenizer_class(path) in _GENERIC_TOKENIZERS else AutoTokenizer
-        tokenizer = loader.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        with _TRANSFORMERS_LOADING:
+            tokenizer = loader.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError("uri", f"the folder's tokenizer does not load: {_first_line(exc)}") from None
     if tokenizer.pad_token is None:
