@@ -18,14 +18,15 @@ def test_concurrent_first_loads_of_hf_folders_all_succeed(tmp_path: Path) -> Non
     folders = [save_folder(causal_lm(arch), tmp_path / arch) for arch in ("gpt2", "llama", "qwen2")]
     script = textwrap.dedent(f"""
         import threading
+        from pathlib import Path
         from loading.models import build_module
         folders = {[str(f) for f in folders]!r}
         barrier, errors, loaded = threading.Barrier(6), [], []
         def load(i):
             barrier.wait()
             try:
-                loaded.append(type(build_module(__import__("pathlib").Path(folders[i % 3]), "hf", "causal_lm",
-                                                architecture=None, allowlist=[])).__name__)
+                module = build_module(Path(folders[i % 3]), "hf", "causal_lm", architecture=None, allowlist=[])
+                loaded.append(type(module).__name__)
             except Exception as exc:
                 errors.append(repr(exc))
         threads = [threading.Thread(target=load, args=(i,)) for i in range(6)]
